@@ -1,0 +1,66 @@
+# llmrec: `make run` trains, exports and serves the MovieLens-100K demo; `make test` runs the test suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-12)
+PROTO_OUT := llmrec/v1/recommender_pb2.py
+
+DATA ?= data/ml-100k
+RUN_DIR ?= runs/$(notdir $(DATA))
+BUNDLES ?= bundles/$(notdir $(DATA))
+HOST ?= 127.0.0.1
+PORT ?= 50051
+TRAIN_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# hnswlib builds from source; without this it compiles for this exact CPU and may crash elsewhere.
+export HNSWLIB_NO_NATIVE := 1
+
+.PHONY: help setup proto data train export serve run eval bench test clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[train,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP) $(PROTO_OUT)  ## create .venv and install exactly the pinned versions
+
+$(PROTO_OUT): protos/llmrec/v1/recommender.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $<
+
+proto: $(PROTO_OUT)  ## generate the Python stubs from protos/
+
+data/ml-100k/ml-100k.inter: requirements/movielens.txt | $(STAMP)
+	$(PY) -m training.fetch_movielens --requirements $< --out data/ml-100k
+
+data: data/ml-100k/ml-100k.inter  ## fetch MovieLens-100K from the recbole wheel (hash-pinned)
+
+train: setup data  ## fine-tune the encoder on DATA, then evaluate it beside the baselines
+	$(PY) -m training.train --data $(DATA) --out $(RUN_DIR) $(TRAIN_ARGS)
+
+export: setup  ## ONNX + INT8 export, quality check, item index: a new bundle under BUNDLES
+	$(PY) -m export --checkpoint $(RUN_DIR)/checkpoint --data $(DATA) --out $(BUNDLES)
+
+serve: setup  ## serve the newest bundle under BUNDLES on HOST:PORT
+	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT)
+
+run: setup data  ## train and export once (a later run reuses the bundle), then serve
+	@if ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then echo "reusing the bundle in $(BUNDLES)"; \
+	else $(MAKE) --no-print-directory train export; fi
+	@echo; echo "Try, from another shell:"; \
+	echo "  $(VENV)/bin/llmrec recommend --target $(HOST):$(PORT) --item 50 --item 172 --item 181 --k 10"; echo
+	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT)
+
+test: setup  ## install what the tests need and run them
+	$(PY) -m pytest -q
+
+clean:  ## remove build outputs (keeps data and the venv)
+	rm -rf runs bundles reports build llmrec/v1

@@ -1,0 +1,114 @@
+"""The model bundle: its file layout and manifest, the one contract between export/ and server/.
+
+A bundle is a directory `<root>/<bundle_version>/` holding:
+    manifest.json           this schema, with a sha256 for every file below
+    model/model_int8.onnx   encoder, dynamic INT8 (served on CPU)
+    model/model_fp32.onnx   encoder, FP32 (served on CUDA, where dynamic INT8 has no fast path)
+    tokenizer/tokenizer.json
+    items/items.jsonl       one catalogue item a line: {"id", "title", "categories", "brand", "description"}
+    items/vectors.npy       float32 (item_count, index_dimension): unit text+id vector, then the bias column
+    items/index.hnsw        hnswlib index over vectors.npy, inner-product space, labels = row numbers
+
+Scoring: score(user, item) = dot(user_vector, item_vector) + item_bias, computed in one inner product by
+querying with [user_vector, 1.0] against rows [item_vector, item_bias]. user_vector is the mean-pooled,
+L2-normalised encoder output for the rendered user text (llmrec.template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_INT8_FILE = "model/model_int8.onnx"
+MODEL_FP32_FILE = "model/model_fp32.onnx"
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
+ITEMS_FILE = "items/items.jsonl"
+VECTORS_FILE = "items/vectors.npy"
+INDEX_FILE = "items/index.hnsw"
+BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE)
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete, corrupt or built for another template or format."""
+
+
+@dataclasses.dataclass
+class IndexSpec:
+    space: str  # hnswlib space; "ip" because scores are inner products
+    m: int
+    ef_construction: int
+    ef_search: int
+
+
+@dataclasses.dataclass
+class Manifest:
+    bundle_version: str
+    created_at: str  # RFC 3339
+    base_model: str
+    template_version: str
+    dimension: int  # encoder output size
+    index_dimension: int  # dimension + 1 (bias column)
+    item_count: int
+    max_user_tokens: int
+    max_item_tokens: int
+    max_history_items: int
+    new_item_bias: float  # bias given to items that were never trained on (cold items)
+    index: IndexSpec
+    files: dict[str, str]  # relative path -> sha256
+    quality: dict[str, Any]  # export checks: INT8 vs PyTorch cosine and ranking agreement
+    training: dict[str, Any]  # data set, config and evaluation of the checkpoint
+    versions: dict[str, str]  # library versions that built the bundle
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise BundleError(f"manifest has unknown fields {sorted(unknown)}")
+        return cls(**{**data, "index": IndexSpec(**data["index"])})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: Path, verify_hashes: bool = True) -> Manifest:
+    """Read and check a bundle's manifest; raise BundleError with a readable reason if anything is off."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not a bundle: {MANIFEST_FILE} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path} is not valid JSON: {error}") from error
+    if data.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"bundle format {data.get('format_version')} is not supported (want {FORMAT_VERSION})")
+    manifest = Manifest.from_dict(data)
+    for relative in BUNDLE_FILES:
+        file = Path(bundle_dir) / relative
+        if not file.is_file():
+            raise BundleError(f"bundle {bundle_dir} lacks {relative}")
+        if verify_hashes and sha256_file(file) != manifest.files.get(relative):
+            raise BundleError(f"bundle {bundle_dir}: {relative} does not match its sha256 in the manifest")
+    return manifest
+
+
+def latest_bundle(root: Path) -> Path:
+    """The newest complete bundle under root (bundle versions sort by creation time)."""
+    candidates = sorted(p.parent for p in Path(root).glob(f"*/{MANIFEST_FILE}"))
+    if not candidates:
+        raise BundleError(f"no bundle under {root}; run `make export` first")
+    return candidates[-1]
