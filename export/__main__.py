@@ -1,0 +1,51 @@
+"""`python -m export`: turn a training checkpoint into a served bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+
+from export.bundle import build_bundle
+from training.config import TrainConfig
+from training.data import load_interactions, split_examples, user_text
+
+_VALIDATION_USERS = 300
+
+
+def main(
+    checkpoint: Path = typer.Option(..., help="training checkpoint directory (runs/<data>/checkpoint)"),
+    data: Path = typer.Option(..., help="the data set: its catalogue is embedded and indexed"),
+    out: Path = typer.Option(Path("bundles"), help="bundles are written to OUT/<bundle_version>/"),
+    check_quality: bool = typer.Option(True, help="fail if INT8 drifts from PyTorch beyond the thresholds"),
+) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llmrec").setLevel(logging.INFO)
+    config_path = checkpoint / "train_config.json"
+    config = TrainConfig.load(config_path) if config_path.is_file() else TrainConfig()
+    interactions = load_interactions(data)
+    validation = [user_text(interactions, e, config.use_context) for e in split_examples(interactions, "valid")]
+    metrics_path = checkpoint.parent / "metrics.json"
+    training_info = {"dataset": interactions.name}
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        training_info.update({k: metrics[k] for k in ("config", "train_seconds", "steps", "evaluation")})
+    bundle = build_bundle(
+        checkpoint,
+        list(zip(interactions.item_ids, interactions.items)),
+        out,
+        max_user_tokens=config.max_user_tokens,
+        max_item_tokens=config.max_item_tokens,
+        max_history_items=config.max_history_items,
+        validation_users=validation[:_VALIDATION_USERS],
+        check_quality=check_quality,
+        training_info=training_info,
+    )
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    typer.echo(f"bundle: {bundle}\nquality: {json.dumps(manifest['quality'], indent=2)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

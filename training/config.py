@@ -1,0 +1,45 @@
+"""Training settings: one typed config, saved beside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Defaults are chosen to train well on any supported data set, not tuned to one test split."""
+
+    seed: int = 0
+    # Model input: long enough for ~10-20 recent items; longer windows cost CPU time linearly.
+    max_user_tokens: int = 128
+    max_item_tokens: int = 64
+    max_history_items: int = 20
+    use_context: bool = True  # render time/device/query into the user text
+    # Optimisation
+    batch_size: int = 32
+    max_steps: int = 300
+    time_budget_minutes: float = 0.0  # stop early when spent (0 = no budget)
+    encoder_lr: float = 5e-5
+    head_lr: float = 5e-3  # per-item id embedding and bias learn faster than the encoder
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    temperature: float = 0.05  # cosine / temperature: the recipe that works for text retrieval
+    id_dropout: float = 0.2  # drop the item-id part so pure text (cold items) stays a good item vector
+    refresh_items_every: int = 100  # steps between re-encodings of the whole catalogue
+    bf16: bool = True  # bfloat16 autocast for training steps: ~2x faster on AVX-512 CPUs; evaluation stays FP32
+    frozen_layers: int = 2  # bottom encoder layers (and embeddings) kept frozen: cheaper steps, less drift
+    # Evaluation
+    eval_batch_size: int = 64
+    eval_users: int = 0  # 0 = all users
+    ks: tuple[int, ...] = (10, 50)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        data = json.loads(path.read_text())
+        data["ks"] = tuple(data.get("ks", (10, 50)))
+        return cls(**data)

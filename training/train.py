@@ -1,0 +1,173 @@
+"""Fine-tune the packaged MiniLM as a text recommender, then evaluate it beside popularity and zero-shot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from tqdm.auto import tqdm
+
+from llmrec.template import render_item, render_user
+from training.config import TrainConfig
+from training.data import Example, Interactions, load_interactions, split_examples, train_sequences, user_text
+from training.evaluation import ScoreFn, evaluate, popularity_scores
+from training.losses import FullSoftmaxLoss
+from training.model import TextRecommender, pretrained_encoder_path
+
+log = logging.getLogger("llmrec.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def training_examples(data: Interactions) -> list[Example]:
+    """Every position of every training sequence after the first is a target (all positions supervised)."""
+    return [Example(u, t) for u, seq in enumerate(train_sequences(data)) for t in range(1, len(seq))]
+
+
+def user_texts(data: Interactions, examples: list[Example], config: TrainConfig) -> list[str]:
+    return [render_user(user_text(data, e, config.use_context), config.max_history_items) for e in examples]
+
+
+def model_scores(model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float) -> ScoreFn:
+    """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits)."""
+    with torch.no_grad():
+        items = model.item_vectors(model.encode_all([render_item(i) for i in data.items], config.max_item_tokens))
+        bias = temperature * model.item_bias
+
+    def score(examples: list[Example]) -> np.ndarray:
+        users = model.encode_all(user_texts(data, list(examples), config), config.max_user_tokens)
+        return (users @ items.T + bias).numpy()
+
+    return score
+
+
+def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path | None = None) -> dict:
+    """Train, checkpoint to out/checkpoint, evaluate, and write out/metrics.json. Returns the metrics."""
+    seed_everything(config.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    encoder_path = encoder_path or pretrained_encoder_path()
+    model = TextRecommender(encoder_path, data.num_items, id_dropout=config.id_dropout)
+    model.freeze_bottom(config.frozen_layers)
+    loss_fn = FullSoftmaxLoss(config.temperature)
+    head = [model.id_embedding.weight, model.item_bias]
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": encoder_params, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
+            {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+        * max(0.0, 1.0 - step / max(1, config.max_steps)),
+    )
+    examples = training_examples(data)
+    rng = np.random.default_rng(config.seed)
+    item_texts = [render_item(i) for i in data.items]
+    curve: list[dict] = []
+    started = time.monotonic()
+    model.train()
+    progress = tqdm(range(config.max_steps), desc="train", unit="step")
+    for step in progress:
+        batch = [examples[i] for i in rng.integers(0, len(examples), config.batch_size)]
+        targets = torch.tensor([data.sequences[e.user][e.target_position] for e in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            if step % config.refresh_items_every == 0:
+                cached_items = model.encode_all(item_texts, config.max_item_tokens).float()  # catalogue, no grad
+            users = model.encode(user_texts(data, batch, config), config.max_user_tokens).float()
+        loss = loss_fn(users, model.item_vectors(cached_items), model.item_bias, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder_params, 1.0)
+        optimizer.step()
+        schedule.step()
+        elapsed = time.monotonic() - started
+        curve.append({"step": step + 1, "loss": float(loss), "seconds": round(elapsed, 2)})
+        progress.set_postfix(loss=f"{float(loss):.3f}")
+        if config.time_budget_minutes and elapsed > config.time_budget_minutes * 60:
+            log.warning("time budget of %.1f min spent after %d steps", config.time_budget_minutes, step + 1)
+            break
+    train_seconds = time.monotonic() - started
+    model.eval()
+    model.save(out / "checkpoint", data.item_ids)
+    config.save(out / "checkpoint" / "train_config.json")
+
+    evaluation = evaluate_against_baselines(model, data, config, encoder_path)
+    metrics = {
+        "dataset": data.name,
+        "config": dataclasses.asdict(config),
+        "train_seconds": round(train_seconds, 1),
+        "steps": len(curve),
+        "curve": curve,
+        "evaluation": evaluation,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate_against_baselines(
+    model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path
+) -> dict[str, dict]:
+    """Test-split metrics for popularity, the zero-shot encoder and the trained model, in one run."""
+    examples = split_examples(data, "test")
+    if config.eval_users:
+        examples = examples[: config.eval_users]
+    zero_shot = TextRecommender(encoder_path, data.num_items).eval()
+    results = {
+        "popularity": evaluate(popularity_scores(data), data, examples, config.ks),
+        "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
+        "llmrec": evaluate(model_scores(model, data, config, config.temperature), data, examples, config.ks),
+    }
+    return results
+
+
+def format_table(evaluation: dict[str, dict], ks: tuple[int, ...]) -> str:
+    columns = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in evaluation.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(
+    data: Path = typer.Option(..., help="data set directory (RecBole atomic/benchmark, or items.jsonl + interactions.csv)"),
+    out: Path = typer.Option(..., help="run directory: checkpoint/ and metrics.json are written here"),
+    max_steps: int = typer.Option(TrainConfig.max_steps, help="optimiser steps"),
+    time_budget_minutes: float = typer.Option(TrainConfig.time_budget_minutes, help="stop training when spent (0 = none)"),
+    batch_size: int = typer.Option(TrainConfig.batch_size),
+    seed: int = typer.Option(TrainConfig.seed),
+    use_context: bool = typer.Option(TrainConfig.use_context, help="render time/device/query context into user text"),
+    eval_users: int = typer.Option(TrainConfig.eval_users, help="evaluate on the first N test users (0 = all)"),
+) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llmrec").setLevel(logging.INFO)
+    config = TrainConfig(
+        max_steps=max_steps,
+        time_budget_minutes=time_budget_minutes,
+        batch_size=batch_size,
+        seed=seed,
+        use_context=use_context,
+        eval_users=eval_users,
+    )
+    interactions = load_interactions(data)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = train(interactions, config, out)
+    typer.echo(f"\n{interactions.name}: {metrics['steps']} steps in {metrics['train_seconds']} s; test split, full ranking:")
+    typer.echo(format_table(metrics["evaluation"], config.ks))
+    typer.echo(f"checkpoint: {out / 'checkpoint'}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
