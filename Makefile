@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 # hnswlib builds from source; without this it compiles for this exact CPU and may crash elsewhere.
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: help setup proto data train export serve run eval bench test clean
+.PHONY: help setup proto data train export serve run eval test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -58,6 +58,10 @@ run: setup data  ## train and export once (a later run reuses the bundle), then 
 	@echo; echo "Try, from another shell:"; \
 	echo "  $(VENV)/bin/llmrec recommend --target $(HOST):$(PORT) --item 50 --item 172 --item 181 --k 10"; echo
 	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT)
+
+eval: setup  ## train on DATA and write a Markdown/JSON/PNG report with the baselines to reports/<data>/
+	$(PY) -m training.train --data $(DATA) --out $(RUN_DIR) $(TRAIN_ARGS)
+	$(PY) -m training.report --run $(RUN_DIR) --out reports/$(notdir $(DATA))
 
 test: setup  ## install what the tests need and run them
 	$(PY) -m pytest -q

@@ -78,6 +78,12 @@ class TextRecommender(nn.Module):
             ids = ids * keep
         return F.normalize(text_vectors + ids, dim=-1)
 
+    @torch.no_grad()
+    def init_bias(self, counts: np.ndarray) -> None:
+        """Start the bias at log-popularity (centred): step 0 is already popularity plus text similarity."""
+        log_popularity = np.log(counts + 1.0)
+        self.item_bias.copy_(torch.as_tensor(log_popularity - log_popularity.mean(), dtype=torch.float32))
+
     def freeze_bottom(self, layers: int) -> None:
         """Freeze embeddings and the first `layers` transformer layers."""
         if layers <= 0:

@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 
 from llmrec.template import render_item, render_user
 from training.config import TrainConfig
-from training.data import Example, Interactions, load_interactions, split_examples, train_sequences, user_text
+from training.data import (
+    Example,
+    Interactions,
+    item_popularity,
+    load_interactions,
+    split_examples,
+    train_sequences,
+    user_text,
+)
 from training.evaluation import ScoreFn, evaluate, popularity_scores
 from training.losses import FullSoftmaxLoss
 from training.model import TextRecommender, pretrained_encoder_path
@@ -59,25 +67,31 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     encoder_path = encoder_path or pretrained_encoder_path()
     model = TextRecommender(encoder_path, data.num_items, id_dropout=config.id_dropout)
     model.freeze_bottom(config.frozen_layers)
+    model.init_bias(item_popularity(data))
     loss_fn = FullSoftmaxLoss(config.temperature)
-    head = [model.id_embedding.weight, model.item_bias]
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
             {"params": encoder_params, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
-            {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
+            {"params": [model.id_embedding.weight], "lr": config.id_lr, "weight_decay": 0.0},
+            {"params": [model.item_bias], "lr": config.bias_lr, "weight_decay": 0.0},
         ]
     )
+    started = time.monotonic()
+
+    def progress_fraction(step: int) -> float:
+        """How far through training we are: by steps, or by the time budget if that runs out first."""
+        by_time = (time.monotonic() - started) / (config.time_budget_minutes * 60) if config.time_budget_minutes else 0
+        return max(step / max(1, config.max_steps), by_time)
+
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
-        * max(0.0, 1.0 - step / max(1, config.max_steps)),
+        lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)) * max(0.0, 1.0 - progress_fraction(step)),
     )
     examples = training_examples(data)
     rng = np.random.default_rng(config.seed)
     item_texts = [render_item(i) for i in data.items]
     curve: list[dict] = []
-    started = time.monotonic()
     model.train()
     progress = tqdm(range(config.max_steps), desc="train", unit="step")
     for step in progress:
@@ -94,8 +108,8 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         optimizer.step()
         schedule.step()
         elapsed = time.monotonic() - started
-        curve.append({"step": step + 1, "loss": float(loss), "seconds": round(elapsed, 2)})
-        progress.set_postfix(loss=f"{float(loss):.3f}")
+        curve.append({"step": step + 1, "loss": loss.item(), "seconds": round(elapsed, 2)})
+        progress.set_postfix(loss=f"{loss.item():.3f}")
         if config.time_budget_minutes and elapsed > config.time_budget_minutes * 60:
             log.warning("time budget of %.1f min spent after %d steps", config.time_budget_minutes, step + 1)
             break

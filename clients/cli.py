@@ -1,0 +1,230 @@
+"""`llmrec`: talk to an llmrec server from the shell (recommend, session, info, health, embed).
+
+Errors print "error: <CODE>: <message>" on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Annotated, TextIO
+
+import typer
+from google.protobuf.json_format import MessageToDict
+
+from clients.client import Recommendation, RecommenderClient, RecommenderError, SessionUpdate
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+
+Target = Annotated[str, typer.Option(envvar="LLMREC_TARGET", help="Server address, host:port.")]
+Timeout = Annotated[float, typer.Option(envvar="LLMREC_TIMEOUT", help="Deadline per call, in seconds.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+SESSION_HELP = """\
+session commands, one per line:
+  item ID            the user interacted with a catalogue item
+  text TITLE         the user interacted with an item the catalogue lacks
+  query TEXT         set the query (just `query` clears it)
+  device NAME        set the device (e.g. mobile); keeps query and locale
+  locale TAG         set the locale (e.g. en-US); keeps query and device
+  k N                return N items
+  exclude ID         never return this item
+  exclude-history    stop returning items already in the history
+  help               this text
+  quit               end the session"""
+
+
+def _fail(error: RecommenderError) -> None:
+    typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def format_items(items: Sequence[Recommendation]) -> str:
+    """A plain-text table: rank, id, score, title."""
+    if not items:
+        return "(no items)"
+    id_width = max(len("id"), *(len(i.item_id) for i in items))
+    lines = [f"{'rank':>4}  {'id':<{id_width}}  {'score':>8}  title"]
+    lines += [f"{i.rank:>4}  {i.item_id:<{id_width}}  {i.score:>8.4f}  {i.title}" for i in items]
+    return "\n".join(lines)
+
+
+@app.command()
+def recommend(
+    target: Target = DEFAULT_TARGET,
+    item: Annotated[list[str] | None, typer.Option(
+        help="A catalogue item id in the history (repeatable, oldest first).")] = None,
+    text: Annotated[list[str] | None, typer.Option(
+        help="The title of an item the catalogue lacks, added after the --item ids (repeatable).")] = None,
+    query: Annotated[str, typer.Option(help="Free text the user typed.")] = "",
+    device: Annotated[str, typer.Option(help="Device, e.g. mobile, desktop, tv.")] = "",
+    locale: Annotated[str, typer.Option(help="BCP 47 locale, e.g. en-US.")] = "",
+    k: Annotated[int, typer.Option(help="How many items to return.")] = 10,
+    exclude: Annotated[list[str] | None, typer.Option(help="An item id never to return (repeatable).")] = None,
+    exclude_history: Annotated[bool, typer.Option(
+        "--exclude-history", help="Do not return items that are in the history.")] = False,
+    json_output: Json = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Recommend items for a history and context."""
+    history = [*(item or []), *({"title": t} for t in (text or []))]
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            result = client.recommend(history, k=k, query=query, device=device, locale=locale,
+                                      exclude=exclude or [], exclude_history=exclude_history)
+    except RecommenderError as error:
+        _fail(error)
+    if json_output:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    typer.echo(format_items(result.items))
+    typer.echo(f"\nmodel {result.model_version}  index {result.index_version}")
+
+
+@app.command()
+def session(
+    target: Target = DEFAULT_TARGET,
+    k: Annotated[int, typer.Option(help="How many items to return after each event.")] = 10,
+    exclude_history: Annotated[bool, typer.Option(
+        "--exclude-history", help="Do not return items that are in the history.")] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """A live session: read events from stdin, one a line, and print the updated list after each."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(SESSION_HELP)
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client, client.session() as live:
+            state = {"k": k, "exclude": [], "exclude_history": exclude_history, "query": "", "device": "",
+                     "locale": ""}
+            _print_update(live.configure(k=k, exclude_history=exclude_history), show_empty=False)
+            for line in _lines(sys.stdin, interactive):
+                update = _session_event(live, state, line)
+                if update is _QUIT:
+                    break
+                if update is not None:
+                    _print_update(update)
+    except RecommenderError as error:
+        _fail(error)
+
+
+_QUIT = object()
+
+
+def _lines(stream: TextIO, prompt: bool) -> Iterator[str]:
+    while True:
+        if prompt:
+            typer.echo("> ", nl=False)
+        line = stream.readline()
+        if not line:
+            return
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield line
+
+
+def _session_event(live, state: dict, line: str):
+    """Send the event a stdin line describes; None when the line was not an event (help, usage errors)."""
+    command, _, argument = line.partition(" ")
+    command, argument = command.lower(), argument.strip()
+    if command in ("quit", "exit"):
+        return _QUIT
+    if command == "help":
+        typer.echo(SESSION_HELP)
+        return None
+    if command == "item" and argument:
+        return live.interact(argument)
+    if command == "text" and argument:
+        return live.interact({"title": argument})
+    if command == "query":
+        state["query"] = argument
+        return live.query(argument)
+    if command in ("device", "locale"):
+        state[command] = argument
+        return live.set_context(query=state["query"], device=state["device"], locale=state["locale"])
+    if command in ("k", "exclude", "exclude-history"):
+        if command == "k":
+            if not argument.isdigit():
+                typer.echo("usage: k N", err=True)
+                return None
+            state["k"] = int(argument)
+        elif command == "exclude":
+            if not argument:
+                typer.echo("usage: exclude ID", err=True)
+                return None
+            state["exclude"].append(argument)
+        else:
+            state["exclude_history"] = True
+        return live.configure(k=state["k"], exclude=state["exclude"], exclude_history=state["exclude_history"])
+    typer.echo(f"not understood: {line!r} (type `help`)", err=True)
+    return None
+
+
+def _print_update(update: SessionUpdate, show_empty: bool = True) -> None:
+    if not update.ok:
+        typer.echo(f"event {update.event_id}: error: {update.code_name}: {update.message}", err=True)
+        return
+    if update.items or show_empty:
+        typer.echo(f"event {update.event_id}: history {update.history_length}")
+        typer.echo(update.message if not update.items and update.message else format_items(update.items))
+
+
+@app.command()
+def info(target: Target = DEFAULT_TARGET, json_output: Json = False, timeout: Timeout = 10.0) -> None:
+    """Show the served model, index and limits."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            response = client.model_info()
+    except RecommenderError as error:
+        _fail(error)
+    fields = MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if json_output:
+        typer.echo(json.dumps(fields, indent=2))
+        return
+    width = max(len(name) for name in fields)
+    for name, value in fields.items():
+        typer.echo(f"{name:<{width}}  {value}")
+
+
+@app.command()
+def health(
+    target: Target = DEFAULT_TARGET,
+    service: Annotated[str, typer.Option(help='Service to ask about; "" is the whole server.')] = "",
+    timeout: Timeout = 10.0,
+) -> None:
+    """Print the health status; exit 0 only when SERVING."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            status = client.health(service)
+    except RecommenderError as error:
+        _fail(error)
+    typer.echo(status)
+    if status != "SERVING":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def embed(
+    text: Annotated[list[str], typer.Option(help="An item title to embed (repeatable).")],
+    target: Target = DEFAULT_TARGET,
+    json_output: Json = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Embed item titles: print each vector's size and first values (all of them with --json)."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            result = client.embed(items=[{"title": t} for t in text])
+    except RecommenderError as error:
+        _fail(error)
+    if json_output:
+        typer.echo(json.dumps({"model_version": result.model_version,
+                               "items": [{"text": t, "vector": v} for t, v in zip(text, result.items)]}))
+        return
+    for title, vector in zip(text, result.items):
+        head = ", ".join(f"{x:+.4f}" for x in vector[:4])
+        typer.echo(f"{title}: dim {len(vector)}  [{head}, ...]")
+    typer.echo(f"model {result.model_version}")

@@ -1,0 +1,370 @@
+"""A typed, synchronous Python client for the llmrec.v1.Recommender service.
+
+    with RecommenderClient("127.0.0.1:50051") as client:
+        result = client.recommend(["50", {"title": "Blade Runner (1982)", "categories": ["Sci-Fi"]}], k=10)
+        for item in result.items:
+            print(item.rank, item.item_id, item.title)
+
+History entries are oldest first and each is a catalogue id (str), an ItemText-like mapping
+({"title", "categories", "brand", "description"}), an ItemText or a HistoryItem.
+Failures raise RecommenderError carrying the gRPC status code and the server's message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+import queue
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmrec.v1 import recommender_pb2 as pb
+from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+
+HistoryLike = str | Mapping[str, Any] | pb.ItemText | pb.HistoryItem
+TimestampLike = dt.datetime | float | int | None
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+_ITEM_TEXT_KEYS = {"title", "categories", "brand", "description"}
+
+
+class RecommenderError(Exception):
+    """A call failed. `code` is the gRPC status code, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> RecommenderError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    rank: int
+    item_id: str
+    score: float
+    title: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendations:
+    items: list[Recommendation]
+    model_version: str
+    index_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One RecommendStream message."""
+
+    items: list[Recommendation]
+    page: int
+    last: bool
+    model_version: str
+    index_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionUpdate:
+    """The server's answer to one session event. `code` is 0 when the event was accepted."""
+
+    event_id: str
+    code: int
+    message: str
+    items: list[Recommendation]
+    history_length: int
+    model_version: str
+    index_version: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    @property
+    def code_name(self) -> str:
+        return _code_name(self.code)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    items: list[list[float]]
+    users: list[list[float]]
+    model_version: str
+
+
+# --- message builders -----------------------------------------------------------------------------------
+
+
+def item_text(value: Mapping[str, Any] | pb.ItemText | str) -> pb.ItemText:
+    """An ItemText from a mapping ({"title", "categories", "brand", "description"}), a message or a title."""
+    if isinstance(value, pb.ItemText):
+        return value
+    if isinstance(value, str):
+        return pb.ItemText(title=value)
+    unknown = set(value) - _ITEM_TEXT_KEYS
+    if unknown:
+        raise ValueError(f"unknown item text fields {sorted(unknown)}; use {sorted(_ITEM_TEXT_KEYS)}")
+    return pb.ItemText(
+        title=value.get("title", ""),
+        categories=list(value.get("categories", ())),
+        brand=value.get("brand", ""),
+        description=value.get("description", ""),
+    )
+
+
+def history_item(value: HistoryLike) -> pb.HistoryItem:
+    """A catalogue id (str), an ItemText-like mapping, an ItemText or a HistoryItem -> HistoryItem."""
+    if isinstance(value, pb.HistoryItem):
+        return value
+    if isinstance(value, str):
+        return pb.HistoryItem(item_id=value)
+    return pb.HistoryItem(text=item_text(value))
+
+
+def timestamp(value: TimestampLike) -> Timestamp | None:
+    """A datetime (naive = UTC) or Unix seconds -> Timestamp."""
+    if value is None:
+        return None
+    message = Timestamp()
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        message.FromDatetime(value)
+    else:
+        message.FromNanoseconds(int(round(float(value) * 1e9)))
+    return message
+
+
+def context(
+    query: str = "", device: str = "", locale: str = "", timestamp_: TimestampLike = None,
+    utc_offset_minutes: int = 0,
+) -> pb.Context:
+    return pb.Context(query=query, device=device, locale=locale, utc_offset_minutes=utc_offset_minutes,
+                      timestamp=timestamp(timestamp_))
+
+
+def _recommendations(items: Iterable[pb.RecommendedItem]) -> list[Recommendation]:
+    return [Recommendation(rank=i.rank, item_id=i.item_id, score=i.score, title=i.title) for i in items]
+
+
+def _code_name(code: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return str(code)
+
+
+# --- client -----------------------------------------------------------------------------------------------
+
+
+class RecommenderClient:
+    """Client for one server. Use as a context manager, or call close().
+
+    Args:
+        target: "host:port".
+        timeout_s: deadline for each unary call (and for each RecommendStream as a whole).
+        max_message_bytes: gRPC send/receive limit; match the server's.
+    """
+
+    def __init__(self, target: str, timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ])
+        self.stub = pb_grpc.RecommenderStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @staticmethod
+    def build_request(
+        history: Sequence[HistoryLike] = (), *, k: int = 10, query: str = "", device: str = "", locale: str = "",
+        timestamp: TimestampLike = None, utc_offset_minutes: int = 0, exclude: Iterable[str] = (),
+        exclude_history: bool = False, page_size: int = 0,
+    ) -> pb.RecommendRequest:
+        """The RecommendRequest the keyword arguments describe."""
+        return pb.RecommendRequest(
+            history=[history_item(h) for h in history],
+            context=context(query, device, locale, timestamp, utc_offset_minutes),
+            k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history, page_size=page_size,
+        )
+
+    def recommend(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Recommendations:
+        """Top-k items for a history (oldest first) and context.
+
+        Args:
+            history: catalogue ids and/or item texts, oldest first.
+            **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history.
+        """
+        request = self.build_request(history, **kwargs)
+        response = self._call(self.stub.Recommend, request)
+        return Recommendations(_recommendations(response.items), response.model_version, response.index_version)
+
+    def recommend_stream(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Iterator[Page]:
+        """The same ranking as recommend(), page by page (page_size=0 means the server default of 10)."""
+        request = self.build_request(history, **kwargs)
+        try:
+            for message in self.stub.RecommendStream(request, timeout=self.timeout_s):
+                yield Page(_recommendations(message.items), message.page, message.last,
+                           message.model_version, message.index_version)
+        except grpc.RpcError as error:
+            raise RecommenderError.from_rpc_error(error) from None
+
+    def session(self, timeout_s: float | None = None) -> ClientSession:
+        """Open a live session (a context manager). timeout_s bounds the whole session; None = no deadline."""
+        return ClientSession(self.stub, timeout_s)
+
+    def embed(
+        self, items: Sequence[Mapping[str, Any] | pb.ItemText | str] = (),
+        users: Sequence[Mapping[str, Any] | pb.UserInput] = (),
+    ) -> Embeddings:
+        """Unit vectors for item texts and for users.
+
+        Args:
+            items: item texts (mappings, ItemText messages or plain titles).
+            users: UserInput messages or mappings {"history": [...], "query", "device", "locale", "timestamp",
+                "utc_offset_minutes"}.
+        """
+        request = pb.EmbedRequest(items=[item_text(i) for i in items], users=[_user_input(u) for u in users])
+        response = self._call(self.stub.Embed, request)
+        return Embeddings([list(v.values) for v in response.items], [list(v.values) for v in response.users],
+                          response.model_version)
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    def health(self, service: str = "") -> str:
+        """The serving status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
+        response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout_s: float = 60.0, service: str = "") -> None:
+        """Block until health reports SERVING (the server loads and warms its model first).
+
+        Raises:
+            RecommenderError: DEADLINE_EXCEEDED if it is not serving within timeout_s.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.health(service) == "SERVING":
+                    return
+            except RecommenderError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:  # not up yet reads as UNAVAILABLE
+                    raise
+            time.sleep(0.1)
+        raise RecommenderError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout_s:g} s")
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise RecommenderError.from_rpc_error(error) from None
+
+
+def _user_input(value: Mapping[str, Any] | pb.UserInput) -> pb.UserInput:
+    if isinstance(value, pb.UserInput):
+        return value
+    unknown = set(value) - {"history", "query", "device", "locale", "timestamp", "utc_offset_minutes"}
+    if unknown:
+        raise ValueError(f"unknown user fields {sorted(unknown)}")
+    return pb.UserInput(
+        history=[history_item(h) for h in value.get("history", ())],
+        context=context(value.get("query", ""), value.get("device", ""), value.get("locale", ""),
+                        value.get("timestamp"), value.get("utc_offset_minutes", 0)),
+    )
+
+
+class ClientSession:
+    """A live Session stream, used in lock step: every event returns the server's answer to it.
+
+    A rejected event (unknown id, bad k) comes back as a SessionUpdate with ok == False; the session goes on.
+    RecommenderError is raised only when the stream itself ends with an error.
+    """
+
+    _END = object()
+
+    def __init__(self, stub: pb_grpc.RecommenderStub, timeout_s: float | None = None) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._responses = stub.Session(iter(self._requests.get, self._END), timeout=timeout_s)
+        self._event_ids = itertools.count(1)
+        self._closed = False
+
+    def __enter__(self) -> ClientSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def send(self, request: pb.SessionRequest) -> SessionUpdate:
+        """Send one event (an event_id is assigned when empty) and wait for its answer."""
+        if self._closed:
+            raise RuntimeError("the session is closed")
+        if not request.event_id:
+            request.event_id = str(next(self._event_ids))
+        self._requests.put(request)
+        try:
+            message = next(self._responses)
+        except grpc.RpcError as error:
+            self._closed = True
+            raise RecommenderError.from_rpc_error(error) from None
+        except StopIteration:
+            self._closed = True
+            raise RecommenderError(grpc.StatusCode.UNKNOWN, "the server ended the session") from None
+        return SessionUpdate(
+            event_id=message.event_id, code=message.status.code, message=message.status.message,
+            items=_recommendations(message.items), history_length=message.history_length,
+            model_version=message.model_version, index_version=message.index_version,
+        )
+
+    def configure(self, *, k: int = 0, exclude: Iterable[str] = (), exclude_history: bool = False,
+                  history: Sequence[HistoryLike] = ()) -> SessionUpdate:
+        """Set k (0 = server default), exclusions and, when given, the history known so far."""
+        return self.send(pb.SessionRequest(config=pb.SessionConfig(
+            k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history,
+            history=[history_item(h) for h in history],
+        )))
+
+    def interact(self, item: HistoryLike) -> SessionUpdate:
+        """The user interacted with an item (catalogue id or item text)."""
+        return self.send(pb.SessionRequest(interaction=history_item(item)))
+
+    def set_context(self, *, query: str = "", device: str = "", locale: str = "", timestamp: TimestampLike = None,
+                    utc_offset_minutes: int = 0) -> SessionUpdate:
+        """Replace the whole context (its query included)."""
+        return self.send(pb.SessionRequest(context=context(query, device, locale, timestamp, utc_offset_minutes)))
+
+    def query(self, text: str) -> SessionUpdate:
+        """Replace the query only ("" clears it)."""
+        return self.send(pb.SessionRequest(query=text))
+
+    def close(self) -> None:
+        """Half-close the stream and let the server finish it."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(self._END)
+            try:
+                for _ in self._responses:
+                    pass
+            except grpc.RpcError:
+                pass

@@ -1,0 +1,142 @@
+"""Load a model bundle (llmrec.manifest layout) into memory: encoder, catalogue and the prebuilt HNSW index."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from llmrec import manifest as mf
+from llmrec.onnx_encoder import OnnxEncoder, choose_providers
+from llmrec.template import TEMPLATE_VERSION, ItemFields
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedBundle:
+    """Everything the server reads from a bundle, checked for consistency.
+
+    Attributes:
+        path: the bundle directory.
+        manifest: its manifest (hashes verified unless asked not to).
+        encoder: the ONNX encoder: INT8 on CPU, FP32 on CUDA.
+        precision: "int8" or "fp32", whichever model file the encoder runs.
+        item_ids: catalogue ids in row order; row numbers are the index labels.
+        items: catalogue text in row order.
+        row_of: item id -> row number.
+        index: the hnswlib index, loaded (never rebuilt), ef set so that ef >= k for every allowed k.
+        vectors: the index rows (memory-mapped), used only for exact search if HNSW comes back short.
+    """
+
+    path: Path
+    manifest: mf.Manifest
+    encoder: OnnxEncoder
+    precision: str
+    item_ids: list[str]
+    items: list[ItemFields]
+    row_of: dict[str, int]
+    index: hnswlib.Index
+    vectors: np.ndarray
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.bundle_version
+
+    @property
+    def index_version(self) -> str:
+        """`<bundle_version>:<item_count>`: the index is built with the bundle, so the bundle names it too;
+        the item count makes catalogue size visible in every response."""
+        return f"{self.manifest.bundle_version}:{len(self.item_ids)}"
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        prefer_gpu: bool = True,
+        intra_op_threads: int = 0,
+        min_ef: int = 0,
+        verify_hashes: bool = True,
+    ) -> LoadedBundle:
+        """Read, verify and load a bundle.
+
+        Args:
+            path: the bundle directory (holding manifest.json).
+            prefer_gpu: use CUDA and the FP32 model when available.
+            intra_op_threads: ONNX Runtime intra-op threads (0 = cores available).
+            min_ef: lower bound for the HNSW search ef; pass max_k so that ef >= k always holds.
+            verify_hashes: check file hashes against the manifest.
+
+        Raises:
+            BundleError: the bundle is missing, corrupt, inconsistent or built for another template version.
+        """
+        path = Path(path)
+        manifest = mf.read_manifest(path, verify_hashes=verify_hashes)
+        if manifest.template_version != TEMPLATE_VERSION:
+            raise mf.BundleError(
+                f"bundle {path} was built with text template version {manifest.template_version!r} but this "
+                f"server renders version {TEMPLATE_VERSION!r}; re-export the bundle with this code"
+            )
+        if manifest.index_dimension != manifest.dimension + 1:
+            raise mf.BundleError(f"bundle {path}: index_dimension must be dimension + 1 (the bias column)")
+
+        providers = choose_providers(prefer_gpu)
+        # Dynamic INT8 has no fast path on CUDA; FP32 is the GPU model, INT8 the CPU one.
+        precision = "fp32" if providers[0] == "CUDAExecutionProvider" else "int8"
+        model_file = mf.MODEL_FP32_FILE if precision == "fp32" else mf.MODEL_INT8_FILE
+        encoder = OnnxEncoder(path / model_file, path / mf.TOKENIZER_FILE, providers, intra_op_threads)
+        if encoder.dimension != manifest.dimension:
+            raise mf.BundleError(f"bundle {path}: encoder outputs {encoder.dimension} dims, manifest says "
+                                 f"{manifest.dimension}")
+
+        item_ids, items = _read_items(path / mf.ITEMS_FILE)
+        if len(item_ids) != manifest.item_count:
+            raise mf.BundleError(f"bundle {path}: {len(item_ids)} items, manifest says {manifest.item_count}")
+        row_of = {item_id: row for row, item_id in enumerate(item_ids)}
+        if len(row_of) != len(item_ids):
+            raise mf.BundleError(f"bundle {path}: item ids are not unique")
+
+        vectors = np.load(path / mf.VECTORS_FILE, mmap_mode="r")
+        if vectors.shape != (manifest.item_count, manifest.index_dimension):
+            raise mf.BundleError(f"bundle {path}: vectors have shape {vectors.shape}, want "
+                                 f"{(manifest.item_count, manifest.index_dimension)}")
+
+        index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
+        index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
+        if index.get_current_count() != manifest.item_count:
+            raise mf.BundleError(f"bundle {path}: index holds {index.get_current_count()} items, manifest says "
+                                 f"{manifest.item_count}")
+        # Set once at load: set_ef is index-wide state, so changing it per request would race.
+        index.set_ef(max(manifest.index.ef_search, min_ef))
+        # Filtered queries call back into Python for every candidate; more threads would only fight for the GIL.
+        index.set_num_threads(1)
+
+        logger.info("loaded bundle %s: %d items, %s on %s, template v%s", manifest.bundle_version,
+                    manifest.item_count, precision, encoder.provider, manifest.template_version)
+        return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors)
+
+
+def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:
+    ids: list[str] = []
+    items: list[ItemFields] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ids.append(str(row["id"]))
+                items.append(ItemFields(
+                    title=row["title"],
+                    categories=tuple(row.get("categories") or ()),
+                    brand=row.get("brand") or "",
+                    description=row.get("description") or "",
+                ))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise mf.BundleError(f"{path}:{number}: not a valid item row ({error})") from error
+    return ids, items

@@ -1,0 +1,186 @@
+"""The llmrec.v1.Recommender gRPC service: thin methods that convert, call the core and convert back.
+
+Versions reported in every response:
+    model_version = manifest.bundle_version (the encoder and everything else in the bundle).
+    index_version = "<bundle_version>:<item_count>" (the index is built with the bundle; the count shows
+    catalogue size at a glance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from llmrec.v1 import recommender_pb2 as pb
+from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+
+from server import convert
+from server.errors import DeadlineExceeded, Unavailable, abort_with, code_number, status_for
+from server.recommender import Recommender
+from server.session import Session
+from server.settings import ServerSettings
+from server.validation import check_page_size
+
+logger = logging.getLogger(__name__)
+
+
+def _unary(method: Callable) -> Callable:
+    """Domain errors -> their status; anything else -> INTERNAL (logged). Logs outcome and latency only."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            code, _ = status_for(error, method.__name__)
+            await abort_with(context, error, method.__name__)
+        finally:
+            # Never the request itself: histories and queries are personal data.
+            logger.debug("%s %s in %.1f ms", method.__name__, code.name, (time.perf_counter() - started) * 1e3)
+
+    return wrapper
+
+
+def _streaming(method: Callable) -> Callable:
+    """The same as _unary for response-streaming methods."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            code, _ = status_for(error, method.__name__)
+            await abort_with(context, error, method.__name__)
+        finally:
+            logger.debug("%s %s after %.1f ms", method.__name__, code.name, (time.perf_counter() - started) * 1e3)
+
+    return wrapper
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """Serves one Recommender; answers UNAVAILABLE until `attach` gives it one (the model loads after bind).
+
+    Args:
+        settings: server settings (limits, page and session defaults, idle timeout).
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._recommender: Recommender | None = None
+
+    def attach(self, recommender: Recommender | None) -> None:
+        """Start (or, with None, stop) answering with this recommender."""
+        self._recommender = recommender
+
+    def _ready(self) -> Recommender:
+        if self._recommender is None:
+            raise Unavailable("the model is not loaded yet (or the server is shutting down); retry shortly")
+        return self._recommender
+
+    @_unary
+    async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
+        recommender = self._ready()
+        items = await recommender.recommend(convert.recommend_query(request))
+        return pb.RecommendResponse(
+            items=convert.recommended_items(items),
+            model_version=recommender.model_version,
+            index_version=recommender.index_version,
+        )
+
+    @_streaming
+    async def RecommendStream(self, request: pb.RecommendRequest, context) -> AsyncIterator[pb.RecommendStreamResponse]:
+        recommender = self._ready()
+        check_page_size(request.page_size)
+        page_size = request.page_size or self.settings.default_page_size
+        items = convert.recommended_items(await recommender.recommend(convert.recommend_query(request)))
+        starts = range(0, len(items), page_size) if items else range(1)  # an empty ranking is one empty page
+        for page, start in enumerate(starts):
+            yield pb.RecommendStreamResponse(
+                items=items[start : start + page_size],
+                page=page,
+                last=start + page_size >= len(items),
+                model_version=recommender.model_version,
+                index_version=recommender.index_version,
+            )
+
+    @_streaming
+    async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
+        recommender = self._ready()
+        session = Session(recommender, self.settings.default_session_k)
+        requests = aiter(request_iterator)
+        idle = self.settings.session_idle_timeout_s
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(requests), idle)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceeded(f"session closed after {idle:g} s without an event") from None
+            yield await self._session_step(session, recommender, request)
+
+    async def _session_step(self, session: Session, recommender: Recommender, request) -> pb.SessionResponse:
+        """One event -> one response. A bad event is answered with its status; the stream stays open."""
+        response = pb.SessionResponse(
+            event_id=request.event_id,
+            model_version=recommender.model_version,
+            index_version=recommender.index_version,
+        )
+        try:
+            update = await session.handle(convert.session_event(request))
+        except Exception as error:  # per-event status, never the end of the session
+            code, message = status_for(error, "Session event")
+            response.status.code = code_number(code)
+            response.status.message = message
+            response.history_length = len(session.state.history)
+            return response
+        response.status.code = 0
+        response.status.message = update.message
+        response.items.extend(convert.recommended_items(update.items))
+        response.history_length = update.history_length
+        return response
+
+    @_unary
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        recommender = self._ready()
+        items = [convert.item_fields(text) for text in request.items]
+        users = [convert.user(u.history, u.context) for u in request.users]
+        item_vectors, user_vectors = await recommender.embed(items, users, self.settings.max_embed_inputs)
+        return pb.EmbedResponse(
+            items=[pb.Vector(values=row.tolist()) for row in item_vectors],
+            users=[pb.Vector(values=row.tolist()) for row in user_vectors],
+            model_version=recommender.model_version,
+        )
+
+    @_unary
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
+        recommender = self._ready()
+        bundle = recommender.bundle
+        manifest = bundle.manifest
+        return pb.GetModelInfoResponse(
+            model_version=recommender.model_version,
+            index_version=recommender.index_version,
+            template_version=manifest.template_version,
+            base_model=manifest.base_model,
+            dimension=manifest.dimension,
+            item_count=len(bundle.item_ids),
+            execution_provider=bundle.encoder.provider,
+            model_precision=bundle.precision,
+            max_k=recommender.limits.max_k,
+            max_history_items=recommender.limits.max_request_history,
+            max_text_chars=recommender.limits.max_text_chars,
+            created_at=manifest.created_at,
+        )

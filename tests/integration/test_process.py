@@ -1,0 +1,80 @@
+"""`llmrec-server` as a real process: the Makefile's invocation, graceful SIGTERM, private logs, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clients.client import RecommenderClient
+from server.cli import app as server_app
+
+REPO = Path(__file__).parents[2]
+SECRET_QUERY = "zanzibar-private-query"
+SECRET_TITLE = "Xyzzy Private Title"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Path, tmp_path: Path):
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            # The Makefile's form: the newest bundle under a root.
+            [sys.executable, "-m", "server", "--bundle-root", str(tiny_bundle.parent), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "debug", "--cpu-only"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+            client.wait_until_serving(timeout_s=90)
+            result = client.recommend(["m1", {"title": SECRET_TITLE}], query=SECRET_QUERY, k=3)
+            assert len(result.items) == 3
+            assert client.model_info().model_version == tiny_bundle.name
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = log_path.read_text()
+    assert "SERVING model" in log and "Recommend OK" in log and "stopped" in log
+    assert "Traceback" not in log
+    assert SECRET_QUERY not in log and SECRET_TITLE not in log
+
+
+def test_server_cli_refuses_a_missing_bundle_root(tmp_path: Path):
+    result = CliRunner().invoke(server_app, ["--bundle-root", str(tmp_path / "nothing"), "--port", "0"])
+    assert result.exit_code == 2
+    assert "does not exist" in result.stderr
+
+
+def test_server_cli_refuses_an_empty_bundle_root(tmp_path: Path):
+    result = CliRunner().invoke(server_app, ["--bundle-root", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 2
+    assert "no bundle under" in result.stderr
+
+
+def test_server_cli_needs_a_bundle(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("LLMREC_BUNDLE_ROOT", raising=False)
+    monkeypatch.delenv("LLMREC_BUNDLE", raising=False)
+    result = CliRunner().invoke(server_app, ["--port", "0"])
+    assert result.exit_code == 2 and "--bundle-root" in result.stderr
+
+
+def test_server_cli_refuses_a_bundle_for_another_template(bundle_copy):
+    stale = bundle_copy(template_version="0")
+    result = CliRunner().invoke(server_app, ["--bundle", str(stale), "--port", "0", "--cpu-only"])
+    assert result.exit_code == 2
+    assert "cannot serve the bundle" in result.stderr and "template version '0'" in result.stderr

@@ -1,0 +1,27 @@
+"""Real semantics end to end: the pretrained encoder, served, ranks by meaning."""
+
+from __future__ import annotations
+
+from llmrec.v1 import recommender_pb2 as pb
+
+
+def ranking(stub, request: pb.RecommendRequest) -> list[str]:
+    return [i.item_id for i in stub.Recommend(request, timeout=10).items]
+
+
+def test_star_wars_fans_get_space_films_before_romantic_comedies(stub, tiny_catalogue):
+    fields = dict(tiny_catalogue)
+    space = {i for i, f in fields.items() if "Space" in f.categories}
+    romcoms = {i for i, f in fields.items() if {"Comedy", "Romance"} <= set(f.categories)}
+    history = [pb.HistoryItem(item_id=i) for i in ("m1", "m2", "m3")]
+    ranked = ranking(stub, pb.RecommendRequest(history=history, k=42, exclude_history=True))
+    position = {item_id: rank for rank, item_id in enumerate(ranked)}
+    assert len(space - {"m1", "m2", "m3"}) == 7 and len(romcoms) == 4
+    assert max(position[i] for i in space - {"m1", "m2", "m3"}) < min(position[i] for i in romcoms)
+    assert sum("Sci-Fi" in fields[i].categories for i in ranked[:5]) >= 4
+
+
+def test_a_query_alone_steers_the_ranking(stub, tiny_catalogue):
+    fields = dict(tiny_catalogue)
+    top = ranking(stub, pb.RecommendRequest(context=pb.Context(query="romantic comedy love story"), k=5))
+    assert sum("Romance" in fields[i].categories for i in top) >= 3

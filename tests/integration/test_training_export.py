@@ -1,0 +1,101 @@
+"""Train a few steps on the tiny data set, export a bundle from the checkpoint and check what it holds."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.bundle import build_bundle
+from export.validate import QualityCheckFailed, compare
+from llmrec import manifest as layout
+from llmrec.manifest import BundleError, read_manifest
+from llmrec.onnx_encoder import OnnxEncoder
+from llmrec.template import TEMPLATE_VERSION, render_item
+from training.config import TrainConfig
+from training.data import item_popularity, load_interactions, split_examples, user_text
+from training.train import train
+
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    data = load_interactions(TINY)
+    metrics = train(data, TrainConfig(max_steps=4, batch_size=8, refresh_items_every=2, eval_users=20), out)
+    return data, out, metrics
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(trained_run, tmp_path_factory):
+    data, out, metrics = trained_run
+    validation = [user_text(data, e) for e in split_examples(data, "valid")]
+    return build_bundle(out / "checkpoint", list(zip(data.item_ids, data.items)), tmp_path_factory.mktemp("bundles"),
+                        validation_users=validation, training_info={"evaluation": metrics["evaluation"]})
+
+
+def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run):
+    data, out, metrics = trained_run
+    assert (out / "checkpoint" / "encoder" / "model.safetensors").is_file()
+    head = np.load(out / "checkpoint" / "item_head.npz")
+    assert head["id_embedding"].shape == (data.num_items, 384)
+    assert np.abs(head["id_embedding"]).sum() > 0  # id vectors start at zero: the head was trained
+    popularity = np.log(item_popularity(data) + 1.0)
+    assert np.corrcoef(head["item_bias"], popularity)[0, 1] > 0.9  # bias starts at log-popularity
+    assert [m["step"] for m in metrics["curve"]] == [1, 2, 3, 4]
+    assert set(metrics["evaluation"]) == {"popularity", "zero_shot", "llmrec"}
+    for result in metrics["evaluation"].values():
+        assert 0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= 1
+        assert result["examples"] == 20
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
+def test_bundle_is_complete_verified_and_self_describing(trained_bundle):
+    manifest = read_manifest(trained_bundle)
+    assert manifest.template_version == TEMPLATE_VERSION
+    assert manifest.item_count == 42 and manifest.index_dimension == manifest.dimension + 1 == 385
+    assert manifest.quality["int8_vs_pytorch"]["mean_cosine"] >= 0.98
+    assert manifest.quality["hnsw_recall@10"] >= 0.99
+    assert manifest.versions["onnxruntime-gpu"] != "absent"
+    assert trained_bundle.name == manifest.bundle_version
+    assert "llmrec" in manifest.training["evaluation"]
+
+
+def test_served_item_vectors_are_the_int8_encoder_plus_the_trained_head(trained_bundle, trained_run):
+    data, out, _ = trained_run
+    manifest = read_manifest(trained_bundle)
+    encoder = OnnxEncoder(trained_bundle / layout.MODEL_INT8_FILE, trained_bundle / layout.TOKENIZER_FILE)
+    text = encoder.encode([render_item(data.items[0])], manifest.max_item_tokens)[0]
+    head = np.load(out / "checkpoint" / "item_head.npz")
+    expected = text + head["id_embedding"][0]
+    expected /= np.linalg.norm(expected)
+    row = np.load(trained_bundle / layout.VECTORS_FILE)[0]
+    # Dynamic INT8 scales activations per batch, so a text encoded alone differs slightly from the catalogue batch.
+    assert float(row[:-1] @ expected) > 0.99
+    assert row[-1] == pytest.approx(0.05 * head["item_bias"][0], rel=1e-5)
+
+
+def test_a_tampered_bundle_is_refused(trained_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_bundle, copy)
+    with (copy / layout.VECTORS_FILE).open("r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x7f")
+    with pytest.raises(BundleError, match="sha256"):
+        read_manifest(copy)
+    (copy / layout.INDEX_FILE).unlink()
+    with pytest.raises(BundleError, match="lacks"):
+        read_manifest(copy, verify_hashes=False)
+
+
+def test_quality_gate_fails_loudly_on_a_drifted_model():
+    rng = np.random.default_rng(0)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    users, items = unit(rng.normal(size=(30, 16))), unit(rng.normal(size=(50, 16)))
+    score = lambda u, i: u @ i.T  # noqa: E731
+    assert compare(users, items, users, items, score)["top10_overlap"] == 1.0
+    with pytest.raises(QualityCheckFailed, match="cosine"):
+        compare(users, items, unit(rng.normal(size=(30, 16))), items, score)

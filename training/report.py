@@ -1,0 +1,76 @@
+"""Evaluation report from a run's metrics.json: Markdown + JSON + PNG plots (training curve, metric bars)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import typer  # noqa: E402
+
+_COLUMNS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "cold_recall@10", "cold_ndcg@10", "coverage@10", "popular_share@10")
+
+
+def write_report(metrics: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = metrics["evaluation"]
+    (out / "report.json").write_text(json.dumps(metrics, indent=2))
+    _plot_curve(metrics["curve"], out / "training_curve.png")
+    _plot_bars(evaluation, out / "metrics.png")
+    rows = ["| model | " + " | ".join(_COLUMNS) + " |", "|---" * (len(_COLUMNS) + 1) + "|"]
+    for name, values in evaluation.items():
+        rows.append(f"| {name} | " + " | ".join(f"{values.get(c, float('nan')):.4f}" for c in _COLUMNS) + " |")
+    any_model = next(iter(evaluation.values()))
+    text = f"""# Evaluation: {metrics['dataset']}
+
+Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
+{any_model['examples']} users ({any_model['cold_examples']} with a cold target: never a training target).
+Training: {metrics['steps']} steps in {metrics['train_seconds']} s.
+
+{chr(10).join(rows)}
+
+![training curve](training_curve.png) ![metrics](metrics.png)
+"""
+    (out / "report.md").write_text(text)
+    return out / "report.md"
+
+
+def _plot_curve(curve: list[dict], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    steps = [point["step"] for point in curve]
+    losses = [point["loss"] for point in curve]
+    window = max(1, len(losses) // 20)
+    smoothed = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    axis.plot(steps, losses, alpha=0.3, label="loss")
+    axis.plot(steps, smoothed, label=f"mean of {window}")
+    axis.set(xlabel="step", ylabel="full-softmax cross-entropy", title="training curve")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_bars(evaluation: dict, path: Path) -> None:
+    metrics = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(evaluation)
+    for offset, (name, values) in enumerate(evaluation.items()):
+        axis.bar([i + offset * width for i in range(len(metrics))], [values[m] for m in metrics], width, label=name)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics)
+    axis.set(title="full-ranking quality, test split")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(run: Path = typer.Option(..., help="run directory holding metrics.json"),
+         out: Path = typer.Option(..., help="report directory")) -> None:
+    typer.echo(f"report: {write_report(json.loads((run / 'metrics.json').read_text()), out)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
