@@ -13,7 +13,7 @@ from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
 log = logging.getLogger("llmrec.export")
 
-ONNX_OPSET = 17
+ONNX_OPSET = 18
 
 
 def export_fp32(encoder_dir: Path, work_dir: Path) -> Path:
