@@ -17,6 +17,8 @@ class TrainConfig:
     max_item_tokens: int = 64
     max_history_items: int = 20
     use_context: bool = True  # render time/device/query into the user text
+    query_probability: float = 0.2  # share of training examples given a synthetic query (training/augment.py)
+    query_only_probability: float = 0.25  # of those, the share whose history is dropped (query-only users)
     # Optimisation
     batch_size: int = 32
     max_steps: int = 300

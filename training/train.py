@@ -15,6 +15,7 @@ import typer
 from tqdm.auto import tqdm
 
 from llmrec.template import render_item, render_user
+from training.augment import with_synthetic_query
 from training.config import TrainConfig
 from training.data import (
     Example,
@@ -43,18 +44,32 @@ def training_examples(data: Interactions) -> list[Example]:
     return [Example(u, t) for u, seq in enumerate(train_sequences(data)) for t in range(1, len(seq))]
 
 
-def user_texts(data: Interactions, examples: list[Example], config: TrainConfig) -> list[str]:
-    return [render_user(user_text(data, e, config.use_context), config.max_history_items) for e in examples]
+def user_texts(data: Interactions, examples: list[Example], config: TrainConfig, use_context: bool | None = None) -> list[str]:
+    use_context = config.use_context if use_context is None else use_context
+    return [render_user(user_text(data, e, use_context), config.max_history_items) for e in examples]
 
 
-def model_scores(model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float) -> ScoreFn:
+def training_user_texts(data: Interactions, examples: list[Example], config: TrainConfig, rng: np.random.Generator) -> list[str]:
+    """User texts for a training batch, some given a synthetic query derived from their target."""
+    texts = []
+    for e in examples:
+        user = user_text(data, e, config.use_context)
+        target = data.items[data.sequences[e.user][e.target_position]]
+        user = with_synthetic_query(user, target, rng, config.query_probability, config.query_only_probability)
+        texts.append(render_user(user, config.max_history_items))
+    return texts
+
+
+def model_scores(
+    model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float, use_context: bool | None = None
+) -> ScoreFn:
     """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits)."""
     with torch.no_grad():
         items = model.item_vectors(model.encode_all([render_item(i) for i in data.items], config.max_item_tokens))
         bias = temperature * model.item_bias
 
     def score(examples: list[Example]) -> np.ndarray:
-        users = model.encode_all(user_texts(data, list(examples), config), config.max_user_tokens)
+        users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
         return (users @ items.T + bias).numpy()
 
     return score
@@ -100,7 +115,7 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             if step % config.refresh_items_every == 0:
                 cached_items = model.encode_all(item_texts, config.max_item_tokens).float()  # catalogue, no grad
-            users = model.encode(user_texts(data, batch, config), config.max_user_tokens).float()
+            users = model.encode(training_user_texts(data, batch, config, rng), config.max_user_tokens).float()
         loss = loss_fn(users, model.item_vectors(cached_items), model.item_bias, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -144,6 +159,9 @@ def evaluate_against_baselines(
         "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
         "llmrec": evaluate(model_scores(model, data, config, config.temperature), data, examples, config.ks),
     }
+    if data.timestamps and config.use_context:  # the same model, its context (time of day, weekday) withheld
+        scores = model_scores(model, data, config, config.temperature, use_context=False)
+        results["llmrec_without_context"] = evaluate(scores, data, examples, config.ks)
     return results
 
 

@@ -44,7 +44,7 @@ def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run
     popularity = np.log(item_popularity(data) + 1.0)
     assert np.corrcoef(head["item_bias"], popularity)[0, 1] > 0.9  # bias starts at log-popularity
     assert [m["step"] for m in metrics["curve"]] == [1, 2, 3, 4]
-    assert set(metrics["evaluation"]) == {"popularity", "zero_shot", "llmrec"}
+    assert set(metrics["evaluation"]) == {"popularity", "zero_shot", "llmrec", "llmrec_without_context"}
     for result in metrics["evaluation"].values():
         assert 0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= 1
         assert result["examples"] == 20
