@@ -59,9 +59,11 @@ run: setup data  ## train and export once (a later run reuses the bundle), then 
 	echo "  $(VENV)/bin/llmrec recommend --target $(HOST):$(PORT) --item 50 --item 172 --item 181 --k 10"; echo
 	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT)
 
-eval: setup  ## train on DATA and write a Markdown/JSON/PNG report with the baselines to reports/<data>/
-	$(PY) -m training.train --data $(DATA) --out $(RUN_DIR) $(TRAIN_ARGS)
-	$(PY) -m training.report --run $(RUN_DIR) --out reports/$(notdir $(DATA))
+SEEDS ?= 1
+EVAL_ARGS ?=
+eval: setup data  ## train SEEDS seeds on DATA, export, evaluate all baselines side by side; report in reports/<data>/
+	$(PY) -m training.experiment --data $(DATA) --runs $(RUN_DIR) --bundles build/eval-bundles/$(notdir $(DATA)) \
+		--report reports/$(notdir $(DATA)) --seeds $(SEEDS) $(EVAL_ARGS)
 
 test: setup  ## install what the tests need and run them
 	$(PY) -m pytest -q

@@ -51,6 +51,8 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         scores = np.asarray(score_fn(batch), dtype=np.float64)
+        if not np.isfinite(scores).all():  # NaN compares false and would rank every target first
+            raise ValueError("scores contain NaN or infinity; this is a bug in the model being evaluated")
         ranks[start : start + len(batch)] = target_ranks(scores, targets[start : start + len(batch)])
         top10[start : start + len(batch)] = np.argsort(-scores, axis=1, kind="stable")[:, :10]
     popularity = item_popularity(data)

@@ -20,17 +20,27 @@ def write_report(metrics: dict, out: Path) -> Path:
     (out / "report.json").write_text(json.dumps(metrics, indent=2))
     _plot_curve(metrics["curve"], out / "training_curve.png")
     _plot_bars(evaluation, out / "metrics.png")
+    spread = metrics.get("spread", {})
     rows = ["| model | " + " | ".join(_COLUMNS) + " |", "|---" * (len(_COLUMNS) + 1) + "|"]
     for name, values in evaluation.items():
-        rows.append(f"| {name} | " + " | ".join(f"{values.get(c, float('nan')):.4f}" for c in _COLUMNS) + " |")
+        cells = [f"{values.get(c, float('nan')):.4f}" + (f" ± {spread[name][c]:.4f}" if name in spread else "") for c in _COLUMNS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     any_model = next(iter(evaluation.values()))
+    notes = []
+    if metrics.get("seeds", 1) > 1:
+        notes.append(f"Our model: mean ± standard deviation over {metrics['seeds']} seeds.")
+    if metrics.get("int8_hnsw_relative_ndcg10_loss") is not None:
+        notes.append(f"NDCG@10 lost to INT8 + HNSW (served path) vs PyTorch FP32 exact: "
+                     f"{metrics['int8_hnsw_relative_ndcg10_loss']:.2%} (relative).")
     text = f"""# Evaluation: {metrics['dataset']}
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
-{any_model['examples']} users ({any_model['cold_examples']} with a cold target: never a training target).
-Training: {metrics['steps']} steps in {metrics['train_seconds']} s.
+{int(any_model['examples'])} users ({int(any_model['cold_examples'])} with a cold target: never a training target).
+Training: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s (per seed).
 
 {chr(10).join(rows)}
+
+{chr(10).join(notes)}
 
 ![training curve](training_curve.png) ![metrics](metrics.png)
 """

@@ -1,0 +1,66 @@
+"""Quality of a served bundle: the INT8 encoder with exact search, and INT8 + HNSW through the server's code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from export.index import user_queries
+from llmrec.template import render_user
+from server.bundle import LoadedBundle
+from server.domain import HistoryRef, RecommendQuery, UserInput
+from server.encoding import AsyncEncoder
+from server.recommender import Recommender
+from server.validation import Limits
+from training.data import Example, Interactions, user_text
+from training.evaluation import evaluate
+
+_UNRANKED = -1e9  # score for items HNSW did not return: below every returned one
+
+
+def evaluate_bundle(
+    bundle_dir: Path, data: Interactions, examples: Sequence[Example], use_context: bool, ks: Sequence[int] = (10, 50)
+) -> dict[str, dict]:
+    """{"int8_exact": metrics, "int8_hnsw_server": metrics} on the given examples.
+
+    Users are encoded one request at a time, as the server encodes them (dynamic INT8 depends on the batch).
+    The server path ranks only its top max(ks) items; a target below that counts as a miss, as it would in
+    production.
+    """
+    bundle = LoadedBundle.load(bundle_dir, prefer_gpu=False, min_ef=max(ks))
+    manifest = bundle.manifest
+    columns = np.array([bundle.row_of[item_id] for item_id in data.item_ids])  # data item -> bundle row
+    vectors = np.asarray(bundle.vectors)[columns]
+    users = [user_text(data, e, use_context) for e in examples]
+    user_vectors = np.vstack(
+        [bundle.encoder.encode([render_user(u, manifest.max_history_items)], manifest.max_user_tokens) for u in users]
+    )
+    exact = user_queries(user_vectors) @ vectors.T
+    row_to_item = {row: i for i, row in enumerate(columns)}
+    served = np.full((len(examples), data.num_items), _UNRANKED)
+    for n, items in enumerate(asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))):
+        for item in items:
+            served[n, row_to_item[bundle.row_of[item.item_id]]] = -item.rank
+    by_position = {id(e): n for n, e in enumerate(examples)}
+    return {
+        "int8_exact": evaluate(lambda batch: exact[[by_position[id(e)] for e in batch]], data, examples, ks),
+        "int8_hnsw_server": evaluate(lambda batch: served[[by_position[id(e)] for e in batch]], data, examples, ks),
+    }
+
+
+async def _recommend_all(bundle: LoadedBundle, data: Interactions, examples, users, k: int) -> list:
+    manifest = bundle.manifest
+    encoder = AsyncEncoder(bundle.encoder, manifest.max_user_tokens, manifest.max_item_tokens)
+    recommender = Recommender(bundle, encoder, Limits(max_k=k, max_request_history=10_000))
+    results = []
+    try:
+        for example, user in zip(examples, users):
+            history = tuple(HistoryRef(item_id=data.item_ids[i]) for i in data.sequences[example.user][: example.target_position])
+            query = RecommendQuery(user=UserInput(history=history, context=user.context), k=k)
+            results.append(await recommender.recommend(query))
+    finally:
+        encoder.close()
+    return results

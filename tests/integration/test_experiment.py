@@ -1,0 +1,31 @@
+"""`make eval` in miniature: every row of the report computed in one run on the tiny data set."""
+
+import json
+from pathlib import Path
+
+from training.baselines.sasrec import SASRecConfig
+from training.config import TrainConfig
+from training.experiment import run_experiment
+
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
+
+
+def test_experiment_reports_every_model_side_by_side(tmp_path):
+    config = TrainConfig(max_steps=2, batch_size=8)
+    summary = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report", 1, config,
+                             SASRecConfig(time_budget_minutes=0.01, eval_every=1))
+    rows = summary["evaluation"]
+    assert list(rows) == ["popularity", "zero_shot", "sasrec", "llmrec", "llmrec_without_context", "int8_exact",
+                          "int8_hnsw_server"]
+    # 42 items: HNSW is exact here, so the server path must reproduce INT8 exact search.
+    assert rows["int8_hnsw_server"]["ndcg@10"] == rows["int8_exact"]["ndcg@10"]
+    assert abs(summary["int8_hnsw_relative_ndcg10_loss"]) < 0.2
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| sasrec |" in report and "| int8_hnsw_server |" in report
+    for png in ("training_curve.png", "metrics.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"
+    # A second run with the same config reuses the trained seed instead of training again.
+    again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 1, config,
+                           SASRecConfig(time_budget_minutes=0.01, eval_every=1))
+    assert again["curve"] == summary["curve"]

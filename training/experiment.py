@@ -1,0 +1,117 @@
+"""`make eval`: train (per seed), export, and evaluate every model side by side in one run, then report.
+
+Rows: popularity, zero-shot encoder, SASRec (ID baseline), llmrec in PyTorch FP32 with exact search, the
+exported INT8 model with exact search, and INT8 + HNSW through the server's own code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from export.bundle import build_bundle
+from export.evaluate import evaluate_bundle
+from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
+from training.config import TrainConfig
+from training.data import load_interactions, split_examples, user_text
+from training.evaluation import evaluate
+from training.report import write_report
+from training.train import train
+
+log = logging.getLogger("llmrec.experiment")
+
+
+def _train_or_reuse(data, config: TrainConfig, run_dir: Path) -> dict:
+    """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`)."""
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        if metrics["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
+            log.info("reusing %s (trained with this exact config)", run_dir)
+            return metrics
+    return train(data, config, run_dir)
+
+
+def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_dir: Path, seeds: int,
+                   config: TrainConfig, sasrec: SASRecConfig) -> dict:
+    data = load_interactions(data_path)
+    test = split_examples(data, "test")
+    if config.eval_users:
+        test = test[: config.eval_users]
+    per_seed, curves, train_seconds = [], [], []
+    for seed in range(seeds):
+        seed_config = dataclasses.replace(config, seed=seed)
+        run_dir = run_root if seed == 0 else run_root.with_name(f"{run_root.name}-seed{seed}")
+        metrics = _train_or_reuse(data, seed_config, run_dir)
+        validation = [user_text(data, e, seed_config.use_context) for e in split_examples(data, "valid")[:300]]
+        bundle = build_bundle(
+            run_dir / "checkpoint", list(zip(data.item_ids, data.items)), bundle_root / f"seed{seed}",
+            max_user_tokens=seed_config.max_user_tokens, max_item_tokens=seed_config.max_item_tokens,
+            max_history_items=seed_config.max_history_items, validation_users=validation,
+            training_info={"dataset": data.name, "seed": seed},
+        )
+        rows = dict(metrics["evaluation"])
+        rows.update(evaluate_bundle(bundle, data, test, seed_config.use_context, seed_config.ks))
+        per_seed.append(rows)
+        curves.append(metrics["curve"])
+        train_seconds.append(metrics["train_seconds"])
+    sasrec_model, sasrec_info = train_sasrec(data, sasrec)
+    sasrec_metrics = evaluate(sasrec_scores(sasrec_model, data, sasrec), data, test, config.ks)
+
+    names = list(per_seed[0])
+    evaluation = {name: _mean(per_seed, name) for name in names}
+    evaluation["sasrec"] = sasrec_metrics
+    order = ["popularity", "zero_shot", "sasrec", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
+    evaluation = {name: evaluation[name] for name in order if name in evaluation}
+    fp32, served = evaluation["llmrec"]["ndcg@10"], evaluation["int8_hnsw_server"]["ndcg@10"]
+    summary = {
+        "dataset": data.name,
+        "seeds": seeds,
+        "config": dataclasses.asdict(config),
+        "evaluation": evaluation,
+        "spread": {name: _std(per_seed, name) for name in names} if seeds > 1 else {},
+        "per_seed": per_seed,
+        "int8_hnsw_relative_ndcg10_loss": (fp32 - served) / fp32 if fp32 else None,
+        "sasrec": sasrec_info,
+        "train_seconds": float(np.mean(train_seconds)),
+        "steps": len(curves[0]),
+        "curve": curves[0],
+    }
+    write_report(summary, report_dir)
+    return summary
+
+
+def _mean(per_seed: list[dict], name: str) -> dict:
+    return {k: float(np.mean([row[name][k] for row in per_seed])) for k in per_seed[0][name]}
+
+
+def _std(per_seed: list[dict], name: str) -> dict:
+    return {k: float(np.std([row[name][k] for row in per_seed])) for k in per_seed[0][name]}
+
+
+def main(
+    data: Path = typer.Option(..., help="data set directory"),
+    runs: Path = typer.Option(..., help="run directory of seed 0 (seed k uses <runs>-seed<k>)"),
+    bundles: Path = typer.Option(..., help="evaluation bundles go to <bundles>/seed<k>/"),
+    report: Path = typer.Option(..., help="report directory"),
+    seeds: int = typer.Option(1, min=1),
+    time_budget_minutes: float = typer.Option(TrainConfig.time_budget_minutes),
+    max_steps: int = typer.Option(TrainConfig.max_steps),
+    sasrec_minutes: float = typer.Option(SASRecConfig.time_budget_minutes),
+    eval_users: int = typer.Option(0, help="evaluate on the first N test users (0 = all)"),
+) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llmrec").setLevel(logging.INFO)
+    config = TrainConfig(time_budget_minutes=time_budget_minutes, max_steps=max_steps, eval_users=eval_users)
+    summary = run_experiment(data, runs, bundles, report, seeds, config, SASRecConfig(time_budget_minutes=sasrec_minutes))
+    typer.echo((report / "report.md").read_text())
+    typer.echo(f"INT8 + HNSW relative NDCG@10 loss: {summary['int8_hnsw_relative_ndcg10_loss']:.2%}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
