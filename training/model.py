@@ -40,6 +40,8 @@ class TextRecommender(nn.Module):
         super().__init__()
         self.encoder = AutoModel.from_pretrained(str(encoder_path))
         self.tokenizer = AutoTokenizer.from_pretrained(str(encoder_path))
+        if getattr(self.encoder, "pooler", None) is not None:  # [CLS] pooler: unused by mean pooling
+            self.encoder.pooler.requires_grad_(False)
         dim = self.encoder.config.hidden_size
         self.id_embedding = nn.Embedding(num_items, dim)
         nn.init.zeros_(self.id_embedding.weight)  # start as the pure text model
@@ -55,15 +57,28 @@ class TextRecommender(nn.Module):
 
     def encode(self, texts: Sequence[str], max_tokens: int) -> torch.Tensor:
         batch = self.tokenize(texts, max_tokens)
-        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return mean_pool(hidden, batch["attention_mask"])
+        return self.encode_tokens(batch["input_ids"], batch["attention_mask"])
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = self.item_bias.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, catalogue_text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training step's tensors: user vectors, item vectors and item biases, all from this call so that
+        DistributedDataParallel sees every trained parameter used in forward."""
+        users = self.encode_tokens(input_ids, attention_mask)
+        return users, self.item_vectors(catalogue_text), self.item_bias
 
     @torch.no_grad()
     def encode_all(self, texts: Sequence[str], max_tokens: int, batch_size: int = 128) -> torch.Tensor:
         was_training = self.training
         self.eval()
         order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
-        out = torch.empty(len(texts), self.dimension)
+        out = torch.empty(len(texts), self.dimension, device=self.item_bias.device)
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             out[torch.as_tensor(rows)] = self.encode([texts[i] for i in rows], max_tokens)
@@ -74,7 +89,7 @@ class TextRecommender(nn.Module):
         """Catalogue text vectors (num_items, dim) -> item vectors; id part dropped per item in training."""
         ids = self.id_embedding.weight
         if self.training and self.id_dropout > 0:
-            keep = (torch.rand(ids.shape[0], 1) >= self.id_dropout).to(ids.dtype)
+            keep = (torch.rand(ids.shape[0], 1, device=ids.device) >= self.id_dropout).to(ids.dtype)
             ids = ids * keep
         return F.normalize(text_vectors + ids, dim=-1)
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import typer
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from llmrec.template import render_item, render_user
@@ -70,19 +73,58 @@ def model_scores(
 
     def score(examples: list[Example]) -> np.ndarray:
         users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
-        return (users @ items.T + bias).numpy()
+        return (users @ items.T + bias).cpu().numpy()
 
     return score
 
 
+class _Distributed:
+    """torchrun/DDP when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU); a no-op single process otherwise."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any: ranks must leave the loop at the same step."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path | None = None) -> dict:
-    """Train, checkpoint to out/checkpoint, evaluate, and write out/metrics.json. Returns the metrics."""
+    """Train, checkpoint to out/checkpoint, evaluate, and write out/metrics.json. Returns the metrics.
+
+    Under torchrun every rank trains on its own batches (batch_size each) with gradients averaged by DDP;
+    rank 0 alone saves, evaluates and returns the metrics (other ranks return {}).
+    """
+    distributed = _Distributed()
     seed_everything(config.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     encoder_path = encoder_path or pretrained_encoder_path()
-    model = TextRecommender(encoder_path, data.num_items, id_dropout=config.id_dropout)
+    model = TextRecommender(encoder_path, data.num_items, id_dropout=config.id_dropout).to(distributed.device)
     model.freeze_bottom(config.frozen_layers)
     model.init_bias(item_popularity(data))
+    trainer = distributed.wrap(model)
     loss_fn = FullSoftmaxLoss(config.temperature)
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -104,19 +146,20 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)) * max(0.0, 1.0 - progress_fraction(step)),
     )
     examples = training_examples(data)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng([config.seed, distributed.rank])  # each rank draws its own batches
     item_texts = [render_item(i) for i in data.items]
     curve: list[dict] = []
     model.train()
-    progress = tqdm(range(config.max_steps), desc="train", unit="step")
+    progress = tqdm(range(config.max_steps), desc="train", unit="step", disable=not distributed.is_main)
     for step in progress:
         batch = [examples[i] for i in rng.integers(0, len(examples), config.batch_size)]
-        targets = torch.tensor([data.sequences[e.user][e.target_position] for e in batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        targets = torch.tensor([data.sequences[e.user][e.target_position] for e in batch], device=distributed.device)
+        with torch.autocast(distributed.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             if step % config.refresh_items_every == 0:
                 cached_items = model.encode_all(item_texts, config.max_item_tokens).float()  # catalogue, no grad
-            users = model.encode(training_user_texts(data, batch, config, rng), config.max_user_tokens).float()
-        loss = loss_fn(users, model.item_vectors(cached_items), model.item_bias, targets)
+            tokens = model.tokenize(training_user_texts(data, batch, config, rng), config.max_user_tokens)
+            users, items, bias = trainer(tokens["input_ids"], tokens["attention_mask"], cached_items)
+        loss = loss_fn(users.float(), items, bias, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder_params, 1.0)
@@ -125,24 +168,30 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         elapsed = time.monotonic() - started
         curve.append({"step": step + 1, "loss": loss.item(), "seconds": round(elapsed, 2)})
         progress.set_postfix(loss=f"{loss.item():.3f}")
-        if config.time_budget_minutes and elapsed > config.time_budget_minutes * 60:
+        if distributed.any(bool(config.time_budget_minutes) and elapsed > config.time_budget_minutes * 60):
             log.warning("time budget of %.1f min spent after %d steps", config.time_budget_minutes, step + 1)
             break
     train_seconds = time.monotonic() - started
     model.eval()
-    model.save(out / "checkpoint", data.item_ids)
+    if not distributed.is_main:
+        distributed.close()
+        return {}
+    model.cpu().save(out / "checkpoint", data.item_ids)
+    model.to(distributed.device)
     config.save(out / "checkpoint" / "train_config.json")
 
     evaluation = evaluate_against_baselines(model, data, config, encoder_path)
     metrics = {
         "dataset": data.name,
         "config": dataclasses.asdict(config),
+        "world_size": distributed.world_size,
         "train_seconds": round(train_seconds, 1),
         "steps": len(curve),
         "curve": curve,
         "evaluation": evaluation,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    distributed.close()
     return metrics
 
 
@@ -153,7 +202,7 @@ def evaluate_against_baselines(
     examples = split_examples(data, "test")
     if config.eval_users:
         examples = examples[: config.eval_users]
-    zero_shot = TextRecommender(encoder_path, data.num_items).eval()
+    zero_shot = TextRecommender(encoder_path, data.num_items).to(model.item_bias.device).eval()
     results = {
         "popularity": evaluate(popularity_scores(data), data, examples, config.ks),
         "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
@@ -196,6 +245,8 @@ def main(
     interactions = load_interactions(data)
     out.mkdir(parents=True, exist_ok=True)
     metrics = train(interactions, config, out)
+    if not metrics:  # a torchrun rank other than 0
+        return
     typer.echo(f"\n{interactions.name}: {metrics['steps']} steps in {metrics['train_seconds']} s; test split, full ranking:")
     typer.echo(format_table(metrics["evaluation"], config.ks))
     typer.echo(f"checkpoint: {out / 'checkpoint'}")
