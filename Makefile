@@ -11,6 +11,8 @@ PROTO_OUT := llmrec/v1/recommender_pb2.py
 DATA ?= data/ml-100k
 RUN_DIR ?= runs/$(notdir $(DATA))
 BUNDLES ?= bundles/$(notdir $(DATA))
+# catalogue changes (UpsertItems/DeleteItems) are journaled here; the bundle itself is never written
+STATE ?= state
 HOST ?= 127.0.0.1
 PORT ?= 50051
 TRAIN_ARGS ?=
@@ -20,7 +22,7 @@ export TOKENIZERS_PARALLELISM := false
 # hnswlib builds from source; without this it compiles for this exact CPU and may crash elsewhere.
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: help setup proto data train export serve run eval test clean
+.PHONY: help setup proto data train export serve run eval bench test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -50,20 +52,25 @@ export: setup  ## ONNX + INT8 export, quality check, item index: a new bundle un
 	$(PY) -m export --checkpoint $(RUN_DIR)/checkpoint --data $(DATA) --out $(BUNDLES)
 
 serve: setup  ## serve the newest bundle under BUNDLES on HOST:PORT
-	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE)
 
 run: setup data  ## train and export once (a later run reuses the bundle), then serve
 	@if ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then echo "reusing the bundle in $(BUNDLES)"; \
 	else $(MAKE) --no-print-directory train export; fi
 	@echo; echo "Try, from another shell:"; \
 	echo "  $(VENV)/bin/llmrec recommend --target $(HOST):$(PORT) --item 50 --item 172 --item 181 --k 10"; echo
-	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE)
 
 SEEDS ?= 1
 EVAL_ARGS ?=
 eval: setup data  ## train SEEDS seeds on DATA, export, evaluate all baselines side by side; report in reports/<data>/
 	$(PY) -m training.experiment --data $(DATA) --runs $(RUN_DIR) --bundles build/eval-bundles/$(notdir $(DATA)) \
 		--report reports/$(notdir $(DATA)) --seeds $(SEEDS) $(EVAL_ARGS)
+
+bench: setup data  ## load-test the server beside the raw runtime and a PyTorch server; report in reports/bench/
+	@if ! ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then $(MAKE) --no-print-directory train export; fi
+	$(PY) -m clients.bench run --bundle-root $(BUNDLES) --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint \
+		--out reports/bench
 
 test: setup  ## install what the tests need and run them
 	$(PY) -m pytest -q

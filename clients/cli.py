@@ -1,4 +1,4 @@
-"""`llmrec`: talk to an llmrec server from the shell (recommend, session, info, health, embed).
+"""`llmrec`: talk to an llmrec server from the shell (recommend, session, items, upsert, delete, info, ...).
 
 Errors print "error: <CODE>: <message>" on stderr and exit with status 1.
 """
@@ -14,13 +14,18 @@ from typing import Annotated, TextIO
 import typer
 from google.protobuf.json_format import MessageToDict
 
-from clients.client import Recommendation, RecommenderClient, RecommenderError, SessionUpdate
+from clients.client import CatalogueItem, Recommendation, RecommenderClient, RecommenderError, SessionUpdate
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
 Target = Annotated[str, typer.Option(envvar="LLMREC_TARGET", help="Server address, host:port.")]
 Timeout = Annotated[float, typer.Option(envvar="LLMREC_TIMEOUT", help="Deadline per call, in seconds.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Explain = Annotated[bool, typer.Option("--explain", help="Say why each item is recommended.")]
+Category = Annotated[list[str] | None, typer.Option(
+    "--category", help="Only items in this category (repeatable: any of them).")]
+Attr = Annotated[list[str] | None, typer.Option(
+    "--attr", help="Only items with this attribute, KEY=VALUE (repeatable: every key must match, any value).")]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -44,13 +49,27 @@ def _fail(error: RecommenderError) -> None:
 
 
 def format_items(items: Sequence[Recommendation]) -> str:
-    """A plain-text table: rank, id, score, title."""
+    """A plain-text table: rank, id, score, title (and, when explained, the reason under each row)."""
     if not items:
         return "(no items)"
     id_width = max(len("id"), *(len(i.item_id) for i in items))
     lines = [f"{'rank':>4}  {'id':<{id_width}}  {'score':>8}  title"]
-    lines += [f"{i.rank:>4}  {i.item_id:<{id_width}}  {i.score:>8.4f}  {i.title}" for i in items]
+    for i in items:
+        lines.append(f"{i.rank:>4}  {i.item_id:<{id_width}}  {i.score:>8.4f}  {i.title}")
+        if i.explanation is not None:
+            lines.append(f"{'':>4}  {'':<{id_width}}  {'':>8}  {i.explanation.summary}")
     return "\n".join(lines)
+
+
+def parse_filters(attr: Sequence[str]) -> dict[str, list[str]]:
+    """KEY=VALUE options -> {key: [values]}; exits with a usage error on a malformed one."""
+    filters: dict[str, list[str]] = {}
+    for option in attr:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{option!r} is not KEY=VALUE", param_hint="--attr")
+        filters.setdefault(key.strip(), []).append(value.strip())
+    return filters
 
 
 @app.command()
@@ -67,15 +86,20 @@ def recommend(
     exclude: Annotated[list[str] | None, typer.Option(help="An item id never to return (repeatable).")] = None,
     exclude_history: Annotated[bool, typer.Option(
         "--exclude-history", help="Do not return items that are in the history.")] = False,
+    explain: Explain = False,
+    category: Category = None,
+    attr: Attr = None,
     json_output: Json = False,
     timeout: Timeout = 10.0,
 ) -> None:
-    """Recommend items for a history and context."""
+    """Recommend items for a history and context (a query alone is enough for a new user)."""
     history = [*(item or []), *({"title": t} for t in (text or []))]
+    filters = parse_filters(attr or [])
     try:
         with RecommenderClient(target, timeout_s=timeout) as client:
             result = client.recommend(history, k=k, query=query, device=device, locale=locale,
-                                      exclude=exclude or [], exclude_history=exclude_history)
+                                      exclude=exclude or [], exclude_history=exclude_history, explain=explain,
+                                      filters=filters, category=category or [])
     except RecommenderError as error:
         _fail(error)
     if json_output:
@@ -91,17 +115,27 @@ def session(
     k: Annotated[int, typer.Option(help="How many items to return after each event.")] = 10,
     exclude_history: Annotated[bool, typer.Option(
         "--exclude-history", help="Do not return items that are in the history.")] = False,
+    explain: Explain = False,
+    category: Category = None,
+    attr: Attr = None,
     timeout: Timeout = 10.0,
 ) -> None:
-    """A live session: read events from stdin, one a line, and print the updated list after each."""
+    """A live session: read events from stdin, one a line, and print the updated list after each.
+
+    The session id goes to stderr first: `llmrec forget ID` from another shell ends the session and drops it.
+    """
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(SESSION_HELP)
+    filters = parse_filters(attr or [])
     try:
         with RecommenderClient(target, timeout_s=timeout) as client, client.session() as live:
             state = {"k": k, "exclude": [], "exclude_history": exclude_history, "query": "", "device": "",
-                     "locale": ""}
-            _print_update(live.configure(k=k, exclude_history=exclude_history), show_empty=False)
+                     "locale": "", "explain": explain, "filters": filters, "category": category or []}
+            first = live.configure(k=k, exclude_history=exclude_history, explain=explain, filters=filters,
+                                   category=category or [])
+            typer.echo(f"session {live.session_id}", err=True)
+            _print_update(first, show_empty=False)
             for line in _lines(sys.stdin, interactive):
                 update = _session_event(live, state, line)
                 if update is _QUIT:
@@ -159,7 +193,8 @@ def _session_event(live, state: dict, line: str):
             state["exclude"].append(argument)
         else:
             state["exclude_history"] = True
-        return live.configure(k=state["k"], exclude=state["exclude"], exclude_history=state["exclude_history"])
+        return live.configure(k=state["k"], exclude=state["exclude"], exclude_history=state["exclude_history"],
+                              explain=state["explain"], filters=state["filters"], category=state["category"])
     typer.echo(f"not understood: {line!r} (type `help`)", err=True)
     return None
 
@@ -228,3 +263,139 @@ def embed(
         head = ", ".join(f"{x:+.4f}" for x in vector[:4])
         typer.echo(f"{title}: dim {len(vector)}  [{head}, ...]")
     typer.echo(f"model {result.model_version}")
+
+
+@app.command()
+def forget(
+    session_id: Annotated[str, typer.Argument(help="The id a session printed (SessionResponse.session_id).")],
+    target: Target = DEFAULT_TARGET,
+    timeout: Timeout = 10.0,
+) -> None:
+    """End a live session and drop everything the server holds for it."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            client.forget_session(session_id)
+    except RecommenderError as error:
+        _fail(error)
+    typer.echo(f"forgot session {session_id}")
+
+
+# --- catalogue ---------------------------------------------------------------------------------------------
+
+
+def _item_record(item: CatalogueItem) -> dict:
+    record = dataclasses.asdict(item)
+    if record["vector"] is None:
+        del record["vector"]
+    return record
+
+
+@app.command()
+def upsert(
+    target: Target = DEFAULT_TARGET,
+    item_id: Annotated[str, typer.Option("--id", help="The item's id (with --title).")] = "",
+    title: Annotated[str, typer.Option(help="The item's title, e.g. \"Arrival (2016)\".")] = "",
+    category: Annotated[list[str] | None, typer.Option("--category", help="A category (repeatable).")] = None,
+    brand: Annotated[str, typer.Option(help="Brand or maker.")] = "",
+    description: Annotated[str, typer.Option(help="A short description.")] = "",
+    attr: Annotated[list[str] | None, typer.Option(
+        "--attr", help="An attribute KEY=VALUE for filtering (repeatable).")] = None,
+    file: Annotated[typer.FileText | None, typer.Option(
+        help='JSON lines, one item each: {"id", "title", "categories", "brand", "description", "attributes"} '
+             '("-" for stdin).')] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per UpsertItems call with --file.")] = 500,
+    timeout: Timeout = 60.0,
+) -> None:
+    """Add or replace catalogue items (one from options, or many from --file); durable once it prints."""
+    items: list[dict] = []
+    if item_id or title:
+        attributes = {k: v[-1] for k, v in parse_filters(attr or []).items()}
+        items.append({"id": item_id, "title": title, "categories": category or [], "brand": brand,
+                      "description": description, "attributes": attributes})
+    if file is not None:
+        for number, line in enumerate(file, 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise typer.BadParameter(f"line {number} is not JSON ({error})", param_hint="--file") from None
+    if not items:
+        raise typer.BadParameter("give --id and --title, or --file", param_hint="--id")
+    created = replaced = 0
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            for start in range(0, len(items), max(batch_size, 1)):
+                change = client.upsert_items(items[start : start + max(batch_size, 1)])
+                created, replaced = created + change.created, replaced + change.replaced
+    except RecommenderError as error:
+        _fail(error)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"created {created}, replaced {replaced}; {change.item_count} items, index {change.index_version}")
+
+
+@app.command()
+def delete(
+    item_ids: Annotated[list[str], typer.Argument(help="Ids of the items to delete.")],
+    target: Target = DEFAULT_TARGET,
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing", help="Skip unknown ids instead of failing (and deleting nothing).")] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Delete catalogue items; durable once it prints."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            change = client.delete_items(item_ids, allow_missing=allow_missing)
+    except RecommenderError as error:
+        _fail(error)
+    typer.echo(f"deleted {change.deleted}; {change.item_count} items, index {change.index_version}")
+
+
+@app.command()
+def item(
+    item_id: Annotated[str, typer.Argument(help="The item's id.")],
+    target: Target = DEFAULT_TARGET,
+    vector: Annotated[bool, typer.Option("--vector", help="Include the index row (with --json).")] = False,
+    json_output: Json = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Show one catalogue item."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            found = client.get_item(item_id, include_vector=vector)
+    except RecommenderError as error:
+        _fail(error)
+    if json_output:
+        typer.echo(json.dumps(_item_record(found), ensure_ascii=False))
+        return
+    for name, value in _item_record(found).items():
+        if name != "vector":
+            typer.echo(f"{name:<12} {value}")
+
+
+@app.command()
+def items(
+    target: Target = DEFAULT_TARGET,
+    page_size: Annotated[int, typer.Option(help="Items per page (0 = the server default).")] = 0,
+    page_token: Annotated[str, typer.Option(help="Continue from a previous page's token.")] = "",
+    all_pages: Annotated[bool, typer.Option("--all", help="Every page, not just one.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per item.")] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """List the live catalogue in id order: one page (its next token goes to stderr) or --all."""
+    try:
+        with RecommenderClient(target, timeout_s=timeout) as client:
+            token = page_token
+            while True:
+                page = client.list_items(page_size, token)
+                for entry in page.items:
+                    if json_output:
+                        typer.echo(json.dumps(_item_record(entry), ensure_ascii=False))
+                    else:
+                        typer.echo(f"{entry.item_id}\t{entry.title}\t{', '.join(entry.categories)}")
+                token = page.next_page_token
+                if not all_pages or not token:
+                    break
+    except RecommenderError as error:
+        _fail(error)
+    typer.echo(f"{page.total_count} items" + (f"; next page: --page-token {token}" if token else ""), err=True)

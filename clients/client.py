@@ -8,6 +8,11 @@
 History entries are oldest first and each is a catalogue id (str), an ItemText-like mapping
 ({"title", "categories", "brand", "description"}), an ItemText or a HistoryItem.
 Failures raise RecommenderError carrying the gRPC status code and the server's message.
+
+    client.recommend(["50"], k=5, explain=True, category="Sci-Fi")   # reasons + a sentence per item
+    client.upsert_items([{"id": "new-1", "title": "Arrival (2016)", "categories": ["Sci-Fi"],
+                          "attributes": {"studio": "Paramount"}}])
+    for item in client.iter_items(): ...
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 HistoryLike = str | Mapping[str, Any] | pb.ItemText | pb.HistoryItem
+# {"category": "Sci-Fi"} or {"category": ["Sci-Fi", "Horror"], "studio": "A24"}: each key must match, any value.
+FiltersLike = Mapping[str, str | Sequence[str]] | Sequence[pb.AttributeFilter]
 TimestampLike = dt.datetime | float | int | None
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
@@ -50,11 +57,29 @@ class RecommenderError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class Reason:
+    """One source of the user text behind a recommendation. kind: "history_item" or "query_term"."""
+
+    kind: str
+    item_id: str
+    text: str
+    weight: float
+    similarity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    reasons: list[Reason]
+    summary: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Recommendation:
     rank: int
     item_id: str
     score: float
     title: str
+    explanation: Explanation | None = None  # only when the request asked for explain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +111,7 @@ class SessionUpdate:
     history_length: int
     model_version: str
     index_version: str
+    session_id: str = ""
 
     @property
     def ok(self) -> bool:
@@ -101,6 +127,38 @@ class Embeddings:
     items: list[list[float]]
     users: list[list[float]]
     model_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogueItem:
+    """A live catalogue item. `vector` (the index row) only when asked for."""
+
+    item_id: str
+    title: str
+    categories: list[str]
+    brand: str
+    description: str
+    attributes: dict[str, str]
+    upserted: bool = False
+    vector: list[float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemPage:
+    items: list[CatalogueItem]
+    next_page_token: str  # "" on the last page
+    total_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogueChange:
+    """The answer to UpsertItems or DeleteItems: counts, and the catalogue size and version after it."""
+
+    created: int
+    replaced: int
+    deleted: int
+    item_count: int
+    index_version: str
 
 
 # --- message builders -----------------------------------------------------------------------------------
@@ -154,8 +212,55 @@ def context(
                       timestamp=timestamp(timestamp_))
 
 
+def attribute_filters(filters: FiltersLike = (), category: str | Sequence[str] = ()) -> list[pb.AttributeFilter]:
+    """AttributeFilter messages from {"key": value or [values]} (or messages), plus a category filter."""
+    messages: list[pb.AttributeFilter] = []
+    if isinstance(filters, Mapping):
+        for key, values in filters.items():
+            messages.append(pb.AttributeFilter(key=key, values=[values] if isinstance(values, str) else list(values)))
+    else:
+        messages.extend(filters)
+    categories = [category] if isinstance(category, str) else list(category)
+    if categories:
+        messages.append(pb.AttributeFilter(key="category", values=categories))
+    return messages
+
+
+_CATALOGUE_KEYS = {"id", "item_id", "title", "categories", "brand", "description", "attributes"}
+
+
+def catalogue_item(value: Mapping[str, Any] | pb.CatalogueItem) -> pb.CatalogueItem:
+    """A CatalogueItem from a mapping ({"id", "title", "categories", "brand", "description", "attributes"},
+    the bundle's items.jsonl row format plus attributes) or a message."""
+    if isinstance(value, pb.CatalogueItem):
+        return value
+    unknown = set(value) - _CATALOGUE_KEYS
+    if unknown:
+        raise ValueError(f"unknown catalogue item fields {sorted(unknown)}; use {sorted(_CATALOGUE_KEYS)}")
+    text = item_text({k: v for k, v in value.items() if k in _ITEM_TEXT_KEYS})
+    return pb.CatalogueItem(item_id=str(value.get("id", value.get("item_id", ""))), text=text,
+                            attributes={str(k): str(v) for k, v in (value.get("attributes") or {}).items()})
+
+
+def _explanation(message: pb.RecommendedItem) -> Explanation | None:
+    if not message.HasField("explanation"):
+        return None
+    reasons = [Reason(kind=pb.Reason.Kind.Name(r.kind).lower(), item_id=r.item_id, text=r.text, weight=r.weight,
+                      similarity=r.similarity) for r in message.explanation.reasons]
+    return Explanation(reasons=reasons, summary=message.explanation.summary)
+
+
 def _recommendations(items: Iterable[pb.RecommendedItem]) -> list[Recommendation]:
-    return [Recommendation(rank=i.rank, item_id=i.item_id, score=i.score, title=i.title) for i in items]
+    return [Recommendation(rank=i.rank, item_id=i.item_id, score=i.score, title=i.title, explanation=_explanation(i))
+            for i in items]
+
+
+def _catalogue_item(message: pb.CatalogueItem, upserted: bool = False,
+                    vector: list[float] | None = None) -> CatalogueItem:
+    text = message.text
+    return CatalogueItem(item_id=message.item_id, title=text.title, categories=list(text.categories),
+                         brand=text.brand, description=text.description, attributes=dict(message.attributes),
+                         upserted=upserted, vector=vector)
 
 
 def _code_name(code: int) -> str:
@@ -200,13 +305,15 @@ class RecommenderClient:
     def build_request(
         history: Sequence[HistoryLike] = (), *, k: int = 10, query: str = "", device: str = "", locale: str = "",
         timestamp: TimestampLike = None, utc_offset_minutes: int = 0, exclude: Iterable[str] = (),
-        exclude_history: bool = False, page_size: int = 0,
+        exclude_history: bool = False, page_size: int = 0, explain: bool = False, filters: FiltersLike = (),
+        category: str | Sequence[str] = (),
     ) -> pb.RecommendRequest:
-        """The RecommendRequest the keyword arguments describe."""
+        """The RecommendRequest the keyword arguments describe (filters and category: attribute_filters)."""
         return pb.RecommendRequest(
             history=[history_item(h) for h in history],
             context=context(query, device, locale, timestamp, utc_offset_minutes),
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history, page_size=page_size,
+            explain=explain, filters=attribute_filters(filters, category),
         )
 
     def recommend(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Recommendations:
@@ -214,7 +321,8 @@ class RecommenderClient:
 
         Args:
             history: catalogue ids and/or item texts, oldest first.
-            **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history.
+            **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history,
+                explain, filters, category.
         """
         request = self.build_request(history, **kwargs)
         response = self._call(self.stub.Recommend, request)
@@ -252,6 +360,44 @@ class RecommenderClient:
 
     def model_info(self) -> pb.GetModelInfoResponse:
         return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    def forget_session(self, session_id: str) -> None:
+        """End a live session and drop its state on the server (NOT_FOUND if no live session has the id)."""
+        self._call(self.stub.ForgetSession, pb.ForgetSessionRequest(session_id=session_id))
+
+    # --- catalogue ---------------------------------------------------------------------------------------
+
+    def upsert_items(self, items: Sequence[Mapping[str, Any] | pb.CatalogueItem]) -> CatalogueChange:
+        """Add or replace items; returns once the change is durable and visible to the next recommend()."""
+        response = self._call(self.stub.UpsertItems, pb.UpsertItemsRequest(items=[catalogue_item(i) for i in items]))
+        return CatalogueChange(response.created, response.replaced, 0, response.item_count, response.index_version)
+
+    def delete_items(self, item_ids: Sequence[str], allow_missing: bool = False) -> CatalogueChange:
+        """Delete items (NOT_FOUND for unknown ids, and nothing deleted, unless allow_missing)."""
+        response = self._call(self.stub.DeleteItems,
+                              pb.DeleteItemsRequest(item_ids=list(item_ids), allow_missing=allow_missing))
+        return CatalogueChange(0, 0, response.deleted, response.item_count, response.index_version)
+
+    def get_item(self, item_id: str, include_vector: bool = False) -> CatalogueItem:
+        response = self._call(self.stub.GetItem, pb.GetItemRequest(item_id=item_id, include_vector=include_vector))
+        vector = list(response.vector.values) if response.HasField("vector") else None
+        return _catalogue_item(response.item, response.upserted, vector)
+
+    def list_items(self, page_size: int = 0, page_token: str = "") -> ItemPage:
+        """One page of the catalogue in item id order (page_size 0 = the server default of 100)."""
+        response = self._call(self.stub.ListItems, pb.ListItemsRequest(page_size=page_size, page_token=page_token))
+        return ItemPage([_catalogue_item(i) for i in response.items], response.next_page_token,
+                        response.total_count)
+
+    def iter_items(self, page_size: int = 1000) -> Iterator[CatalogueItem]:
+        """Every catalogue item, page by page."""
+        token = ""
+        while True:
+            page = self.list_items(page_size, token)
+            yield from page.items
+            token = page.next_page_token
+            if not token:
+                return
 
     def health(self, service: str = "") -> str:
         """The serving status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
@@ -309,6 +455,7 @@ class ClientSession:
         self._responses = stub.Session(iter(self._requests.get, self._END), timeout=timeout_s)
         self._event_ids = itertools.count(1)
         self._closed = False
+        self.session_id = ""  # server-assigned; known after the first answer (pass it to forget_session)
 
     def __enter__(self) -> ClientSession:
         return self
@@ -331,18 +478,22 @@ class ClientSession:
         except StopIteration:
             self._closed = True
             raise RecommenderError(grpc.StatusCode.UNKNOWN, "the server ended the session") from None
+        self.session_id = message.session_id or self.session_id
         return SessionUpdate(
             event_id=message.event_id, code=message.status.code, message=message.status.message,
             items=_recommendations(message.items), history_length=message.history_length,
             model_version=message.model_version, index_version=message.index_version,
+            session_id=message.session_id,
         )
 
     def configure(self, *, k: int = 0, exclude: Iterable[str] = (), exclude_history: bool = False,
-                  history: Sequence[HistoryLike] = ()) -> SessionUpdate:
-        """Set k (0 = server default), exclusions and, when given, the history known so far."""
+                  history: Sequence[HistoryLike] = (), explain: bool = False, filters: FiltersLike = (),
+                  category: str | Sequence[str] = ()) -> SessionUpdate:
+        """Set k (0 = server default), exclusions, filters, explain and, when given, the history known so far."""
         return self.send(pb.SessionRequest(config=pb.SessionConfig(
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history,
-            history=[history_item(h) for h in history],
+            history=[history_item(h) for h in history], explain=explain,
+            filters=attribute_filters(filters, category),
         )))
 
     def interact(self, item: HistoryLike) -> SessionUpdate:

@@ -99,10 +99,18 @@ def render_context(context: RequestContext) -> str:
 def render_user(user: UserText, max_history_items: int = 20) -> str:
     """User text: context first, then history most recent first, so token truncation drops the oldest."""
     recent = list(user.history)[-max_history_items:][::-1] if max_history_items > 0 else []
+    return join_user_text(render_context(user.context), [render_history_item(item) for item in recent])
+
+
+def join_user_text(context_text: str, recent_history_texts: Sequence[str]) -> str:
+    """User text from a rendered context and rendered history items (render_history_item), most recent first.
+
+    render_user is this applied to freshly rendered parts; live sessions keep the parts and call it directly,
+    so one new event costs one rendered item, not a re-render of the whole history.
+    """
     parts = []
-    context = render_context(user.context)
-    if context:
-        parts.append(context)
-    if recent:
-        parts.append("recently: " + "; ".join(render_history_item(item) for item in recent))
+    if context_text:
+        parts.append(context_text)
+    if recent_history_texts:
+        parts.append("recently: " + "; ".join(recent_history_texts))
     return ". ".join(parts)

@@ -20,8 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
+from server import metrics
 from server.bundle import LoadedBundle
-from server.encoding import AsyncEncoder
+from server.catalogue import open_catalogue
+from server.encoding import AsyncEncoder, BatchPolicy
 from server.recommender import Recommender
 from server.servicer import RecommenderServicer
 from server.settings import ServerSettings
@@ -48,6 +50,8 @@ class RecommenderServer:
         self._health: health.aio.HealthServicer | None = None
         self._servicer = RecommenderServicer(settings)
         self._encoder: AsyncEncoder | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING, Recommender UNAVAILABLE). Returns the bound port."""
@@ -73,6 +77,13 @@ class RecommenderServer:
             self.port = server.add_insecure_port(address)
         except RuntimeError as error:  # grpc reports a busy or invalid address this way
             raise OSError(f"cannot listen on {address}: {error}") from error
+        if self.settings.metrics_port is not None:
+            try:
+                self._metrics_http, self.metrics_port = metrics.start_metrics_server(self.settings.host,
+                                                                                     self.settings.metrics_port)
+            except OSError as error:
+                raise OSError(f"cannot serve metrics on port {self.settings.metrics_port}: {error}") from error
+            logger.info("Prometheus metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         await server.start()
         self._server = server
         logger.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.settings.host, self.port)
@@ -90,14 +101,21 @@ class RecommenderServer:
         bundle = await asyncio.to_thread(
             LoadedBundle.load, bundle_dir, prefer_gpu=settings.prefer_gpu,
             intra_op_threads=settings.intra_op_threads, min_ef=settings.max_k, verify_hashes=settings.verify_hashes,
+            spinning=settings.ort_spinning,
         )
         manifest = bundle.manifest
-        self._encoder = AsyncEncoder(bundle.encoder, manifest.max_user_tokens, manifest.max_item_tokens,
-                                     settings.encoder_workers)
+        workers = settings.encoder_workers or (1 if bundle.precision == "fp32" else settings.threads)
+        self._encoder = await asyncio.to_thread(  # may load a second session (the parallel lane): off the loop
+            AsyncEncoder, bundle.encoder, manifest.max_user_tokens, manifest.max_item_tokens, workers,
+            batch_policy(settings))
+        logger.info("encoder: %d workers, %s", workers, "batching across requests" if self._encoder.across_requests
+                    else "one run per text (a request alone on all cores, concurrent ones one core each)")
         widths = await self._encoder.warm_up()
         logger.info("warmed up widths %s", widths)
         limits = Limits(settings.max_k, settings.max_request_history, settings.max_text_chars)
-        self.recommender = Recommender(bundle, self._encoder, limits)
+        catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every)
+        self.recommender = Recommender(bundle, self._encoder, limits, catalogue)
+        metrics.time_calls(self.recommender, "search", metrics.INDEX_SECONDS)
         self._servicer.attach(self.recommender)
         assert self._health is not None
         for service in HEALTH_SERVICES:
@@ -114,13 +132,28 @@ class RecommenderServer:
             logger.info("stopping: %g s grace for in-flight RPCs", grace)
             await self._server.stop(grace)
         self._servicer.attach(None)
+        if self.recommender is not None:  # pending catalogue writes finish, a last snapshot, the lock released
+            await asyncio.to_thread(self.recommender.catalogue.close)
         if self._encoder is not None:
             await asyncio.to_thread(self._encoder.close)
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+            self._metrics_http = None
         logger.info("stopped")
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def batch_policy(settings: ServerSettings) -> BatchPolicy:
+    """The encoder's queueing and batching policy from the settings (server.encoding)."""
+    return BatchPolicy(
+        across_requests=settings.batch_across_requests, max_requests=settings.batch_max_requests,
+        max_tokens=settings.batch_max_tokens, max_delay_s=settings.batch_max_delay_ms / 1e3,
+        max_queue=settings.max_queue,
+    )
 
 
 async def serve(settings: ServerSettings, handle_signals: bool = True) -> None:

@@ -30,7 +30,7 @@ class LoadedBundle:
         items: catalogue text in row order.
         row_of: item id -> row number.
         index: the hnswlib index, loaded (never rebuilt), ef set so that ef >= k for every allowed k.
-        vectors: the index rows (memory-mapped), used only for exact search if HNSW comes back short.
+        vectors: the index rows (memory-mapped); server.catalogue copies them into the live catalogue.
     """
 
     path: Path
@@ -60,6 +60,7 @@ class LoadedBundle:
         *,
         prefer_gpu: bool = True,
         intra_op_threads: int = 0,
+        spinning: str | None = None,
         min_ef: int = 0,
         verify_hashes: bool = True,
     ) -> LoadedBundle:
@@ -69,6 +70,7 @@ class LoadedBundle:
             path: the bundle directory (holding manifest.json).
             prefer_gpu: use CUDA and the FP32 model when available.
             intra_op_threads: ONNX Runtime intra-op threads (0 = cores available).
+            spinning: when idle ONNX Runtime threads busy-wait (llmrec.onnx_encoder.SPINNING; None = its default).
             min_ef: lower bound for the HNSW search ef; pass max_k so that ef >= k always holds.
             verify_hashes: check file hashes against the manifest.
 
@@ -89,7 +91,8 @@ class LoadedBundle:
         # Dynamic INT8 has no fast path on CUDA; FP32 is the GPU model, INT8 the CPU one.
         precision = "fp32" if providers[0] == "CUDAExecutionProvider" else "int8"
         model_file = mf.MODEL_FP32_FILE if precision == "fp32" else mf.MODEL_INT8_FILE
-        encoder = OnnxEncoder(path / model_file, path / mf.TOKENIZER_FILE, providers, intra_op_threads)
+        encoder = OnnxEncoder(path / model_file, path / mf.TOKENIZER_FILE, providers, intra_op_threads,
+                              spinning=spinning)
         if encoder.dimension != manifest.dimension:
             raise mf.BundleError(f"bundle {path}: encoder outputs {encoder.dimension} dims, manifest says "
                                  f"{manifest.dimension}")

@@ -13,6 +13,7 @@ import typer
 from llmrec.manifest import BundleError
 
 from server.settings import MIB, ServerSettings
+from server.state import StateError
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -47,6 +48,35 @@ def main(
         = 300.0,
     log_level: Annotated[str, typer.Option(
         envvar="LLMREC_LOG_LEVEL", help="debug, info, warning or error.")] = "info",
+    state_dir: Annotated[Path | None, typer.Option(
+        envvar="LLMREC_STATE_DIR", help="Directory for durable catalogue changes (journal + snapshots, one "
+        "subdirectory per bundle version); without it UpsertItems/DeleteItems are refused.")] = None,
+    snapshot_every: Annotated[int, typer.Option(
+        envvar="LLMREC_SNAPSHOT_EVERY", help="Catalogue changes between snapshots of the state.")] = 1000,
+    max_sessions: Annotated[int, typer.Option(
+        envvar="LLMREC_MAX_SESSIONS", help="Live Session streams at once (more: RESOURCE_EXHAUSTED).")] = 1000,
+    encoder_workers: Annotated[int, typer.Option(
+        envvar="LLMREC_ENCODER_WORKERS", help="Threads running inference; 0 = one per core on CPU, 1 on CUDA.")]
+        = 0,
+    ort_spinning: Annotated[str, typer.Option(
+        envvar="LLMREC_ORT_SPINNING", help="When idle ONNX Runtime threads busy-wait: during-runs (within a run "
+        "only), always (ONNX Runtime's default; takes cores from gRPC on small CPUs) or never.")] = "during-runs",
+    max_queue: Annotated[int, typer.Option(
+        envvar="LLMREC_MAX_QUEUE", help="Requests that may wait for the encoder (more: RESOURCE_EXHAUSTED).")]
+        = 128,
+    batch_max_requests: Annotated[int, typer.Option(
+        envvar="LLMREC_BATCH_MAX_REQUESTS", help="Requests per encoder micro-batch at most.")] = 32,
+    batch_max_tokens: Annotated[int, typer.Option(
+        envvar="LLMREC_BATCH_MAX_TOKENS", help="Padded tokens per inference run when batching across requests.")]
+        = 4096,
+    batch_max_delay_ms: Annotated[float, typer.Option(
+        envvar="LLMREC_BATCH_MAX_DELAY_MS", help="Wait for more requests when batching across requests.")] = 2.0,
+    batch_across_requests: Annotated[bool | None, typer.Option(
+        "--batch-across-requests/--no-batch-across-requests", envvar="LLMREC_BATCH_ACROSS_REQUESTS",
+        help="Run several requests' texts in one inference run. Default: on CUDA only (on CPU, dynamic INT8 "
+        "would make a user's result depend on other traffic).", show_default=False)] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        envvar="LLMREC_METRICS_PORT", help="Serve Prometheus metrics on this port (0 = any free port).")] = None,
 ) -> None:
     """Serve a model bundle over gRPC (llmrec.v1.Recommender, health checking and reflection)."""
     level = logging.getLevelName(log_level.upper())
@@ -65,6 +95,11 @@ def main(
             max_text_chars=max_text_chars, intra_op_threads=intra_op_threads, prefer_gpu=prefer_gpu,
             grace_seconds=grace_seconds, max_message_bytes=max_message_mib * MIB,
             max_concurrent_rpcs=max_concurrent_rpcs, session_idle_timeout_s=session_idle_timeout,
+            state_dir=state_dir, snapshot_every=snapshot_every, max_sessions=max_sessions,
+            encoder_workers=encoder_workers, ort_spinning=ort_spinning, max_queue=max_queue,
+            batch_max_requests=batch_max_requests, batch_max_tokens=batch_max_tokens,
+            batch_max_delay_ms=batch_max_delay_ms, batch_across_requests=batch_across_requests,
+            metrics_port=metrics_port,
         )
         settings.resolve_bundle_dir()  # fail before binding when there is nothing to serve
     except (ValueError, BundleError) as error:
@@ -76,6 +111,8 @@ def main(
         asyncio.run(serve(settings))
     except BundleError as error:
         _fail(f"cannot serve the bundle: {error}")
+    except StateError as error:
+        _fail(f"cannot use the state directory: {error}")
     except OSError as error:
         _fail(str(error))
 

@@ -9,7 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmrec.template import ItemFields, RequestContext
 from llmrec.v1 import recommender_pb2 as pb
 
-from server.domain import HistoryRef, RecommendQuery, ScoredItem, UserInput
+from server.domain import (
+    AttributeFilter, CatalogueItem, Explanation, HistoryRef, RecommendQuery, ScoredItem, UserInput,
+)
 from server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent, SessionEvent
 
 
@@ -61,7 +63,13 @@ def recommend_query(request: pb.RecommendRequest) -> RecommendQuery:
         k=request.k,
         exclude_item_ids=frozenset(request.exclude_item_ids),
         exclude_history=request.exclude_history,
+        explain=request.explain,
+        filters=filters(request.filters),
     )
+
+
+def filters(messages: Iterable[pb.AttributeFilter]) -> tuple[AttributeFilter, ...]:
+    return tuple(AttributeFilter(key=f.key, values=tuple(f.values)) for f in messages)
 
 
 def session_event(request: pb.SessionRequest) -> SessionEvent | None:
@@ -72,6 +80,7 @@ def session_event(request: pb.SessionRequest) -> SessionEvent | None:
         return SessionConfigEvent(
             k=config.k, exclude_item_ids=frozenset(config.exclude_item_ids),
             exclude_history=config.exclude_history, history=history(config.history),
+            explain=config.explain, filters=filters(config.filters),
         )
     if which == "interaction":
         return InteractionEvent(history_ref(request.interaction))
@@ -83,4 +92,34 @@ def session_event(request: pb.SessionRequest) -> SessionEvent | None:
 
 
 def recommended_items(items: Iterable[ScoredItem]) -> list[pb.RecommendedItem]:
-    return [pb.RecommendedItem(item_id=i.item_id, score=i.score, title=i.title, rank=i.rank) for i in items]
+    return [pb.RecommendedItem(item_id=i.item_id, score=i.score, title=i.title, rank=i.rank,
+                               explanation=explanation(i.explanation))
+            for i in items]
+
+
+_REASON_KINDS = {"history": pb.Reason.HISTORY_ITEM, "query_term": pb.Reason.QUERY_TERM}
+
+
+def explanation(value: Explanation | None) -> pb.Explanation | None:
+    if value is None:
+        return None
+    return pb.Explanation(
+        reasons=[pb.Reason(kind=_REASON_KINDS[r.kind], item_id=r.item_id, text=r.text, weight=r.weight,
+                           similarity=r.similarity) for r in value.reasons],
+        summary=value.summary,
+    )
+
+
+def catalogue_item(message: pb.CatalogueItem) -> CatalogueItem:
+    return CatalogueItem(item_id=message.item_id, fields=item_fields(message.text),
+                         attributes=tuple(sorted(message.attributes.items())))
+
+
+def catalogue_item_message(item: CatalogueItem) -> pb.CatalogueItem:
+    fields = item.fields
+    return pb.CatalogueItem(
+        item_id=item.item_id,
+        text=pb.ItemText(title=fields.title, categories=list(fields.categories), brand=fields.brand,
+                         description=fields.description),
+        attributes=dict(item.attributes),
+    )

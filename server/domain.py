@@ -24,6 +24,17 @@ class UserInput:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttributeFilter:
+    """Keep items whose attribute `key` has one of `values`; compared casefolded and stripped.
+
+    Key "category" also matches the item's ItemText categories.
+    """
+
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class RecommendQuery:
     """A ranking request.
 
@@ -32,12 +43,16 @@ class RecommendQuery:
         k: how many items to return (1..max_k).
         exclude_item_ids: catalogue ids never to return (unknown ids are ignored).
         exclude_history: also never return catalogued items from the history.
+        explain: attach an Explanation to every returned item.
+        filters: only items that pass every filter.
     """
 
     user: UserInput
     k: int
     exclude_item_ids: frozenset[str] = frozenset()
     exclude_history: bool = False
+    explain: bool = False
+    filters: tuple[AttributeFilter, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,3 +63,50 @@ class ScoredItem:
     score: float
     title: str
     rank: int
+    explanation: Explanation | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reason:
+    """One source of the user text and its share of a recommended item's explanation.
+
+    Attributes:
+        kind: "history" (an item the model read) or "query_term" (a word of the query).
+        item_id: the catalogue id of a history item ("" for one given as text, and for terms).
+        text: the history item's title, or the term.
+        weight: share among all sources (they sum to 1 over every source, shown or not).
+        similarity: cosine of the recommended item's vector with the source's vector.
+    """
+
+    kind: str
+    item_id: str
+    text: str
+    weight: float
+    similarity: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    reasons: tuple[Reason, ...]
+    summary: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogueItem:
+    """A live catalogue item: text the model reads, attributes filters match, and where it came from."""
+
+    item_id: str
+    fields: ItemFields
+    attributes: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
+    upserted: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteResult:
+    """The outcome of one catalogue change, as of the moment it was applied."""
+
+    created: int = 0
+    replaced: int = 0
+    deleted: int = 0
+    item_count: int = 0
+    index_version: str = ""

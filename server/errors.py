@@ -36,12 +36,27 @@ class DeadlineExceeded(ServiceError):
     """Something took too long, e.g. a Session that stayed idle past the idle timeout."""
 
 
+class ResourceExhausted(ServiceError):
+    """A server-wide limit is reached (e.g. the most live sessions); retrying later may succeed."""
+
+
+class FailedPrecondition(ServiceError):
+    """The server is not set up for this request (e.g. catalogue changes without a state directory)."""
+
+
+class Aborted(ServiceError):
+    """The operation was ended by another one, e.g. a Session dropped by ForgetSession."""
+
+
 # The one mapping from domain errors to gRPC codes. Subclasses map through their nearest listed base.
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Aborted: grpc.StatusCode.ABORTED,
 }
 
 

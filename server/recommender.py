@@ -5,6 +5,7 @@ No gRPC here: inputs and outputs are server.domain types, failures are server.er
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -12,31 +13,38 @@ import numpy as np
 
 from llmrec.template import ItemFields, UserText, render_item, render_user
 
+from server import explain as explaining
 from server import validation
 from server.bundle import LoadedBundle
-from server.domain import HistoryRef, RecommendQuery, ScoredItem, UserInput
+from server.catalogue import Catalogue, ResolvedItem
+from server.domain import (
+    AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, ScoredItem, UserInput, WriteResult,
+)
 from server.encoding import AsyncEncoder
-from server.errors import InvalidArgument, NotFound
+from server.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-_MAX_IDS_IN_MESSAGE = 5
+_TEXT_CACHE_LIMIT = 256
 
 
 class Recommender:
-    """Ranks catalogue items for a user with one bundle's encoder and index.
+    """Ranks catalogue items for a user with one bundle's encoder and the live catalogue.
 
     Args:
         bundle: the loaded bundle.
         encoder: the async encoder running the bundle's model.
         limits: request limits to enforce.
+        catalogue: the live catalogue over the bundle's index (one is made from the bundle when None).
     """
 
-    def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits) -> None:
+    def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
+                 catalogue: Catalogue | None = None) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
-        self._max_history_items = bundle.manifest.max_history_items
+        self.catalogue = catalogue if catalogue is not None else Catalogue(bundle)
+        self.max_history_items = bundle.manifest.max_history_items
 
     @property
     def model_version(self) -> str:
@@ -44,33 +52,23 @@ class Recommender:
 
     @property
     def index_version(self) -> str:
-        return self.bundle.index_version
+        return self.catalogue.index_version
 
     # --- users -------------------------------------------------------------------------------------------
 
-    def resolve_history(self, history: Iterable[HistoryRef]) -> list[ItemFields]:
-        """Catalogue ids and raw texts -> ItemFields, in order.
+    def resolve(self, history: Sequence[HistoryRef], with_window_vectors: bool = False) -> list[ResolvedItem]:
+        """Catalogue ids and raw texts -> ResolvedItem, in order; with_window_vectors also copies the catalogue
+        vectors of the entries the model reads (the most recent max_history_items), for explanations.
 
         Raises:
             NotFound: some ids are not in the catalogue (the message names them).
         """
-        resolved: list[ItemFields] = []
-        unknown: list[str] = []
-        for ref in history:
-            if ref.text is not None:
-                resolved.append(ref.text)
-                continue
-            row = self.bundle.row_of.get(ref.item_id or "")
-            if row is None:
-                unknown.append(ref.item_id or "")
-            else:
-                resolved.append(self.bundle.items[row])
-        if unknown:
-            shown = ", ".join(repr(i) for i in unknown[:_MAX_IDS_IN_MESSAGE])
-            more = f" and {len(unknown) - _MAX_IDS_IN_MESSAGE} more" if len(unknown) > _MAX_IDS_IN_MESSAGE else ""
-            noun = "item id" if len(unknown) == 1 else "item ids"
-            raise NotFound(f"unknown {noun} {shown}{more}: not in the catalogue of model {self.model_version}")
-        return resolved
+        start = len(history) - max(self.max_history_items, 0) if with_window_vectors else None
+        return self.catalogue.resolve(history, vectors_from=start)
+
+    def resolve_history(self, history: Iterable[HistoryRef]) -> list[ItemFields]:
+        """Catalogue ids and raw texts -> ItemFields, in order. Raises NotFound for unknown ids."""
+        return [entry.fields for entry in self.catalogue.resolve(history)]
 
     def check_user(self, user: UserInput, field_prefix: str = "") -> None:
         """Everything that can be wrong with a user input, without encoding it (validation and unknown ids)."""
@@ -80,63 +78,119 @@ class Recommender:
     def render(self, user: UserInput) -> str:
         """The model input text for a user, by the shared template (llmrec.template)."""
         history = self.resolve_history(user.history)
-        return render_user(UserText(history=history, context=user.context), self._max_history_items)
+        return render_user(UserText(history=history, context=user.context), self.max_history_items)
+
+    async def encode_user(self, text: str) -> np.ndarray:
+        """One rendered user text -> its unit vector."""
+        return (await self.encoder.encode_users([text]))[0]
 
     # --- ranking -----------------------------------------------------------------------------------------
 
     async def recommend(self, query: RecommendQuery) -> list[ScoredItem]:
-        """The top query.k items for a user, exclusions applied inside the search.
+        """The top query.k items for a user, exclusions and filters applied inside the search.
 
         Raises:
             InvalidArgument: the query breaks a limit or has neither history nor query text.
             NotFound: the history names an unknown item id.
         """
         validation.check_query(query, self.limits)
-        text = self.render(query.user)
-        user_vector = (await self.encoder.encode_users([text]))[0]
-        return self.search(user_vector, query.k, self.excluded_rows(query))
+        resolved = self.resolve(query.user.history, with_window_vectors=query.explain)
+        text = render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
+        user_vector = await self.encode_user(text)
+        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters)
+        if query.explain:
+            items = await self.explain(items, self.window(resolved), query.user.context.query)
+        return items
 
-    def excluded_rows(self, query: RecommendQuery) -> set[int]:
-        """Index labels that must not come back: explicit exclusions, and catalogued history if asked."""
-        ids = set(query.exclude_item_ids)
-        if query.exclude_history:
-            ids.update(ref.item_id for ref in query.user.history if ref.item_id is not None)
-        row_of = self.bundle.row_of
-        return {row_of[i] for i in ids if i in row_of}
+    def window(self, resolved: Sequence[ResolvedItem]) -> list[ResolvedItem]:
+        """The history entries the model reads: the most recent max_history_items."""
+        return list(resolved[-self.max_history_items:]) if self.max_history_items > 0 else []
 
-    def search(self, user_vector: np.ndarray, k: int, excluded_rows: set[int]) -> list[ScoredItem]:
+    @staticmethod
+    def excluded_ids(query: RecommendQuery) -> frozenset[str]:
+        """Ids that must not come back: explicit exclusions, and catalogued history if asked."""
+        if not query.exclude_history:
+            return query.exclude_item_ids
+        return query.exclude_item_ids | {ref.item_id for ref in query.user.history if ref.item_id is not None}
+
+    def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
+               filters: Sequence[AttributeFilter] = ()) -> list[ScoredItem]:
         """Top-k items by inner product of [user_vector, 1.0] with the rows [item_vector, item_bias].
 
-        Fewer than k come back only when exclusions leave fewer than k items in the catalogue.
+        Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
-        k = min(k, len(self.bundle.item_ids) - len(excluded_rows))
-        if k <= 0:
-            return []
-        query = np.append(np.asarray(user_vector, dtype=np.float32), np.float32(1.0))[None, :]
-        # The filter runs inside the HNSW walk, so excluded items never take result slots and k still come back.
-        allowed = (lambda label: label not in excluded_rows) if excluded_rows else None
-        try:
-            labels, distances = self.bundle.index.knn_query(query, k=k, num_threads=1, filter=allowed)
-            rows = labels[0].tolist()
-            scores = (1.0 - distances[0]).tolist()  # hnswlib "ip" distance is 1 - inner product
-        except RuntimeError:
-            # hnswlib raises when the graph walk finds fewer than k allowed items (possible under heavy
-            # filtering); an exact scan over the index rows is slower but always complete.
-            logger.warning("HNSW search returned fewer than %d items; falling back to exact search", k)
-            rows, scores = self._exact_search(query[0], k, excluded_rows)
-        return [
-            ScoredItem(item_id=self.bundle.item_ids[row], score=float(score),
-                       title=self.bundle.items[row].title, rank=rank)
-            for rank, (row, score) in enumerate(zip(rows, scores), 1)
-        ]
+        return self.catalogue.search(user_vector, k, exclude_ids, filters)
 
-    def _exact_search(self, query: np.ndarray, k: int, excluded_rows: set[int]) -> tuple[list[int], list[float]]:
-        scores = np.asarray(self.bundle.vectors, dtype=np.float32) @ query
-        if excluded_rows:
-            scores[list(excluded_rows)] = -np.inf
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return top.tolist(), scores[top].tolist()
+    async def explain(self, items: list[ScoredItem], window: Sequence[ResolvedItem], query: str,
+                      text_cache: dict[str, np.ndarray] | None = None) -> list[ScoredItem]:
+        """The items with an Explanation each (server.explain): their similarity to each distinct history item
+        the model read and to the query.
+
+        Args:
+            items: the ranking to explain.
+            window: the history entries the model read, oldest first (catalogue vectors set where known).
+            query: the context query ("" for none).
+            text_cache: rendered text -> item-tower vector, kept by a session across events.
+        """
+        if not items:
+            return items
+        history: list[tuple[str, str]] = []
+        history_vectors: list[np.ndarray | None] = []
+        history_texts: list[str | None] = []
+        seen: set[object] = set()
+        for entry in reversed(list(window)):  # most recent first
+            key = entry.item_id if entry.item_id is not None else ("text", entry.fields)
+            if key in seen:
+                continue
+            seen.add(key)
+            history.append((entry.item_id or "", entry.fields.title))
+            history_vectors.append(entry.vector)
+            history_texts.append(None if entry.vector is not None else render_item(entry.fields))
+        terms = explaining.query_terms(query) if query.strip() else []
+        query_texts = [render_item(ItemFields(title=query)), *(render_item(ItemFields(title=t)) for t in terms)] \
+            if terms else []
+        encoded = await self._encode_item_texts([t for t in history_texts if t is not None] + query_texts,
+                                                text_cache)
+        history_matrix = np.zeros((len(history), self.catalogue.dimension), dtype=np.float32)
+        for row, (vector, text) in enumerate(zip(history_vectors, history_texts)):
+            history_matrix[row] = vector if vector is not None else encoded[text]
+        query_vector = encoded[query_texts[0]] if terms else None
+        term_vectors = np.array([encoded[t] for t in query_texts[1:]], dtype=np.float32) if terms else None
+        item_vectors = self.catalogue.unit_vectors([item.item_id for item in items])
+        explanations = explaining.explain(item_vectors, history, history_matrix, query, query_vector, terms,
+                                          term_vectors)
+        return [dataclasses.replace(item, explanation=e) for item, e in zip(items, explanations)]
+
+    async def _encode_item_texts(self, texts: Sequence[str],
+                                 cache: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        cache = {} if cache is None else cache
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            if len(cache) + len(missing) > _TEXT_CACHE_LIMIT:
+                cache.clear()
+            for text, vector in zip(missing, await self.encoder.encode_items(missing)):
+                cache[text] = vector
+        return {t: cache[t] for t in texts}
+
+    # --- catalogue changes -------------------------------------------------------------------------------
+
+    async def upsert_items(self, items: Sequence[CatalogueItem]) -> WriteResult:
+        """Validate, encode (text only) and durably add or replace items.
+
+        Raises:
+            InvalidArgument: a bad item or batch; FailedPrecondition: no state directory; Unavailable: storage.
+        """
+        validation.check_catalogue_items(items, self.limits)
+        self.catalogue.check_writable()
+        vectors = await self.encoder.encode_items([render_item(item.fields) for item in items])
+        rows = np.stack([self.catalogue.row_for(vector) for vector in vectors])
+        return await self.catalogue.upsert(items, rows)
+
+    async def delete_items(self, item_ids: Sequence[str], allow_missing: bool) -> WriteResult:
+        """Durably delete items. Raises NotFound for unknown ids unless allow_missing."""
+        validation.check_item_ids(item_ids, self.limits)
+        self.catalogue.check_writable()
+        return await self.catalogue.delete(item_ids, allow_missing)
 
     # --- embeddings --------------------------------------------------------------------------------------
 

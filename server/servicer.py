@@ -3,12 +3,11 @@
 Versions reported in every response:
     model_version = manifest.bundle_version (the encoder and everything else in the bundle).
     index_version = "<bundle_version>:<item_count>" (the index is built with the bundle; the count shows
-    catalogue size at a glance).
+    catalogue size at a glance), plus ":r<revision>" once UpsertItems/DeleteItems have changed the catalogue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -19,12 +18,13 @@ import grpc
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
-from server import convert
-from server.errors import DeadlineExceeded, Unavailable, abort_with, code_number, status_for
+from server import convert, metrics
+from server.encoding import set_request_deadline
+from server.errors import Unavailable, abort_with, code_number, status_for
 from server.recommender import Recommender
-from server.session import Session
+from server.session import SessionRegistry
 from server.settings import ServerSettings
-from server.validation import check_page_size
+from server.validation import check_item_id, check_list_page_size, check_page_size
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def _unary(method: Callable) -> Callable:
     async def wrapper(self, request, context):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        set_request_deadline(context.time_remaining())  # the encoder drops work whose caller gave up
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
@@ -45,7 +46,9 @@ def _unary(method: Callable) -> Callable:
             await abort_with(context, error, method.__name__)
         finally:
             # Never the request itself: histories and queries are personal data.
-            logger.debug("%s %s in %.1f ms", method.__name__, code.name, (time.perf_counter() - started) * 1e3)
+            elapsed = time.perf_counter() - started
+            metrics.observe_rpc(method.__name__, code.name, elapsed)
+            logger.debug("%s %s in %.1f ms", method.__name__, code.name, elapsed * 1e3)
 
     return wrapper
 
@@ -57,6 +60,7 @@ def _streaming(method: Callable) -> Callable:
     async def wrapper(self, request, context):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        set_request_deadline(context.time_remaining())
         try:
             async for response in method(self, request, context):
                 yield response
@@ -66,7 +70,9 @@ def _streaming(method: Callable) -> Callable:
             code, _ = status_for(error, method.__name__)
             await abort_with(context, error, method.__name__)
         finally:
-            logger.debug("%s %s after %.1f ms", method.__name__, code.name, (time.perf_counter() - started) * 1e3)
+            elapsed = time.perf_counter() - started
+            metrics.observe_rpc(method.__name__, code.name, elapsed)
+            logger.debug("%s %s after %.1f ms", method.__name__, code.name, elapsed * 1e3)
 
     return wrapper
 
@@ -81,6 +87,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self._recommender: Recommender | None = None
+        self.sessions = SessionRegistry(settings.max_sessions)
 
     def attach(self, recommender: Recommender | None) -> None:
         """Start (or, with None, stop) answering with this recommender."""
@@ -120,17 +127,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @_streaming
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
         recommender = self._ready()
-        session = Session(recommender, self.settings.default_session_k)
-        requests = aiter(request_iterator)
-        idle = self.settings.session_idle_timeout_s
-        while True:
-            try:
-                request = await asyncio.wait_for(anext(requests), idle)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise DeadlineExceeded(f"session closed after {idle:g} s without an event") from None
-            yield await self._session_step(session, recommender, request)
+        session = self.sessions.open(recommender, self.settings.default_session_k)  # RESOURCE_EXHAUSTED if full
+        try:
+            requests = aiter(request_iterator)
+            while (request := await session.next_request(requests, self.settings.session_idle_timeout_s)) is not None:
+                yield await self._session_step(session, recommender, request)
+        finally:
+            self.sessions.close(session)  # idle timeout, half-close, ForgetSession or cancel: the state goes
 
     async def _session_step(self, session: Session, recommender: Recommender, request) -> pb.SessionResponse:
         """One event -> one response. A bad event is answered with its status; the stream stays open."""
@@ -138,6 +141,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             event_id=request.event_id,
             model_version=recommender.model_version,
             index_version=recommender.index_version,
+            session_id=session.id,
         )
         try:
             update = await session.handle(convert.session_event(request))
@@ -145,7 +149,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             code, message = status_for(error, "Session event")
             response.status.code = code_number(code)
             response.status.message = message
-            response.history_length = len(session.state.history)
+            response.history_length = session.state.history_length
             return response
         response.status.code = 0
         response.status.message = update.message
@@ -176,7 +180,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             template_version=manifest.template_version,
             base_model=manifest.base_model,
             dimension=manifest.dimension,
-            item_count=len(bundle.item_ids),
+            item_count=recommender.catalogue.count,
             execution_provider=bundle.encoder.provider,
             model_precision=bundle.precision,
             max_k=recommender.limits.max_k,
@@ -184,3 +188,38 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_text_chars=recommender.limits.max_text_chars,
             created_at=manifest.created_at,
         )
+
+    @_unary
+    async def ForgetSession(self, request: pb.ForgetSessionRequest, context) -> pb.ForgetSessionResponse:
+        self.sessions.forget(request.session_id)
+        return pb.ForgetSessionResponse()
+
+    # --- catalogue -----------------------------------------------------------------------------------------
+
+    @_unary
+    async def UpsertItems(self, request: pb.UpsertItemsRequest, context) -> pb.UpsertItemsResponse:
+        result = await self._ready().upsert_items([convert.catalogue_item(item) for item in request.items])
+        return pb.UpsertItemsResponse(created=result.created, replaced=result.replaced,
+                                      item_count=result.item_count, index_version=result.index_version)
+
+    @_unary
+    async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.DeleteItemsResponse:
+        result = await self._ready().delete_items(list(request.item_ids), request.allow_missing)
+        return pb.DeleteItemsResponse(deleted=result.deleted, item_count=result.item_count,
+                                      index_version=result.index_version)
+
+    @_unary
+    async def GetItem(self, request: pb.GetItemRequest, context) -> pb.GetItemResponse:
+        recommender = self._ready()
+        check_item_id(request.item_id, "item_id", recommender.limits)
+        item, row = recommender.catalogue.get(request.item_id, include_vector=request.include_vector)
+        return pb.GetItemResponse(item=convert.catalogue_item_message(item), upserted=item.upserted,
+                                  vector=pb.Vector(values=row.tolist()) if row is not None else None)
+
+    @_unary
+    async def ListItems(self, request: pb.ListItemsRequest, context) -> pb.ListItemsResponse:
+        recommender = self._ready()
+        page_size = check_list_page_size(request.page_size, recommender.limits)
+        items, next_token, total = recommender.catalogue.list_page(page_size, request.page_token)
+        return pb.ListItemsResponse(items=[convert.catalogue_item_message(i) for i in items],
+                                    next_page_token=next_token, total_count=total)

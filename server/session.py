@@ -1,25 +1,42 @@
-"""A live recommendation session: state that events update, and a fresh ranking after each event.
+"""Live recommendation sessions: state that events update, a fresh ranking after each event, and the registry.
 
 Semantics (documented for callers in the proto comments and here):
-- config: sets k (0 = the server default), exclusions and exclude_history; a non-empty config.history
-  replaces the session history, an empty one keeps it.
+- config: sets k (0 = the server default), exclusions, exclude_history, filters and explain; a non-empty
+  config.history replaces the session history, an empty one keeps it.
 - interaction: appends one item to the history. The session keeps the most recent max_request_history
   items; older ones fall off (the model only reads the most recent few anyway).
 - context: replaces the whole context, its query included.
 - query: replaces only the query ("" clears it).
 An event that fails (unknown id, bad k, oversized text, or an internal error) leaves the state as it was.
+
+Cost per event is bounded whatever the history length: the state keeps the resolved and rendered window
+the model reads (the most recent max_history_items entries), the ids of the bounded history (for
+exclude_history), and the last user text with its vector. An interaction resolves and renders one item and
+the user text is joined from the kept parts (llmrec.template.join_user_text, so it is exactly what
+render_user gives); an event that leaves the text unchanged (k, exclusions, filters, explain) reuses the
+cached vector and costs no inference. Catalogue items keep the text they had when they entered the window.
+
+Lifetime: a session lives as long as its Session stream. It ends when the client half-closes, after
+session_idle_timeout_s without an event (DEADLINE_EXCEEDED), or by ForgetSession(session_id) (ABORTED), and
+its state is dropped then; nothing of it is written anywhere. The registry caps live sessions server-wide
+(RESOURCE_EXHAUSTED when full).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import secrets
+from collections.abc import AsyncIterator
 
-from llmrec.template import RequestContext
+import numpy as np
+
+from llmrec.template import RequestContext, join_user_text, render_context, render_history_item
 
 from server import validation
-from server.domain import HistoryRef, RecommendQuery, ScoredItem, UserInput
-from server.errors import InvalidArgument
-from server.recommender import Recommender
+from server.catalogue import ResolvedItem
+from server.domain import AttributeFilter, HistoryRef, ScoredItem
+from server.errors import Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 
 NOTHING_YET_MESSAGE = "nothing to recommend from yet: send an interaction or a query"
 
@@ -30,6 +47,8 @@ class SessionConfigEvent:
     exclude_item_ids: frozenset[str] = frozenset()
     exclude_history: bool = False
     history: tuple[HistoryRef, ...] = ()
+    explain: bool = False
+    filters: tuple[AttributeFilter, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,26 +70,56 @@ SessionEvent = SessionConfigEvent | InteractionEvent | ContextEvent | QueryEvent
 
 
 @dataclasses.dataclass(frozen=True)
+class WindowEntry:
+    """One history entry the model reads: resolved once, rendered once."""
+
+    resolved: ResolvedItem
+    rendered: str  # llmrec.template.render_history_item(resolved.fields)
+
+    @classmethod
+    def of(cls, resolved: ResolvedItem) -> WindowEntry:
+        return cls(resolved, render_history_item(resolved.fields))
+
+
+@dataclasses.dataclass(frozen=True)
 class SessionState:
-    """Everything a session remembers. Immutable: an event yields a new state, committed only if valid."""
+    """Everything a session remembers. Immutable: an event yields a new state, committed only if valid.
+
+    Attributes:
+        k: items per answer.
+        history_ids: the catalogue id of every kept history entry (None for items given as text), oldest
+            first, at most max_request_history.
+        window: the most recent max_history_items entries, resolved and rendered.
+        context: the current context; context_text is its rendering.
+    """
 
     k: int
-    history: tuple[HistoryRef, ...] = ()
+    history_ids: tuple[str | None, ...] = ()
+    window: tuple[WindowEntry, ...] = ()
     context: RequestContext = RequestContext()
+    context_text: str = ""
     exclude_item_ids: frozenset[str] = frozenset()
     exclude_history: bool = False
+    explain: bool = False
+    filters: tuple[AttributeFilter, ...] = ()
+
+    @property
+    def history_length(self) -> int:
+        return len(self.history_ids)
 
     @property
     def has_content(self) -> bool:
-        return bool(self.history) or bool(self.context.query.strip())
+        return bool(self.history_ids) or bool(self.context.query.strip())
 
-    def to_query(self) -> RecommendQuery:
-        return RecommendQuery(
-            user=UserInput(history=self.history, context=self.context),
-            k=self.k,
-            exclude_item_ids=self.exclude_item_ids,
-            exclude_history=self.exclude_history,
-        )
+    @property
+    def user_text(self) -> str:
+        """The model input, exactly as llmrec.template.render_user renders this history and context."""
+        return join_user_text(self.context_text, [entry.rendered for entry in reversed(self.window)])
+
+    def excluded_ids(self) -> frozenset[str]:
+        if not self.exclude_history:
+            return self.exclude_item_ids
+        return self.exclude_item_ids | {i for i in self.history_ids if i is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +135,23 @@ class Session:
     """One client's session against a recommender.
 
     Args:
-        recommender: the core that ranks.
+        recommender: the core that resolves, encodes, ranks and explains (server.recommender.Recommender).
         default_k: k until a config event sets one.
+        session_id: the server-assigned id (SessionResponse.session_id).
     """
 
-    def __init__(self, recommender: Recommender, default_k: int) -> None:
+    def __init__(self, recommender, default_k: int, session_id: str = "") -> None:
         self.recommender = recommender
         self.default_k = default_k
+        self.id = session_id
         self.state = SessionState(k=default_k)
+        self.encodes = 0  # user-text inferences so far: at most one per event, none when the text is unchanged
+        self.forgotten = False
+        self._ended = asyncio.Event()
+        self._ended_waiter: asyncio.Future | None = None
+        self._cached_text: str | None = None
+        self._cached_vector: np.ndarray | None = None
+        self._text_vectors: dict[str, np.ndarray] = {}  # item-tower vectors for explanations
 
     def apply(self, event: SessionEvent) -> SessionState:
         """The state after `event`, checked; self.state is not touched.
@@ -101,30 +159,38 @@ class Session:
         Raises:
             InvalidArgument, NotFound: the event is bad; the session state stays as it was.
         """
-        limits = self.recommender.limits
+        recommender = self.recommender
+        limits = recommender.limits
         state = self.state
+        window_size = max(recommender.max_history_items, 0)
         if isinstance(event, SessionConfigEvent):
             k = event.k or self.default_k
             validation.check_k(k, limits, "config.k")
-            for item_id in event.exclude_item_ids:
-                validation.check_text(item_id, "config.exclude_item_ids[]", limits)
+            validation.check_exclusions(event.exclude_item_ids, limits, "config.exclude_item_ids")
+            validation.check_filters(event.filters, limits, "config.filters")
             validation.check_history(event.history, limits, "config.history")
-            self.recommender.resolve_history(event.history)
             state = dataclasses.replace(
                 state, k=k, exclude_item_ids=event.exclude_item_ids, exclude_history=event.exclude_history,
-                history=event.history or state.history,
+                explain=event.explain, filters=event.filters,
             )
+            if event.history:
+                resolved = recommender.resolve(event.history, with_window_vectors=True)
+                window = tuple(WindowEntry.of(r) for r in resolved[len(resolved) - window_size:]) \
+                    if window_size else ()
+                state = dataclasses.replace(state, history_ids=tuple(r.item_id for r in resolved), window=window)
         elif isinstance(event, InteractionEvent):
             validation.check_history_ref(event.item, "interaction", limits)
-            self.recommender.resolve_history([event.item])
-            history = (*state.history, event.item)[-limits.max_request_history:]
-            state = dataclasses.replace(state, history=history)
+            (resolved,) = recommender.resolve([event.item], with_window_vectors=True)
+            history_ids = (*state.history_ids, resolved.item_id)[-limits.max_request_history:]
+            window = (*state.window, WindowEntry.of(resolved))[-window_size:] if window_size else ()
+            state = dataclasses.replace(state, history_ids=history_ids, window=window)
         elif isinstance(event, ContextEvent):
             validation.check_context(event.context, limits)
-            state = dataclasses.replace(state, context=event.context)
+            state = dataclasses.replace(state, context=event.context, context_text=render_context(event.context))
         elif isinstance(event, QueryEvent):
             validation.check_text(event.query, "query", limits)
-            state = dataclasses.replace(state, context=dataclasses.replace(state.context, query=event.query))
+            context = dataclasses.replace(state.context, query=event.query)
+            state = dataclasses.replace(state, context=context, context_text=render_context(context))
         else:
             raise InvalidArgument("the event sets none of config, interaction, context and query")
         return state
@@ -134,11 +200,112 @@ class Session:
 
         Raises:
             InvalidArgument, NotFound: the event is bad. On any error the session state stays as it was.
+            Aborted: the session was forgotten meanwhile.
         """
+        self._check_live()
         state = self.apply(event)
         if not state.has_content:
             self.state = state
-            return SessionUpdate(items=[], history_length=0, message=NOTHING_YET_MESSAGE)
-        items = await self.recommender.recommend(state.to_query())
+            return SessionUpdate(items=[], history_length=state.history_length, message=NOTHING_YET_MESSAGE)
+        text = state.user_text
+        if text == self._cached_text and self._cached_vector is not None:
+            vector = self._cached_vector
+        else:
+            vector = await self.recommender.encode_user(text)
+            self.encodes += 1
+        recommender = self.recommender
+        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters)
+        if state.explain:
+            items = await recommender.explain(items, [entry.resolved for entry in state.window],
+                                              state.context.query, self._text_vectors)
+        self._check_live()  # ForgetSession may have run while this event was being answered
         self.state = state  # committed only once the event has been fully answered
-        return SessionUpdate(items=items, history_length=len(state.history))
+        self._cached_text, self._cached_vector = text, vector
+        return SessionUpdate(items=items, history_length=state.history_length)
+
+    def forget(self) -> None:
+        """Drop everything the session holds and end its stream (ABORTED)."""
+        self.forgotten = True
+        self.state = SessionState(k=self.default_k)
+        self._cached_text = self._cached_vector = None
+        self._text_vectors = {}
+        self._ended.set()
+
+    def _check_live(self) -> None:
+        if self.forgotten:
+            raise Aborted(f"session {self.id} was ended by ForgetSession; the server holds nothing of it")
+
+    async def next_request(self, requests: AsyncIterator, idle_timeout_s: float):
+        """The next request from the stream; None when the client has half-closed.
+
+        Raises:
+            DeadlineExceeded: nothing came for idle_timeout_s seconds.
+            Aborted: ForgetSession ended the session.
+        """
+        self._check_live()
+        if self._ended_waiter is None:
+            self._ended_waiter = asyncio.ensure_future(self._ended.wait())
+        reading = asyncio.ensure_future(anext(requests))
+        try:
+            done, _ = await asyncio.wait({reading, self._ended_waiter}, timeout=idle_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not reading.done():
+                reading.cancel()
+        if self.forgotten:
+            self._check_live()
+        if reading not in done:
+            raise DeadlineExceeded(f"session closed after {idle_timeout_s:g} s without an event")
+        try:
+            return reading.result()
+        except StopAsyncIteration:
+            return None
+
+    def close(self) -> None:
+        """Release what the stream used (the state goes with the object)."""
+        if self._ended_waiter is not None:
+            self._ended_waiter.cancel()
+            self._ended_waiter = None
+
+
+class SessionRegistry:
+    """The live sessions of one server, by id; at most max_sessions at once.
+
+    Args:
+        max_sessions: the server-wide cap; opening one more raises ResourceExhausted.
+    """
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, recommender, default_k: int) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(f"the server already holds its maximum of {self.max_sessions} live sessions; "
+                                    "retry later or end idle sessions")
+        session_id = secrets.token_urlsafe(16)  # unguessable: knowing it is what allows ForgetSession
+        session = Session(recommender, default_k, session_id)
+        self._sessions[session_id] = session
+        return session
+
+    def close(self, session: Session) -> None:
+        """The stream ended: forget the session's state and free its slot."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        session.close()
+
+    def forget(self, session_id: str) -> None:
+        """Drop a live session's state and end its stream.
+
+        Raises:
+            InvalidArgument: no id given. NotFound: no live session has this id (an ended one holds no state).
+        """
+        if not session_id:
+            raise InvalidArgument("session_id is empty: pass SessionResponse.session_id")
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise NotFound("no live session has this id; a session that ended holds no state on this server")
+        session.forget()

@@ -6,7 +6,7 @@ import dataclasses
 
 from llmrec.template import ItemFields, RequestContext, describe_time
 
-from server.domain import HistoryRef, RecommendQuery, UserInput
+from server.domain import AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, UserInput
 from server.errors import InvalidArgument
 
 EMPTY_USER_MESSAGE = (
@@ -23,6 +23,12 @@ class Limits:
     max_k: int = 100
     max_request_history: int = 500
     max_text_chars: int = 2000
+    max_exclude_ids: int = 10_000  # exclude_item_ids of one request or session
+    max_filters: int = 16          # filters of one request, each with at most max_filter_values values
+    max_filter_values: int = 100
+    max_catalogue_batch: int = 1000  # items of one UpsertItems or ids of one DeleteItems
+    max_attributes: int = 64         # attributes of one catalogue item
+    max_page_size: int = 1000        # ListItems
 
 
 def check_k(k: int, limits: Limits, field: str = "k") -> None:
@@ -33,6 +39,14 @@ def check_k(k: int, limits: Limits, field: str = "k") -> None:
 def check_page_size(page_size: int) -> None:
     if page_size < 0:
         raise InvalidArgument(f"page_size must be >= 0 (0 means the default), got {page_size}")
+
+
+def check_list_page_size(page_size: int, limits: Limits, default: int = 100) -> int:
+    """ListItems page_size: 0 means `default`; returns the size to use."""
+    if not 0 <= page_size <= limits.max_page_size:
+        raise InvalidArgument(f"page_size must be between 0 (the default, {default}) and {limits.max_page_size}, "
+                              f"got {page_size}")
+    return page_size or default
 
 
 def check_text(value: str, field: str, limits: Limits) -> None:
@@ -96,8 +110,71 @@ def check_user(user: UserInput, limits: Limits, field_prefix: str = "", require_
         raise InvalidArgument(f"{where}: {EMPTY_USER_MESSAGE}" if where else EMPTY_USER_MESSAGE)
 
 
+def check_exclusions(item_ids, limits: Limits, field: str = "exclude_item_ids") -> None:
+    if len(item_ids) > limits.max_exclude_ids:
+        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_exclude_ids}")
+    for item_id in item_ids:
+        check_text(item_id, f"{field}[]", limits)
+
+
+def check_filters(filters: tuple[AttributeFilter, ...], limits: Limits, field: str = "filters") -> None:
+    if len(filters) > limits.max_filters:
+        raise InvalidArgument(f"{field} has {len(filters)} filters; the limit is {limits.max_filters}")
+    for position, attribute_filter in enumerate(filters):
+        where = f"{field}[{position}]"
+        if not attribute_filter.key.strip():
+            raise InvalidArgument(f"{where}.key is empty: name an attribute, e.g. \"category\"")
+        check_text(attribute_filter.key, f"{where}.key", limits)
+        if not attribute_filter.values:
+            raise InvalidArgument(f"{where}.values is empty: give at least one value to keep")
+        if len(attribute_filter.values) > limits.max_filter_values:
+            raise InvalidArgument(f"{where}.values has {len(attribute_filter.values)} values; the limit is "
+                                  f"{limits.max_filter_values}")
+        for value in attribute_filter.values:
+            check_text(value, f"{where}.values[]", limits)
+
+
 def check_query(query: RecommendQuery, limits: Limits) -> None:
     check_k(query.k, limits)
-    for item_id in query.exclude_item_ids:
-        check_text(item_id, "exclude_item_ids[]", limits)
+    check_exclusions(query.exclude_item_ids, limits)
+    check_filters(query.filters, limits)
     check_user(query.user, limits)
+
+
+def check_item_id(item_id: str, field: str, limits: Limits) -> None:
+    if not item_id.strip():
+        raise InvalidArgument(f"{field} is empty")
+    check_text(item_id, field, limits)
+
+
+def check_item_ids(item_ids, limits: Limits, field: str = "item_ids") -> None:
+    if not item_ids:
+        raise InvalidArgument(f"{field} is empty: give at least one id")
+    if len(item_ids) > limits.max_catalogue_batch:
+        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_catalogue_batch}")
+    for position, item_id in enumerate(item_ids):
+        check_item_id(item_id, f"{field}[{position}]", limits)
+
+
+def check_catalogue_items(items: tuple[CatalogueItem, ...] | list[CatalogueItem], limits: Limits) -> None:
+    """An UpsertItems batch: 1..max_catalogue_batch items, distinct non-empty ids, titled text, bounded attributes."""
+    if not items:
+        raise InvalidArgument("items is empty: give at least one item")
+    if len(items) > limits.max_catalogue_batch:
+        raise InvalidArgument(f"items has {len(items)} items; the limit is {limits.max_catalogue_batch} per call")
+    seen: set[str] = set()
+    for position, item in enumerate(items):
+        where = f"items[{position}]"
+        check_item_id(item.item_id, f"{where}.item_id", limits)
+        if item.item_id in seen:
+            raise InvalidArgument(f"{where}.item_id {item.item_id[:100]!r} appears twice in one call")
+        seen.add(item.item_id)
+        check_item_text(item.fields, f"{where}.text", limits)
+        if len(item.attributes) > limits.max_attributes:
+            raise InvalidArgument(f"{where}.attributes has {len(item.attributes)} entries; the limit is "
+                                  f"{limits.max_attributes}")
+        for key, value in item.attributes:
+            if not key.strip():
+                raise InvalidArgument(f"{where}.attributes has an empty key")
+            check_text(key, f"{where}.attributes key", limits)
+            check_text(value, f"{where}.attributes[{key[:100]!r}]", limits)

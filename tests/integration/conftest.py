@@ -53,6 +53,8 @@ class BackgroundServer:
         return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        if self.loop.is_closed():  # closed already (a test may stop a server early, e.g. to restart it)
+            return
         if self.server is not None:
             self.run(self.server.stop(grace=0))
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -85,6 +87,15 @@ def start_server(tiny_bundle: Path) -> Iterator[Callable[..., BackgroundServer]]
     yield start
     for running in started:
         running.close()
+
+
+@pytest.fixture(scope="module")
+def state_server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    """A loaded server with a state directory (catalogue changes allowed), one per test module."""
+    running = BackgroundServer(settings_for(tiny_bundle, state_dir=tmp_path_factory.mktemp("state"),
+                                            snapshot_every=4)).start()
+    yield running
+    running.close()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
         process = subprocess.Popen(
             # The Makefile's form: the newest bundle under a root.
             [sys.executable, "-m", "server", "--bundle-root", str(tiny_bundle.parent), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "debug", "--cpu-only"],
+             "--port", str(port), "--log-level", "debug", "--cpu-only", "--state-dir", str(tmp_path / "state")],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
     try:
@@ -41,6 +41,17 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
             client.wait_until_serving(timeout_s=90)
             result = client.recommend(["m1", {"title": SECRET_TITLE}], query=SECRET_QUERY, k=3)
             assert len(result.items) == 3
+            # The newer RPCs log no history, query, explanation or item text either.
+            explained = client.recommend(["m1", {"title": SECRET_TITLE}], query=SECRET_QUERY, k=3, explain=True)
+            assert SECRET_TITLE in {r.text for i in explained.items for r in i.explanation.reasons}
+            with client.session() as live:
+                assert live.configure(k=2, explain=True, history=[{"title": SECRET_TITLE}]).ok
+                assert live.query(SECRET_QUERY).ok
+                client.forget_session(live.session_id)
+            client.upsert_items([{"id": "secret-item", "title": SECRET_TITLE, "attributes": {"note": SECRET_QUERY}}])
+            assert client.get_item("secret-item").title == SECRET_TITLE
+            client.list_items()
+            client.delete_items(["secret-item"])
             assert client.model_info().model_version == tiny_bundle.name
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
@@ -50,6 +61,7 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
             process.wait()
     log = log_path.read_text()
     assert "SERVING model" in log and "Recommend OK" in log and "stopped" in log
+    assert "UpsertItems OK" in log and "ForgetSession OK" in log and "Session ABORTED" in log
     assert "Traceback" not in log
     assert SECRET_QUERY not in log and SECRET_TITLE not in log
 

@@ -25,3 +25,11 @@ def test_a_query_alone_steers_the_ranking(stub, tiny_catalogue):
     fields = dict(tiny_catalogue)
     top = ranking(stub, pb.RecommendRequest(context=pb.Context(query="romantic comedy love story"), k=5))
     assert sum("Romance" in fields[i].categories for i in top) >= 3
+
+
+def test_a_new_user_with_only_a_query_gets_the_animation_titles(stub, tiny_catalogue):
+    """Cold start: no history at all, just what the user typed."""
+    fields = dict(tiny_catalogue)
+    animation = {i for i, f in fields.items() if "Animation" in f.categories}
+    top = ranking(stub, pb.RecommendRequest(context=pb.Context(query="animated films for kids"), k=5))
+    assert len(animation) == 4 and set(top[:4]) == animation

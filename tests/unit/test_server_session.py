@@ -1,38 +1,49 @@
-"""Session state transitions, with a stand-in for the recommender core."""
+"""Session state transitions, incremental cost and the registry, with a stand-in for the recommender core."""
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
-from llmrec.template import ItemFields, RequestContext
-from server.domain import HistoryRef, ScoredItem
-from server.errors import InvalidArgument, NotFound
+from llmrec.template import ItemFields, RequestContext, UserText, render_user
+from server.catalogue import ResolvedItem
+from server.domain import AttributeFilter, HistoryRef, ScoredItem
+from server.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from server.session import (
-    NOTHING_YET_MESSAGE, ContextEvent, InteractionEvent, QueryEvent, Session, SessionConfigEvent,
+    NOTHING_YET_MESSAGE, ContextEvent, InteractionEvent, QueryEvent, Session, SessionConfigEvent, SessionRegistry,
 )
 from server.validation import Limits
 
 
 class FakeRecommender:
-    """Knows ids "a".."e"; recommends the history ids in reverse, k of them, and records the queries."""
+    """Knows ids "a".."e"; records what it is asked to resolve, encode and search."""
 
     limits = Limits(max_k=10, max_request_history=3, max_text_chars=50)
+    max_history_items = 2
     catalogue = set("abcde")
 
     def __init__(self) -> None:
-        self.queries = []
+        self.resolved: list[int] = []  # how many refs each resolve call got
+        self.encoded: list[str] = []
+        self.searches: list[tuple] = []
 
-    def resolve_history(self, history):
+    def resolve(self, history, with_window_vectors=False):
+        self.resolved.append(len(history))
         unknown = [ref.item_id for ref in history if ref.item_id is not None and ref.item_id not in self.catalogue]
         if unknown:
             raise NotFound(f"unknown item id {unknown[0]!r}")
-        return [ref.text or ItemFields(ref.item_id) for ref in history]
+        return [ResolvedItem(ref.item_id, ref.text or ItemFields(f"Film {ref.item_id}", ("Drama",)))
+                for ref in history]
 
-    async def recommend(self, query):
-        self.queries.append(query)
-        return [ScoredItem(item_id=i, score=1.0, title=i, rank=1) for i in "abcde"[: query.k]]
+    async def encode_user(self, text):
+        self.encoded.append(text)
+        return np.ones(4, dtype=np.float32)
+
+    def search(self, vector, k, exclude_ids, filters):
+        self.searches.append((k, frozenset(exclude_ids), tuple(filters)))
+        return [ScoredItem(item_id=i, score=1.0, title=i, rank=n) for n, i in enumerate("abcde"[:k], 1)]
 
 
 def handle(session: Session, event):
@@ -41,7 +52,7 @@ def handle(session: Session, event):
 
 @pytest.fixture
 def session() -> Session:
-    return Session(FakeRecommender(), default_k=4)
+    return Session(FakeRecommender(), default_k=4, session_id="s1")
 
 
 def ref(item_id: str) -> HistoryRef:
@@ -51,35 +62,61 @@ def ref(item_id: str) -> HistoryRef:
 def test_nothing_to_rank_until_there_is_history_or_a_query(session):
     update = handle(session, SessionConfigEvent(k=2))
     assert update.items == [] and update.message == NOTHING_YET_MESSAGE
-    assert session.recommender.queries == []
+    assert session.recommender.encoded == []
     assert len(handle(session, QueryEvent("space")).items) == 2
 
 
-def test_events_update_the_state(session):
+def test_the_user_text_is_exactly_what_render_user_gives(session):
+    """Kept parts joined per event == rendering the whole history and context from scratch."""
+    events = [InteractionEvent(ref("a")), InteractionEvent(HistoryRef(text=ItemFields("Raw", ("Sci-Fi",)))),
+              QueryEvent("space"), ContextEvent(RequestContext(device="tv", timestamp=880000000.0)),
+              QueryEvent("comedy"), InteractionEvent(ref("b")), InteractionEvent(ref("c"))]
+    fields = []
+    for event in events:
+        handle(session, event)
+        if isinstance(event, InteractionEvent):
+            fields.append(event.item.text or ItemFields(f"Film {event.item.item_id}", ("Drama",)))
+        expected = render_user(UserText(fields, session.state.context), max_history_items=2)
+        assert session.recommender.encoded[-1] == expected
+    assert session.state.context == RequestContext(device="tv", timestamp=880000000.0, query="comedy")
+    assert session.state.history_length == 3  # max_request_history
+
+
+def test_an_interaction_resolves_one_item_and_encodes_once(session):
+    handle(session, SessionConfigEvent(history=(ref("a"), ref("b"), ref("c"))))
+    assert session.recommender.resolved == [3]
+    for item_id in "dede":
+        handle(session, InteractionEvent(ref(item_id)))
+    assert session.recommender.resolved == [3, 1, 1, 1, 1]  # never the whole history again
+    assert session.encodes == 5 and len(session.state.window) == 2
+
+
+def test_events_that_keep_the_user_text_reuse_the_cached_vector(session):
     handle(session, InteractionEvent(ref("a")))
-    handle(session, InteractionEvent(HistoryRef(text=ItemFields("Raw"))))
+    handle(session, SessionConfigEvent(k=2, exclude_item_ids=frozenset({"b"}), exclude_history=True))
+    handle(session, SessionConfigEvent(k=3, explain=False, filters=(AttributeFilter("category", ("x",)),)))
+    handle(session, QueryEvent(""))  # clearing an empty query changes nothing
+    assert session.encodes == 1 and len(session.recommender.encoded) == 1
+    assert session.recommender.searches[1] == (2, frozenset({"a", "b"}), ())
+    assert session.recommender.searches[2][2] == (AttributeFilter("category", ("x",)),)
     handle(session, QueryEvent("space"))
-    update = handle(session, ContextEvent(RequestContext(device="tv")))  # replaces the query too
-    query = session.recommender.queries[-1]
-    assert update.history_length == 2 and query.k == 4
-    assert query.user.context == RequestContext(device="tv")
-    handle(session, QueryEvent("comedy"))
-    assert session.recommender.queries[-1].user.context == RequestContext(device="tv", query="comedy")
+    assert session.encodes == 2
 
 
 def test_config_keeps_history_unless_it_brings_one(session):
     handle(session, InteractionEvent(ref("a")))
     handle(session, SessionConfigEvent(k=2, exclude_item_ids=frozenset({"b"}), exclude_history=True))
-    assert session.state.history == (ref("a"),) and session.state.k == 2
+    assert session.state.history_ids == ("a",) and session.state.k == 2
     assert session.state.exclude_item_ids == {"b"} and session.state.exclude_history
     handle(session, SessionConfigEvent(history=(ref("c"), ref("d"))))
-    assert session.state.history == (ref("c"), ref("d")) and session.state.k == 4  # k 0 = default
+    assert session.state.history_ids == ("c", "d") and session.state.k == 4  # k 0 = default
 
 
 def test_history_keeps_the_most_recent_items(session):
     for item_id in "abcde":
         update = handle(session, InteractionEvent(ref(item_id)))
-    assert update.history_length == 3 and session.state.history == (ref("c"), ref("d"), ref("e"))
+    assert update.history_length == 3 and session.state.history_ids == ("c", "d", "e")
+    assert [entry.resolved.item_id for entry in session.state.window] == ["d", "e"]
 
 
 @pytest.mark.parametrize("event, error", [
@@ -88,6 +125,8 @@ def test_history_keeps_the_most_recent_items(session):
     (SessionConfigEvent(k=11), InvalidArgument),
     (SessionConfigEvent(k=-1), InvalidArgument),
     (SessionConfigEvent(history=(ref("a"), ref("zz"))), NotFound),
+    (SessionConfigEvent(filters=(AttributeFilter("", ("x",)),)), InvalidArgument),
+    (SessionConfigEvent(filters=(AttributeFilter("category", ()),)), InvalidArgument),
     (ContextEvent(RequestContext(device="d" * 51)), InvalidArgument),
     (QueryEvent("q" * 51), InvalidArgument),
     (None, InvalidArgument),
@@ -97,17 +136,77 @@ def test_a_bad_event_leaves_the_state_unchanged(session, event, error):
     before = session.state
     with pytest.raises(error):
         handle(session, event)
-    assert session.state == before
+    assert session.state is before
 
 
 def test_a_failed_ranking_leaves_the_state_unchanged(session):
     handle(session, InteractionEvent(ref("a")))
     before = session.state
 
-    async def broken(query):
+    def broken(*args):
         raise RuntimeError("index on fire")
 
-    session.recommender.recommend = broken
+    session.recommender.search = broken
     with pytest.raises(RuntimeError):
         handle(session, InteractionEvent(ref("b")))
-    assert session.state == before
+    assert session.state is before
+
+
+def test_forget_drops_the_state_and_refuses_later_events(session):
+    handle(session, InteractionEvent(ref("a")))
+    session.forget()
+    assert session.state.history_ids == () and session.state.window == ()
+    with pytest.raises(Aborted, match="ForgetSession"):
+        handle(session, InteractionEvent(ref("b")))
+
+
+def test_forget_during_an_event_wins(session):
+    """ForgetSession while an event awaits inference: that event must not bring the state back."""
+    original = session.recommender.encode_user
+
+    async def slow_encode(text):
+        session.forget()
+        return await original(text)
+
+    session.recommender.encode_user = slow_encode
+    with pytest.raises(Aborted):
+        handle(session, InteractionEvent(ref("a")))
+    assert session.state.history_ids == ()
+
+
+def test_registry_caps_sessions_and_forgets_by_id():
+    registry = SessionRegistry(max_sessions=2)
+    recommender = FakeRecommender()
+    first, second = registry.open(recommender, 4), registry.open(recommender, 4)
+    assert first.id != second.id and len(first.id) >= 20 and len(registry) == 2
+    with pytest.raises(ResourceExhausted, match="maximum of 2"):
+        registry.open(recommender, 4)
+    registry.forget(first.id)
+    assert first.forgotten and len(registry) == 1
+    with pytest.raises(NotFound):
+        registry.forget(first.id)
+    with pytest.raises(InvalidArgument):
+        registry.forget("")
+    registry.close(second)
+    assert len(registry) == 0
+    registry.open(recommender, 4)  # a slot is free again
+
+
+def test_next_request_times_out_ends_and_is_woken_by_forget(session):
+    async def scenario():
+        async def requests(items, delay=0.0):
+            for item in items:
+                await asyncio.sleep(delay)
+                yield item
+
+        assert await session.next_request(aiter(requests(["x"])), 1.0) == "x"
+        assert await session.next_request(aiter(requests([])), 1.0) is None
+        from server.errors import DeadlineExceeded
+        with pytest.raises(DeadlineExceeded, match="0.05 s"):
+            await session.next_request(aiter(requests(["late"], delay=1.0)), 0.05)
+        asyncio.get_running_loop().call_later(0.05, session.forget)
+        with pytest.raises(Aborted):
+            await session.next_request(aiter(requests(["late"], delay=5.0)), 10.0)
+        session.close()
+
+    asyncio.run(scenario())

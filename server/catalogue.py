@@ -1,0 +1,509 @@
+"""The live catalogue: the bundle's items plus catalogue changes, and the HNSW index over all of them.
+
+Rows and labels: hnswlib labels are rows of `_vectors` (each row [unit item vector, bias], as in the bundle).
+A deleted item's label is tombstoned with mark_deleted (searches skip it) and handed to the next new item,
+which re-adds the label with its own vector (hnswlib unmarks and updates it in place), so churn does not grow
+the index. A new item with no free label gets the next row; the index is resized (doubled) when full.
+
+Concurrency: hnswlib must never add and query at once. Index reads hold the read side of a readers-writer lock;
+every change runs on the one writer thread, which journals it (durable before anything else happens, see
+server.state), then applies it under the write side in chunks of WRITE_CHUNK items, so a reader waits for at
+most one chunk. Writers are preferred: a waiting writer holds back new readers. A change is acknowledged
+only after it is applied, so the next search sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from llmrec.template import ItemFields
+
+from server.bundle import LoadedBundle
+from server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.state import CatalogueStore, Delete, Upsert
+
+logger = logging.getLogger(__name__)
+
+CATEGORY_KEY = "category"
+# A filter that leaves at most this many candidates is answered by an exact scan of just those rows: exact,
+# and faster than an HNSW walk that rejects almost every node it visits.
+EXACT_SEARCH_MAX_CANDIDATES = 2048
+WRITE_CHUNK = 64
+_PAGE_TOKEN_PREFIX = "after:"
+
+
+def normalize_attribute(text: str) -> str:
+    """How attribute keys and values are compared: whitespace collapsed, casefolded."""
+    return " ".join(text.split()).casefold()
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds back new readers. Not reentrant."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._condition:
+            while self._writing or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._condition.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResolvedItem:
+    """A history entry resolved against the catalogue.
+
+    Attributes:
+        item_id: the catalogue id; None for an item given as text.
+        fields: the text the model reads.
+        vector: the catalogue item's unit vector (its index row without the bias); None for text items.
+    """
+
+    item_id: str | None
+    fields: ItemFields
+    vector: np.ndarray | None = None
+
+
+class Catalogue:
+    """Items, vectors and the HNSW index of one served bundle, with durable changes on top.
+
+    Args:
+        bundle: the loaded bundle; its index is taken over (and changed) by this catalogue.
+    """
+
+    def __init__(self, bundle: LoadedBundle) -> None:
+        manifest = bundle.manifest
+        self.bundle_version = manifest.bundle_version
+        self.dimension = manifest.dimension
+        self.new_item_bias = float(manifest.new_item_bias)
+        self._index = bundle.index
+        count = len(bundle.item_ids)
+        # In memory (not the bundle's memory map): rows change in place when labels are reused.
+        self._vectors = np.array(bundle.vectors, dtype=np.float32)
+        self._items: list[CatalogueItem | None] = [
+            CatalogueItem(item_id, fields) for item_id, fields in zip(bundle.item_ids, bundle.items)
+        ]
+        self._live = np.ones(count, dtype=bool)
+        self._label_of: dict[str, int] = dict(bundle.row_of)
+        self._base_ids = frozenset(bundle.item_ids)
+        self._free: list[int] = []
+        self._size = count  # labels in use or tombstoned: 0.._size-1
+        self._postings: dict[tuple[str, str], set[int]] = {}
+        for label, item in enumerate(self._items):
+            self._post(label, item, add=True)
+        self._sorted_ids = sorted(self._label_of)
+        # What differs from the bundle, for snapshots: id -> (item, row) for upserts, (None, None) for deletes.
+        self._changes: dict[str, tuple[CatalogueItem | None, np.ndarray | None]] = {}
+        self.revision = 0  # sequence number of the last applied change (0: none since the state began)
+        self._lock = ReadWriteLock()
+        self._store: CatalogueStore | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmrec-catalogue")
+
+    # --- durable state -------------------------------------------------------------------------------
+
+    def open_store(self, store: CatalogueStore) -> int:
+        """Replay the store (snapshot, then journal tail) into the catalogue and journal later changes there.
+
+        Blocking; call before serving. Returns the number of changes replayed.
+        """
+        operations, revision = store.open()
+        for operation in operations:
+            self._apply(operation)
+        self.revision = revision
+        self._store = store
+        return len(operations)
+
+    def close(self) -> None:
+        """Finish pending writes, snapshot what the journal holds and release the state directory."""
+        self._writer.shutdown(wait=True)
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                if self._store.records_since_snapshot and not self._store.broken:
+                    self._store.snapshot(self._change_records(), self.revision)
+            self._store.close()
+            self._store = None
+
+    # --- reads ----------------------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return len(self._label_of)
+
+    @property
+    def index_version(self) -> str:
+        """`<bundle_version>:<item_count>`, plus `:r<revision>` once the catalogue has changed."""
+        version = f"{self.bundle_version}:{self.count}"
+        return f"{version}:r{self.revision}" if self.revision else version
+
+    def get(self, item_id: str, include_vector: bool = False) -> tuple[CatalogueItem, np.ndarray | None]:
+        """The item and, if asked, its index row. Raises NotFound."""
+        with self._lock.read():
+            label = self._label_of.get(item_id)
+            if label is None:
+                raise NotFound(f"unknown item id {item_id!r}: not in the catalogue")
+            item = self._items[label]
+            assert item is not None
+            return item, (self._vectors[label].copy() if include_vector else None)
+
+    def resolve(self, history: Iterable[HistoryRef], vectors_from: int | None = None) -> list[ResolvedItem]:
+        """History refs -> ResolvedItem, in order; catalogue vectors for entries at positions >= vectors_from.
+
+        Raises:
+            NotFound: some ids are not in the catalogue (the message names up to five of them).
+        """
+        refs = list(history)
+        start = len(refs) if vectors_from is None else max(vectors_from, 0)
+        resolved: list[ResolvedItem] = []
+        unknown: list[str] = []
+        with self._lock.read():
+            for position, ref in enumerate(refs):
+                if ref.text is not None:
+                    resolved.append(ResolvedItem(None, ref.text))
+                    continue
+                label = self._label_of.get(ref.item_id or "")
+                if label is None:
+                    unknown.append(ref.item_id or "")
+                    continue
+                item = self._items[label]
+                assert item is not None
+                vector = self._vectors[label, : self.dimension].copy() if position >= start else None
+                resolved.append(ResolvedItem(item.item_id, item.fields, vector))
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            noun = "item id" if len(unknown) == 1 else "item ids"
+            raise NotFound(f"unknown {noun} {shown}{more}: not in the catalogue of model {self.bundle_version}")
+        return resolved
+
+    def unit_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
+        """(len(item_ids), dimension) item vectors without the bias; zeros for ids no longer in the catalogue."""
+        out = np.zeros((len(item_ids), self.dimension), dtype=np.float32)
+        with self._lock.read():
+            for row, item_id in enumerate(item_ids):
+                label = self._label_of.get(item_id)
+                if label is not None:
+                    out[row] = self._vectors[label, : self.dimension]
+        return out
+
+    def list_page(self, page_size: int, page_token: str) -> tuple[list[CatalogueItem], str, int]:
+        """One page in ascending id order: (items, next_page_token or "", live count)."""
+        after = _decode_page_token(page_token)
+        with self._lock.read():
+            start = bisect.bisect_right(self._sorted_ids, after) if after is not None else 0
+            ids = self._sorted_ids[start : start + page_size]
+            items = [self._items[self._label_of[i]] for i in ids]
+            more = start + page_size < len(self._sorted_ids)
+            total = len(self._sorted_ids)
+        next_token = _encode_page_token(ids[-1]) if more and ids else ""
+        return [i for i in items if i is not None], next_token, total
+
+    def search(
+        self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = (),
+        filters: Sequence[AttributeFilter] = (),
+    ) -> list[ScoredItem]:
+        """Top-k live items by [user_vector, 1] . row, exclusions and filters applied inside the search.
+
+        Fewer than k come back only when exclusions and filters leave fewer than k items.
+        """
+        query = np.append(np.asarray(user_vector, dtype=np.float32), np.float32(1.0))
+        with self._lock.read():
+            excluded = {self._label_of[i] for i in exclude_ids if i in self._label_of}
+            if filters:
+                candidates = self._candidates(filters) - excluded
+                k = min(k, len(candidates))
+                if k <= 0:
+                    return []
+                if len(candidates) <= EXACT_SEARCH_MAX_CANDIDATES:
+                    labels, scores = self._exact(query, k, candidates=candidates)
+                else:
+                    labels, scores = self._approximate(query, k, candidates.__contains__, candidates=candidates)
+            else:
+                k = min(k, self.count - len(excluded))
+                if k <= 0:
+                    return []
+                allowed = (lambda label: label not in excluded) if excluded else None
+                labels, scores = self._approximate(query, k, allowed, excluded=excluded)
+            items = [self._items[label] for label in labels]
+        return [
+            ScoredItem(item_id=item.item_id, score=float(score), title=item.fields.title, rank=rank)
+            for rank, (item, score) in enumerate(zip(items, scores), 1)
+            if item is not None
+        ]
+
+    def _candidates(self, filters: Sequence[AttributeFilter]) -> set[int]:
+        """Live labels that pass every filter (each: any of its values)."""
+        result: set[int] | None = None
+        for attribute_filter in filters:
+            key = normalize_attribute(attribute_filter.key)
+            matching: set[int] = set()
+            for value in attribute_filter.values:
+                matching |= self._postings.get((key, normalize_attribute(value)), set())
+            result = matching if result is None else result & matching
+            if not result:
+                return set()
+        return result or set()
+
+    def _approximate(self, query: np.ndarray, k: int, allowed, *, candidates: set[int] | None = None,
+                     excluded: set[int] | None = None) -> tuple[list[int], list[float]]:
+        try:
+            labels, distances = self._index.knn_query(query[None, :], k=k, num_threads=1, filter=allowed)
+            return labels[0].tolist(), (1.0 - distances[0]).tolist()  # hnswlib "ip" distance is 1 - inner product
+        except RuntimeError:
+            # hnswlib raises when the walk finds fewer than k allowed items (heavy filtering, many
+            # tombstones): an exact scan is slower but always complete.
+            logger.warning("HNSW search returned fewer than %d items; falling back to exact search", k)
+            return self._exact(query, k, candidates=candidates, excluded=excluded)
+
+    def _exact(self, query: np.ndarray, k: int, *, candidates: set[int] | None = None,
+               excluded: set[int] | None = None) -> tuple[list[int], list[float]]:
+        if candidates is not None:
+            labels = np.fromiter(candidates, dtype=np.int64, count=len(candidates))
+            scores = self._vectors[labels] @ query
+        else:
+            labels = np.arange(self._size)
+            scores = self._vectors[: self._size] @ query
+            scores[~self._live[: self._size]] = -np.inf
+            if excluded:
+                scores[list(excluded)] = -np.inf
+        k = min(k, len(labels))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return labels[top].tolist(), scores[top].tolist()
+
+    # --- writes ---------------------------------------------------------------------------------------
+
+    def row_for(self, unit_vector: np.ndarray) -> np.ndarray:
+        """The index row of a new or changed item: [normalized text vector, new_item_bias] (no id vector)."""
+        vector = np.asarray(unit_vector, dtype=np.float32)
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return np.append(vector, np.float32(self.new_item_bias)).astype(np.float32)
+
+    def check_writable(self) -> None:
+        """Raise the error a change would get now: FailedPrecondition without state, Unavailable once broken."""
+        if self._store is None:
+            raise FailedPrecondition(
+                "catalogue changes need durable state: start the server with --state-dir DIR (LLMREC_STATE_DIR)"
+            )
+        if self._store.broken:
+            raise Unavailable("catalogue changes are disabled after a storage error; the server log has the "
+                              "details (restart the server once the state directory is writable)")
+
+    async def upsert(self, items: Sequence[CatalogueItem], rows: np.ndarray) -> WriteResult:
+        """Journal, then apply, new and changed items."""
+        return await self._run_write(self._upsert_sync, list(items), np.asarray(rows, dtype=np.float32))
+
+    async def delete(self, item_ids: Sequence[str], allow_missing: bool) -> WriteResult:
+        """Journal, then apply, deletions.
+
+        Raises:
+            NotFound: an id is not in the catalogue and allow_missing is false (nothing is deleted).
+        """
+        return await self._run_write(self._delete_sync, list(item_ids), allow_missing)
+
+    async def _run_write(self, function, *args) -> WriteResult:
+        self.check_writable()
+        loop = asyncio.get_running_loop()
+        # Shielded: a caller that goes away must not leave a journaled change unapplied.
+        return await asyncio.shield(loop.run_in_executor(self._writer, function, *args))
+
+    def _upsert_sync(self, items: list[CatalogueItem], rows: np.ndarray) -> WriteResult:
+        replaced = sum(item.item_id in self._label_of for item in items)  # only this thread changes it
+        self._commit(Upsert([dataclasses.replace(i, upserted=True) for i in items], rows))
+        return WriteResult(created=len(items) - replaced, replaced=replaced, item_count=self.count,
+                           index_version=self.index_version)
+
+    def _delete_sync(self, item_ids: list[str], allow_missing: bool) -> WriteResult:
+        present = list(dict.fromkeys(i for i in item_ids if i in self._label_of))
+        missing = [i for i in item_ids if i not in self._label_of]
+        if missing and not allow_missing:
+            shown = ", ".join(repr(i) for i in missing[:5])
+            noun = "item id" if len(missing) == 1 else "item ids"
+            raise NotFound(f"unknown {noun} {shown}: not in the catalogue (nothing was deleted; "
+                           f"set allow_missing to skip unknown ids)")
+        if present:
+            self._commit(Delete(present))
+        return WriteResult(deleted=len(present), item_count=self.count, index_version=self.index_version)
+
+    def _commit(self, operation: Upsert | Delete) -> None:
+        """Writer thread only: make the change durable, then visible."""
+        self.check_writable()
+        store = self._store
+        assert store is not None
+        sequence = self.revision + 1
+        try:
+            store.append(sequence, operation)
+        except OSError as error:
+            logger.error("cannot journal a catalogue change: %s", error)
+            raise Unavailable("the catalogue change could not be made durable and was not applied") from None
+        self._apply(operation)
+        self.revision = sequence
+        if store.records_since_snapshot >= store.snapshot_every:
+            try:
+                store.snapshot(self._change_records(), sequence)
+            except OSError as error:  # the journal still holds everything: a failed snapshot loses nothing
+                logger.error("catalogue snapshot failed (the journal keeps every change): %s", error)
+
+    def _apply(self, operation: Upsert | Delete) -> None:
+        if isinstance(operation, Upsert):
+            for start in range(0, len(operation.items), WRITE_CHUNK):
+                with self._lock.write():
+                    for offset, item in enumerate(operation.items[start : start + WRITE_CHUNK]):
+                        self._upsert_one(item, operation.rows[start + offset])
+        else:
+            for start in range(0, len(operation.item_ids), WRITE_CHUNK):
+                with self._lock.write():
+                    for item_id in operation.item_ids[start : start + WRITE_CHUNK]:
+                        self._delete_one(item_id)
+
+    def _upsert_one(self, item: CatalogueItem, row: np.ndarray) -> None:
+        label = self._label_of.get(item.item_id)
+        if label is not None:
+            self._post(label, self._items[label], add=False)
+        elif self._free:
+            label = self._free.pop()
+            # Unmarked first: an index built with allow_replace_deleted refuses to update a tombstone.
+            self._index.unmark_deleted(label)
+        else:
+            label = self._next_label()
+        # A new label is added; an existing (or just unmarked) one is updated in place.
+        self._index.add_items(row[None, :], np.asarray([label]), num_threads=1)
+        self._vectors[label] = row
+        self._items[label] = item
+        self._live[label] = True
+        if item.item_id not in self._label_of:
+            bisect.insort(self._sorted_ids, item.item_id)
+        self._label_of[item.item_id] = label
+        self._post(label, item, add=True)
+        self._changes[item.item_id] = (item, row.copy())
+
+    def _delete_one(self, item_id: str) -> None:
+        label = self._label_of.pop(item_id, None)
+        if label is None:
+            return
+        self._index.mark_deleted(label)
+        self._post(label, self._items[label], add=False)
+        self._items[label] = None
+        self._live[label] = False
+        self._free.append(label)
+        position = bisect.bisect_left(self._sorted_ids, item_id)
+        if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:
+            del self._sorted_ids[position]
+        if item_id in self._base_ids:
+            self._changes[item_id] = (None, None)
+        else:
+            self._changes.pop(item_id, None)
+
+    def _next_label(self) -> int:
+        label = self._size
+        capacity = self._index.get_max_elements()
+        if label >= capacity:
+            new_capacity = max(2 * capacity, label + 1, 16)
+            self._index.resize_index(new_capacity)
+            logger.info("catalogue index resized to %d items", new_capacity)
+        if label >= len(self._vectors):
+            grown = np.zeros((max(2 * len(self._vectors), label + 1, 16), self._vectors.shape[1]), np.float32)
+            grown[: len(self._vectors)] = self._vectors
+            self._vectors = grown
+            live = np.zeros(len(grown), dtype=bool)
+            live[: len(self._live)] = self._live
+            self._live = live
+            self._items.extend([None] * (len(grown) - len(self._items)))
+        self._size = label + 1
+        return label
+
+    def _post(self, label: int, item: CatalogueItem | None, add: bool) -> None:
+        if item is None:
+            return
+        keys = {(CATEGORY_KEY, normalize_attribute(c)) for c in item.fields.categories}
+        keys |= {(normalize_attribute(k), normalize_attribute(v)) for k, v in item.attributes}
+        for key in keys:
+            if add:
+                self._postings.setdefault(key, set()).add(label)
+            else:
+                labels = self._postings.get(key)
+                if labels is not None:
+                    labels.discard(label)
+                    if not labels:
+                        del self._postings[key]
+
+    def _change_records(self) -> list[Upsert | Delete]:
+        """The catalogue's difference from the bundle, as operations a snapshot stores."""
+        upserts = [(item, row) for item, row in self._changes.values() if item is not None]
+        deletes = [item_id for item_id, (item, _) in self._changes.items() if item is None]
+        records: list[Upsert | Delete] = []
+        if upserts:
+            records.append(Upsert([item for item, _ in upserts], np.stack([row for _, row in upserts])))
+        if deletes:
+            records.append(Delete(deletes))
+        return records
+
+
+def _encode_page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode((_PAGE_TOKEN_PREFIX + last_id).encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    if not text.startswith(_PAGE_TOKEN_PREFIX):
+        raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
+    return text[len(_PAGE_TOKEN_PREFIX):]
+
+
+def open_catalogue(bundle: LoadedBundle, state_dir=None, snapshot_every: int = 1000) -> Catalogue:
+    """The live catalogue of a bundle, with its durable changes replayed when a state directory is given.
+
+    Blocking (replay applies every stored change to the index). Raises StateError for unusable state.
+    """
+    catalogue = Catalogue(bundle)
+    if state_dir is not None:
+        store = CatalogueStore(state_dir, bundle.manifest.bundle_version, bundle.manifest.index_dimension,
+                               snapshot_every)
+        replayed = catalogue.open_store(store)
+        logger.info("catalogue: %d items after replaying %d stored changes (revision %d)", catalogue.count,
+                    replayed, catalogue.revision)
+    return catalogue

@@ -1,0 +1,197 @@
+"""server.encoding with a fake model: run grouping, bounded queue, deadlines, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server import metrics
+from server.encoding import REQUEST_DEADLINE, AsyncEncoder, BatchPolicy
+from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+
+class FakeEncoder:
+    """Tokens = one id per character; a run returns one vector per row and records what it saw.
+
+    While `gate` is clear, a run blocks (so tests can fill the queue behind it).
+    """
+
+    provider = "CPUExecutionProvider"
+    dimension = 4
+
+    def __init__(self) -> None:
+        self.runs: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.running = threading.Event()
+
+    def token_ids(self, texts, max_tokens):
+        return [[ord(c) for c in text][:max_tokens] or [0] for text in texts]
+
+    @staticmethod
+    def padded_width(length, max_tokens):
+        return min(max_tokens, -(-max(length, 1) // 4) * 4)
+
+    def pad(self, rows, max_tokens):
+        width = self.padded_width(max(len(r) for r in rows), max_tokens)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        return ids, (ids != 0).astype(np.int64)
+
+    def encode_tokens(self, ids, mask):
+        self.running.set()
+        self.gate.wait(10)
+        self.runs.append(["".join(chr(c) for c in row if c) for row in ids])
+        out = np.zeros((len(ids), self.dimension), dtype=np.float32)
+        out[:, 0] = ids.sum(axis=1)
+        return out
+
+
+def _encoder(fake: FakeEncoder, **policy) -> AsyncEncoder:
+    return AsyncEncoder(fake, max_user_tokens=32, max_item_tokens=16, policy=BatchPolicy(**policy))
+
+
+def _dropped(reason: str) -> float:
+    return metrics.DROPPED.labels(reason)._value.get()
+
+
+def test_on_cpu_every_text_runs_alone_and_gets_its_own_vector():
+    fake = FakeEncoder()
+    encoder = _encoder(fake)
+    try:
+        async def main():
+            return await asyncio.gather(encoder.encode_users(["abc", "defgh"]), encoder.encode_items(["xy"]),
+                                        encoder.encode_users(["abc"]))
+
+        both, item, again = asyncio.run(main())
+    finally:
+        encoder.close()
+    assert not encoder.across_requests
+    assert all(len(run) == 1 for run in fake.runs) and len(fake.runs) == 4
+    assert both[0, 0] == sum(map(ord, "abc")) and both[1, 0] == sum(map(ord, "defgh"))
+    assert item[0, 0] == sum(map(ord, "xy")) and np.array_equal(again[0], both[0])
+
+
+def test_across_requests_groups_texts_by_width_within_the_token_budget():
+    fake = FakeEncoder()
+    fake.gate.clear()
+    encoder = _encoder(fake, across_requests=True, max_tokens=8, max_delay_s=0.05)
+    try:
+        async def main():
+            first = asyncio.ensure_future(encoder.encode_users(["aaaa"]))  # occupies the worker
+            await asyncio.to_thread(fake.running.wait, 5)
+            rest = [asyncio.ensure_future(encoder.encode_users([t])) for t in ("bbbb", "cccc", "dddd", "eeeeeee")]
+            await asyncio.sleep(0.05)
+            fake.gate.set()
+            return await asyncio.gather(first, *rest)
+
+        results = asyncio.run(main())
+    finally:
+        encoder.close()
+    assert fake.runs[0] == ["aaaa"]
+    # Width 4 texts two per run (8-token budget), the width-8 text on its own.
+    assert sorted(map(sorted, fake.runs[1:])) == [["bbbb", "cccc"], ["dddd"], ["eeeeeee"]]
+    assert [r[0, 0] for r in results] == [sum(map(ord, t)) for t in ("aaaa", "bbbb", "cccc", "dddd", "eeeeeee")]
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once():
+    fake = FakeEncoder()
+    fake.gate.clear()
+    encoder = _encoder(fake, max_queue=2)
+    refused_before = _dropped("queue_full")
+    try:
+        async def main():
+            running = asyncio.ensure_future(encoder.encode_users(["run"]))
+            await asyncio.to_thread(fake.running.wait, 5)
+            waiting = [asyncio.ensure_future(encoder.encode_users([f"w{i}"])) for i in range(2)]
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            with pytest.raises(ResourceExhausted):
+                await encoder.encode_users(["one too many"])
+            refused_in = time.perf_counter() - started
+            fake.gate.set()
+            await asyncio.gather(running, *waiting)
+            return refused_in
+
+        assert asyncio.run(main()) < 0.1
+    finally:
+        encoder.close()
+    assert _dropped("queue_full") == refused_before + 1
+    assert ["one too many"] not in fake.runs
+
+
+def test_requests_past_their_deadline_or_cancelled_are_dropped_before_compute():
+    fake = FakeEncoder()
+    fake.gate.clear()
+    encoder = _encoder(fake)
+    deadline_before, cancelled_before = _dropped("deadline"), _dropped("cancelled")
+    try:
+        async def main():
+            running = asyncio.ensure_future(encoder.encode_users(["run"]))
+            await asyncio.to_thread(fake.running.wait, 5)
+
+            async def with_deadline(text, seconds):
+                REQUEST_DEADLINE.set(time.monotonic() + seconds)
+                return await encoder.encode_users([text])
+
+            late = asyncio.ensure_future(with_deadline("late", 0.02))
+            gone = asyncio.ensure_future(encoder.encode_users(["gone"]))
+            fine = asyncio.ensure_future(with_deadline("fine", 30))
+            await asyncio.sleep(0.05)
+            gone.cancel()
+            await asyncio.sleep(0.01)
+            fake.gate.set()
+            await running
+            with pytest.raises(DeadlineExceeded):
+                await late
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            return await fine
+
+        assert asyncio.run(main())[0, 0] == sum(map(ord, "fine"))
+    finally:
+        encoder.close()
+    assert fake.runs == [["run"], ["fine"]]
+    assert _dropped("deadline") == deadline_before + 1 and _dropped("cancelled") == cancelled_before + 1
+
+
+def test_an_expired_deadline_is_refused_without_queueing():
+    fake = FakeEncoder()
+    encoder = _encoder(fake)
+    try:
+        async def main():
+            REQUEST_DEADLINE.set(time.monotonic() - 1)
+            await encoder.encode_users(["x"])
+
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(main())
+    finally:
+        encoder.close()
+    assert fake.runs == []
+
+
+def test_close_answers_waiting_requests_unavailable():
+    fake = FakeEncoder()
+    fake.gate.clear()
+    encoder = _encoder(fake)
+
+    async def main():
+        running = asyncio.ensure_future(encoder.encode_users(["run"]))
+        await asyncio.to_thread(fake.running.wait, 5)
+        waiting = asyncio.ensure_future(encoder.encode_users(["waiting"]))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(asyncio.to_thread(encoder.close))
+        await asyncio.sleep(0.05)
+        fake.gate.set()
+        await closing
+        with pytest.raises(Unavailable):
+            await waiting
+        return await running
+
+    asyncio.run(main())
+    assert fake.runs == [["run"]]

@@ -1,0 +1,44 @@
+"""clients.loadgen without a server: the workload, arrival schedules and result statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clients import loadgen
+from tests.conftest import FIXTURES
+
+
+def test_workload_draws_real_histories_with_context():
+    workload = loadgen.build_workload(FIXTURES / "tiny", count=20, history_items=5, seed=3)
+    assert len(workload.users) == 20
+    request = workload.recommend_request(0)
+    assert len(request.history) == 5 and request.k == 10 and request.context.HasField("timestamp")
+    assert all(entry.item_id.startswith("m") for entry in request.history)
+    events = workload.session_events(1, count=4)
+    assert events[0].WhichOneof("event") == "config" and len(events[0].config.history) == 5
+    assert [e.WhichOneof("event") for e in events[1:]] == ["interaction"] * 3
+    assert loadgen.build_workload(FIXTURES / "tiny", count=20, history_items=5, seed=3) == workload
+
+
+def test_workload_needs_long_enough_histories():
+    with pytest.raises(ValueError, match="more than"):
+        loadgen.build_workload(FIXTURES / "tiny", history_items=10_000)
+
+
+def test_arrival_schedules():
+    constant = loadgen.arrival_times(50, 2.0, poisson=False)
+    assert len(constant) == 100 and np.allclose(np.diff(constant), 0.02)
+    poisson = loadgen.arrival_times(200, 20.0, poisson=True, seed=1)
+    gaps = np.diff(poisson)
+    assert abs(len(poisson) / 20.0 - 200) < 10 and poisson[-1] < 20.0
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.1  # exponential gaps: coefficient of variation 1
+    assert loadgen.arrival_times(200, 20.0, poisson=True, seed=1) == poisson
+
+
+def test_result_summary():
+    result = loadgen.RunResult("x", "recommend", "closed", 4, 2.0, 100, {"UNAVAILABLE": 2},
+                               [float(i) for i in range(1, 101)])
+    summary = result.summary()
+    assert summary["qps"] == 50 and summary["error_count"] == 2
+    assert summary["p50_ms"] == pytest.approx(50.5) and summary["p99_ms"] == pytest.approx(99.01)
