@@ -22,10 +22,10 @@ export TOKENIZERS_PARALLELISM := false
 # hnswlib builds from source; without this it compiles for this exact CPU and may crash elsewhere.
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: help setup proto data train export serve run eval bench test clean
+.PHONY: help setup proto data train export serve run eval eval-cold bench test clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
@@ -66,6 +66,9 @@ EVAL_ARGS ?=
 eval: setup data  ## train SEEDS seeds on DATA, export, evaluate all baselines side by side; report in reports/<data>/
 	$(PY) -m training.experiment --data $(DATA) --runs $(RUN_DIR) --bundles build/eval-bundles/$(notdir $(DATA)) \
 		--report reports/$(notdir $(DATA)) --seeds $(SEEDS) $(EVAL_ARGS)
+
+eval-cold: setup data  ## hold 10% of items out of training, upsert them into a live server, rank cold targets
+	$(PY) -m training.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA))
 
 bench: setup data  ## load-test the server beside the raw runtime and a PyTorch server; report in reports/bench/
 	@if ! ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then $(MAKE) --no-print-directory train export; fi

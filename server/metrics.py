@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
@@ -88,9 +87,3 @@ def time_calls(obj: Any, name: str, histogram: Histogram) -> bool:
 def observe_rpc(method: str, code_name: str, seconds: float) -> None:
     RPCS.labels(method, code_name).inc()
     RPC_SECONDS.labels(method).observe(seconds)
-
-
-def timer(histogram: Histogram) -> Callable[[], None]:
-    """started = timer(H); ...; started() observes the time since timer() was called."""
-    started = time.perf_counter()
-    return lambda: histogram.observe(time.perf_counter() - started)
