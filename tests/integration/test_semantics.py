@@ -33,3 +33,18 @@ def test_a_new_user_with_only_a_query_gets_the_animation_titles(stub, tiny_catal
     animation = {i for i, f in fields.items() if "Animation" in f.categories}
     top = ranking(stub, pb.RecommendRequest(context=pb.Context(query="animated films for kids"), k=5))
     assert len(animation) == 4 and set(top[:4]) == animation
+
+
+def test_a_query_steers_a_history_of_comedies_towards_science_fiction(stub, tiny_catalogue):
+    fields = dict(tiny_catalogue)
+    comedies = [pb.HistoryItem(item_id=i) for i in ("m13", "m14", "m15", "m16")]
+    assert all("Comedy" in fields[h.item_id].categories for h in comedies)
+    sci_fi = {i for i, f in fields.items() if "Sci-Fi" in f.categories}
+
+    def sci_fi_ranks(query: str) -> list[int]:
+        request = pb.RecommendRequest(history=comedies, context=pb.Context(query=query), k=42, exclude_history=True)
+        return [rank for rank, item_id in enumerate(ranking(stub, request)) if item_id in sci_fi]
+
+    without, with_query = sci_fi_ranks(""), sci_fi_ranks("space adventure")
+    assert sum(with_query) / len(with_query) < sum(without) / len(without) - 3  # clearly higher on average
+    assert sum(r < 5 for r in with_query) > sum(r < 5 for r in without)  # and more of them in the top 5
