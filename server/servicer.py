@@ -8,6 +8,7 @@ Versions reported in every response:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -29,26 +30,31 @@ from server.validation import check_item_id, check_list_page_size, check_page_si
 logger = logging.getLogger(__name__)
 
 
-def _unary(method: Callable) -> Callable:
+@contextlib.asynccontextmanager
+async def _rpc_scope(name: str, context) -> AsyncIterator[None]:
     """Domain errors -> their status; anything else -> INTERNAL (logged). Logs outcome and latency only."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    set_request_deadline(context.time_remaining())  # the encoder drops work whose caller gave up
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:
+        code, _ = status_for(error, name)
+        await abort_with(context, error, name)
+    finally:
+        # Never the request itself: histories and queries are personal data.
+        elapsed = time.perf_counter() - started
+        metrics.observe_rpc(name, code.name, elapsed)
+        logger.debug("%s %s in %.1f ms", name, code.name, elapsed * 1e3)
 
+
+def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        set_request_deadline(context.time_remaining())  # the encoder drops work whose caller gave up
-        try:
+        async with _rpc_scope(method.__name__, context):
             return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            code, _ = status_for(error, method.__name__)
-            await abort_with(context, error, method.__name__)
-        finally:
-            # Never the request itself: histories and queries are personal data.
-            elapsed = time.perf_counter() - started
-            metrics.observe_rpc(method.__name__, code.name, elapsed)
-            logger.debug("%s %s in %.1f ms", method.__name__, code.name, elapsed * 1e3)
 
     return wrapper
 
@@ -58,21 +64,9 @@ def _streaming(method: Callable) -> Callable:
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        set_request_deadline(context.time_remaining())
-        try:
+        async with _rpc_scope(method.__name__, context):
             async for response in method(self, request, context):
                 yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            code, _ = status_for(error, method.__name__)
-            await abort_with(context, error, method.__name__)
-        finally:
-            elapsed = time.perf_counter() - started
-            metrics.observe_rpc(method.__name__, code.name, elapsed)
-            logger.debug("%s %s after %.1f ms", method.__name__, code.name, elapsed * 1e3)
 
     return wrapper
 
