@@ -71,7 +71,9 @@ def build_bundle(
 
         encoder = OnnxEncoder(staging / layout.MODEL_INT8_FILE, staging / layout.TOKENIZER_FILE)
         item_texts = [render_item(fields) for _, fields in catalogue]
-        text_vectors = encoder.encode(item_texts, max_item_tokens)
+        # One text per run, as the server encodes: dynamic INT8 scales activations per batch, and encoding
+        # items in batches of 64 cost 10% of NDCG@10 on MovieLens against 5.5% one at a time.
+        text_vectors = encoder.encode(item_texts, max_item_tokens, batch_size=1)
         id_vectors, biases, new_item_bias, temperature = _item_head(checkpoint, [i for i, _ in catalogue], encoder.dimension)
         vectors = item_matrix(text_vectors, id_vectors, biases, temperature)
         score = lambda users, items: user_queries(users) @ item_matrix(items, id_vectors, biases, temperature).T  # noqa: E731
