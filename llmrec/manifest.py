@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 MODEL_INT8_FILE = "model/model_int8.onnx"
 MODEL_FP32_FILE = "model/model_fp32.onnx"
@@ -58,6 +58,7 @@ class Manifest:
     max_item_tokens: int
     max_history_items: int
     new_item_bias: float  # bias given to items that were never trained on (cold items)
+    history_item_score: float  # added to the score of items already in the user's history (training/repeats.py)
     index: IndexSpec
     files: dict[str, str]  # relative path -> sha256
     quality: dict[str, Any]  # export checks: INT8 vs PyTorch cosine and ranking agreement

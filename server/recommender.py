@@ -97,7 +97,8 @@ class Recommender:
         resolved = self.resolve(query.user.history, with_window_vectors=query.explain)
         text = render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
         user_vector = await self.encode_user(text)
-        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters)
+        history_ids = [ref.item_id for ref in query.user.history]
+        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids)
         if query.explain:
             items = await self.explain(items, self.window(resolved), query.user.context.query)
         return items
@@ -114,12 +115,25 @@ class Recommender:
         return query.exclude_item_ids | {ref.item_id for ref in query.user.history if ref.item_id is not None}
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
-               filters: Sequence[AttributeFilter] = ()) -> list[ScoredItem]:
-        """Top-k items by inner product of [user_vector, 1.0] with the rows [item_vector, item_bias].
+               filters: Sequence[AttributeFilter] = (), history_ids: Iterable[str | None] = ()) -> list[ScoredItem]:
+        """Top-k items by inner product of [user_vector, 1.0] with the rows [item_vector, item_bias], plus the
+        bundle's history item score for items in history_ids (as in training/repeats.py).
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
-        return self.catalogue.search(user_vector, k, exclude_ids, filters)
+        exclude_ids = frozenset(exclude_ids)
+        adjustment = self.bundle.manifest.history_item_score
+        seen = {i for i in history_ids if i is not None} - exclude_ids if adjustment else set()
+        if not seen:
+            return self.catalogue.search(user_vector, k, exclude_ids, filters)
+        # The adjustment only lowers history items, so the true top k lies within the top k + len(seen).
+        candidates = self.catalogue.search(user_vector, k + len(seen), exclude_ids, filters)
+        rescored = sorted(
+            (dataclasses.replace(item, score=item.score + adjustment) if item.item_id in seen else item
+             for item in candidates),
+            key=lambda item: -item.score,  # stable: equal scores keep the index's order
+        )
+        return [dataclasses.replace(item, rank=rank) for rank, item in enumerate(rescored[:k], 1)]
 
     async def explain(self, items: list[ScoredItem], window: Sequence[ResolvedItem], query: str,
                       text_cache: dict[str, np.ndarray] | None = None) -> list[ScoredItem]:

@@ -214,7 +214,7 @@ class Session:
             vector = await self.recommender.encode_user(text)
             self.encodes += 1
         recommender = self.recommender
-        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters)
+        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters, state.history_ids)
         if state.explain:
             items = await recommender.explain(items, [entry.resolved for entry in state.window],
                                               state.context.query, self._text_vectors)

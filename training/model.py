@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,7 +110,7 @@ class TextRecommender(nn.Module):
             for parameter in layer.parameters():
                 parameter.requires_grad = False
 
-    def save(self, directory: Path, item_ids: Sequence[str]) -> None:
+    def save(self, directory: Path, item_ids: Sequence[str], history_item_score: float = 0.0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory / ENCODER_DIR)
         self.tokenizer.save_pretrained(directory / ENCODER_DIR)
@@ -118,16 +119,28 @@ class TextRecommender(nn.Module):
             item_ids=np.asarray(item_ids, dtype=str),
             id_embedding=self.id_embedding.weight.detach().numpy(),
             item_bias=self.item_bias.detach().numpy(),
+            history_item_score=np.float64(history_item_score),
         )
 
 
-def load_item_head(checkpoint: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    """(item ids, id embeddings, biases) of a trained checkpoint, or None for a bare pretrained encoder."""
+@dataclasses.dataclass(frozen=True)
+class ItemHead:
+    """What a checkpoint adds to the encoder: per-item id vectors and biases, and the history item score."""
+
+    item_ids: list[str]
+    id_embedding: np.ndarray
+    item_bias: np.ndarray
+    history_item_score: float
+
+
+def load_item_head(checkpoint: Path) -> ItemHead | None:
+    """The item head of a trained checkpoint, or None for a bare pretrained encoder."""
     path = Path(checkpoint) / HEAD_FILE
     if not path.is_file():
         return None
     head = np.load(path)
-    return [str(i) for i in head["item_ids"]], head["id_embedding"], head["item_bias"]
+    history_item_score = float(head["history_item_score"]) if "history_item_score" in head else 0.0  # older runs
+    return ItemHead([str(i) for i in head["item_ids"]], head["id_embedding"], head["item_bias"], history_item_score)
 
 
 def encoder_dir(checkpoint: Path) -> Path:

@@ -32,6 +32,11 @@ def write_report(metrics: dict, out: Path) -> Path:
     if metrics.get("int8_hnsw_relative_ndcg10_loss") is not None:
         notes.append(f"NDCG@10 lost to INT8 + HNSW (served path) vs PyTorch FP32 exact: "
                      f"{metrics['int8_hnsw_relative_ndcg10_loss']:.2%} (relative).")
+    for seed, chosen in enumerate(metrics.get("history_item_score", [])):
+        table = chosen["validation_ndcg@10"]
+        notes.append(f"Seed {seed}: history item score {chosen['value']} chosen on the validation split "
+                     f"(validation NDCG@10 {table[str(chosen['value'])]:.4f}; {table['0.0']:.4f} with history items "
+                     "left where the encoder puts them).")
     text = f"""# Evaluation: {metrics['dataset']}
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
@@ -40,7 +45,7 @@ Training: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s (per seed
 
 {chr(10).join(rows)}
 
-{chr(10).join(notes)}
+{(chr(10) * 2).join(notes)}
 
 ![training curve](training_curve.png) ![metrics](metrics.png)
 """

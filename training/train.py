@@ -32,6 +32,7 @@ from training.data import (
 from training.evaluation import ScoreFn, evaluate, popularity_scores
 from training.losses import FullSoftmaxLoss
 from training.model import TextRecommender, pretrained_encoder_path
+from training.repeats import add_history_score, choose_history_item_score
 
 log = logging.getLogger("llmrec.train")
 
@@ -64,16 +65,18 @@ def training_user_texts(data: Interactions, examples: list[Example], config: Tra
 
 
 def model_scores(
-    model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float, use_context: bool | None = None
+    model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float,
+    use_context: bool | None = None, history_item_score: float = 0.0,
 ) -> ScoreFn:
-    """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits)."""
+    """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits), plus
+    history_item_score on items already in the user's history (training/repeats.py)."""
     with torch.no_grad():
         items = model.item_vectors(model.encode_all([render_item(i) for i in data.items], config.max_item_tokens))
         bias = temperature * model.item_bias
 
     def score(examples: list[Example]) -> np.ndarray:
         users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
-        return (users @ items.T + bias).cpu().numpy()
+        return add_history_score((users @ items.T + bias).cpu().numpy(), data, examples, history_item_score)
 
     return score
 
@@ -176,11 +179,16 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     if not distributed.is_main:
         distributed.close()
         return {}
-    model.cpu().save(out / "checkpoint", data.item_ids)
+    valid = split_examples(data, "valid")[: config.calibration_users]
+    history_item_score, calibration = choose_history_item_score(
+        model_scores(model, data, config, config.temperature)(valid), data, valid
+    )
+    log.info("history item score %s (validation NDCG@10 by value: %s)", history_item_score, calibration)
+    model.cpu().save(out / "checkpoint", data.item_ids, history_item_score)
     model.to(distributed.device)
     config.save(out / "checkpoint" / "train_config.json")
 
-    evaluation = evaluate_against_baselines(model, data, config, encoder_path)
+    evaluation = evaluate_against_baselines(model, data, config, encoder_path, history_item_score)
     metrics = {
         "dataset": data.name,
         "config": dataclasses.asdict(config),
@@ -188,6 +196,8 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         "train_seconds": round(train_seconds, 1),
         "steps": len(curve),
         "curve": curve,
+        "history_item_score": history_item_score,
+        "history_item_score_validation_ndcg10": calibration,
         "evaluation": evaluation,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -196,20 +206,21 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
 
 
 def evaluate_against_baselines(
-    model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path
+    model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path, history_item_score: float
 ) -> dict[str, dict]:
-    """Test-split metrics for popularity, the zero-shot encoder and the trained model, in one run."""
-    examples = split_examples(data, "test")
+    """Metrics on config.eval_split (test unless tuning) for popularity, the zero-shot encoder and the trained model, in one run."""
+    examples = split_examples(data, config.eval_split)
     if config.eval_users:
         examples = examples[: config.eval_users]
     zero_shot = TextRecommender(encoder_path, data.num_items).to(model.item_bias.device).eval()
     results = {
         "popularity": evaluate(popularity_scores(data), data, examples, config.ks),
         "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
-        "llmrec": evaluate(model_scores(model, data, config, config.temperature), data, examples, config.ks),
+        "llmrec": evaluate(model_scores(model, data, config, config.temperature, history_item_score=history_item_score),
+                           data, examples, config.ks),
     }
     if data.timestamps and config.use_context:  # the same model, its context (time of day, weekday) withheld
-        scores = model_scores(model, data, config, config.temperature, use_context=False)
+        scores = model_scores(model, data, config, config.temperature, False, history_item_score)
         results["llmrec_without_context"] = evaluate(scores, data, examples, config.ks)
     return results
 
@@ -230,7 +241,9 @@ def main(
     batch_size: int = typer.Option(TrainConfig.batch_size),
     seed: int = typer.Option(TrainConfig.seed),
     use_context: bool = typer.Option(TrainConfig.use_context, help="render time/device/query context into user text"),
-    eval_users: int = typer.Option(TrainConfig.eval_users, help="evaluate on the first N test users (0 = all)"),
+    eval_users: int = typer.Option(TrainConfig.eval_users, help="evaluate on the first N users (0 = all)"),
+    eval_split: str = typer.Option(TrainConfig.eval_split, help="'valid' to choose hyperparameters, 'test' to report"),
+    max_user_tokens: int = typer.Option(TrainConfig.max_user_tokens, help="token window of the user text"),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llmrec").setLevel(logging.INFO)
@@ -241,13 +254,15 @@ def main(
         seed=seed,
         use_context=use_context,
         eval_users=eval_users,
+        eval_split=eval_split,
+        max_user_tokens=max_user_tokens,
     )
     interactions = load_interactions(data)
     out.mkdir(parents=True, exist_ok=True)
     metrics = train(interactions, config, out)
     if not metrics:  # a torchrun rank other than 0
         return
-    typer.echo(f"\n{interactions.name}: {metrics['steps']} steps in {metrics['train_seconds']} s; test split, full ranking:")
+    typer.echo(f"\n{interactions.name}: {metrics['steps']} steps in {metrics['train_seconds']} s; {config.eval_split} split, full ranking:")
     typer.echo(format_table(metrics["evaluation"], config.ks))
     typer.echo(f"checkpoint: {out / 'checkpoint'}")
 

@@ -41,8 +41,9 @@ class FakeRecommender:
         self.encoded.append(text)
         return np.ones(4, dtype=np.float32)
 
-    def search(self, vector, k, exclude_ids, filters):
+    def search(self, vector, k, exclude_ids, filters, history_ids):
         self.searches.append((k, frozenset(exclude_ids), tuple(filters)))
+        self.history_ids = tuple(history_ids)
         return [ScoredItem(item_id=i, score=1.0, title=i, rank=n) for n, i in enumerate("abcde"[:k], 1)]
 
 
@@ -89,6 +90,8 @@ def test_an_interaction_resolves_one_item_and_encodes_once(session):
         handle(session, InteractionEvent(ref(item_id)))
     assert session.recommender.resolved == [3, 1, 1, 1, 1]  # never the whole history again
     assert session.encodes == 5 and len(session.state.window) == 2
+    # the bounded history (max_request_history 3 here) reaches the search, for the history item score
+    assert session.recommender.history_ids == session.state.history_ids == tuple("ede")
 
 
 def test_events_that_keep_the_user_text_reuse_the_cached_vector(session):

@@ -1,0 +1,69 @@
+"""The server lowers history items by the bundle's history item score, exactly as evaluation does."""
+
+from __future__ import annotations
+
+import types
+
+import hnswlib
+import numpy as np
+import pytest
+
+from llmrec.template import ItemFields
+from server.catalogue import Catalogue
+from server.recommender import Recommender
+from server.validation import Limits
+
+DIM = 8
+COUNT = 50
+
+
+def recommender(history_item_score: float) -> tuple[Recommender, np.ndarray]:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(COUNT, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = np.hstack([vectors, np.zeros((COUNT, 1), np.float32)])
+    index = hnswlib.Index(space="ip", dim=DIM + 1)
+    index.init_index(max_elements=COUNT, ef_construction=100, M=16, allow_replace_deleted=True)
+    index.add_items(rows, np.arange(COUNT))
+    index.set_ef(100)
+    ids = [f"i{n:02d}" for n in range(COUNT)]
+    manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, index_dimension=DIM + 1, new_item_bias=0.0,
+                                     history_item_score=history_item_score, max_history_items=20)
+    bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
+                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)})
+    return Recommender(bundle, encoder=None, limits=Limits(), catalogue=Catalogue(bundle)), rows
+
+
+def reference(rows: np.ndarray, user: np.ndarray, history: set[str], score: float, k: int) -> list[tuple[str, float]]:
+    scored = [(float(rows[n] @ np.append(user, 1.0)) + (score if f"i{n:02d}" in history else 0.0), f"i{n:02d}")
+              for n in range(COUNT)]
+    return [(item_id, s) for s, item_id in sorted(scored, reverse=True)[:k]]
+
+
+@pytest.mark.parametrize("score", [-0.05, -0.3, -4.0])
+def test_history_items_are_lowered_and_the_ranking_matches_exact_scoring(score):
+    rec, rows = recommender(score)
+    user = rows[0, :DIM]  # the user is most like item 0
+    plain = [item.item_id for item in rec.search(user, 10)]
+    history = plain[:4] + ["i49"]  # the four best items, and one far down
+    got = rec.search(user, 10, history_ids=history + [None])  # None: an item given as text
+    want = reference(rows, user, set(history), score, 10)
+    assert [item.item_id for item in got] == [item_id for item_id, _ in want]
+    assert [item.score for item in got] == pytest.approx([s for _, s in want], abs=1e-5)
+    assert [item.rank for item in got] == list(range(1, 11))
+    if score == -4.0:
+        assert not set(history) & {item.item_id for item in got}
+
+
+def test_a_zero_score_leaves_the_ranking_alone():
+    rec, rows = recommender(0.0)
+    user = rows[3, :DIM]
+    plain = rec.search(user, 10)
+    assert rec.search(user, 10, history_ids=[i.item_id for i in plain[:3]]) == plain
+
+
+def test_excluded_history_items_stay_excluded():
+    rec, rows = recommender(-0.05)
+    user = rows[0, :DIM]
+    got = rec.search(user, 10, exclude_ids={"i00"}, history_ids=["i00", "i01"])
+    assert "i00" not in {item.item_id for item in got} and len(got) == 10
