@@ -181,6 +181,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_history_items=recommender.limits.max_request_history,
             max_text_chars=recommender.limits.max_text_chars,
             created_at=manifest.created_at,
+            history_item_score=manifest.history_item_score,
         )
 
     @_unary

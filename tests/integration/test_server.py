@@ -259,6 +259,7 @@ def test_get_model_info_reports_every_field(stub, manifest):
     assert info.execution_provider == "CPUExecutionProvider" and info.model_precision == "int8"
     assert (info.max_k, info.max_history_items, info.max_text_chars) == (100, 500, 2000)
     assert info.created_at == manifest.created_at
+    assert info.history_item_score == manifest.history_item_score
 
 
 # --- health and reflection -----------------------------------------------------------------------------
