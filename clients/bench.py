@@ -446,12 +446,13 @@ def derived_catalogue(data_sets: list[Path], count: int = SYNTHETIC_ITEMS) -> li
 
 
 def synthetic_bundle(root: Path) -> Path | None:
-    """The cached 20k bundle under root, if one with the expected size and index parameters exists."""
+    """The cached 20k bundle under root, if one of this bundle format, size and index parameters exists."""
     for manifest_path in sorted(root.glob(f"*/{mf.MANIFEST_FILE}"), reverse=True):
         manifest = json.loads(manifest_path.read_text())
         index = manifest.get("index", {})
-        if manifest.get("item_count") == SYNTHETIC_ITEMS and index.get("m") == SYNTHETIC_INDEX["index_m"] and \
-                index.get("ef_construction") == SYNTHETIC_INDEX["index_ef_construction"]:
+        if manifest.get("format_version") == mf.FORMAT_VERSION and manifest.get("item_count") == SYNTHETIC_ITEMS \
+                and index.get("m") == SYNTHETIC_INDEX["index_m"] \
+                and index.get("ef_construction") == SYNTHETIC_INDEX["index_ef_construction"]:
             return manifest_path.parent
     return None
 
