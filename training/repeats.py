@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from training.data import Example, Interactions
-from training.evaluation import evaluate
+from training.evaluation import ranking_metrics, target_ranks
 
 # 0 keeps the text model's ranking; -4 puts every history item below every other item (scores span ~[-1.5, 1.5]).
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)
@@ -36,11 +36,10 @@ def choose_history_item_score(
     scores: np.ndarray, data: Interactions, examples: Sequence[Example]
 ) -> tuple[float, dict[str, float]]:
     """The grid value with the best NDCG@10 on `examples` (validation users), and NDCG@10 for every value."""
-    row_of = {id(e): n for n, e in enumerate(examples)}
+    targets = np.array([data.sequences[e.user][e.target_position] for e in examples])
     table = {}
     for value in HISTORY_SCORE_GRID:
-        adjusted = add_history_score(scores.copy(), data, examples, value)
-        metrics = evaluate(lambda batch: adjusted[[row_of[id(e)] for e in batch]], data, examples, (10,))  # noqa: B023
-        table[str(value)] = metrics["ndcg@10"]
+        ranks = target_ranks(add_history_score(scores.copy(), data, examples, value), targets)
+        table[str(value)] = ranking_metrics(ranks, (10,))["ndcg@10"]
     best = max(HISTORY_SCORE_GRID, key=lambda value: (table[str(value)], value))  # ties: the milder value
     return best, table

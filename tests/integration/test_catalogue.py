@@ -12,6 +12,7 @@ import pytest
 from llmrec.manifest import read_manifest
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+from rpc_helpers import call_error, ids_of
 
 GRAVITY = pb.CatalogueItem(
     item_id="new-gravity",
@@ -19,16 +20,6 @@ GRAVITY = pb.CatalogueItem(
                      description="Two astronauts stranded in orbit after debris destroys their shuttle."),
     attributes={"studio": "Warner Bros.", "decade": "2010s"},
 )
-
-
-def ids_of(items) -> list[str]:
-    return [i.item_id for i in items]
-
-
-def call_error(function, request) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        function(request, timeout=10)
-    return caught.value
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from llmrec.manifest import VECTORS_FILE, read_manifest
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+from rpc_helpers import call_error, ids_of
 from server.validation import EMPTY_USER_MESSAGE
 
 STAR_WARS = ["m1", "m2", "m3"]
@@ -21,16 +22,6 @@ STAR_WARS = ["m1", "m2", "m3"]
 
 def history(*ids: str) -> list[pb.HistoryItem]:
     return [pb.HistoryItem(item_id=i) for i in ids]
-
-
-def ids_of(items) -> list[str]:
-    return [i.item_id for i in items]
-
-
-def call_error(function, request) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        function(request, timeout=10)
-    return caught.value
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+from rpc_helpers import ids_of
 
 OK = 0
 
@@ -28,10 +29,6 @@ class LiveSession:
     def close(self) -> list[pb.SessionResponse]:
         self._requests.put(None)
         return list(self.responses)
-
-
-def ids_of(items) -> list[str]:
-    return [i.item_id for i in items]
 
 
 def test_every_response_carries_the_server_assigned_session_id(stub):
