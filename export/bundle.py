@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -20,7 +21,8 @@ from export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
 from export.onnx import export_fp32, quantize_int8
 from export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
-from llmrec.manifest import IndexSpec, Manifest, sha256_file
+from llmrec.cooccurrence import RECENCY_DECAY, RECENT_ITEMS, WINDOW, CooccurrenceTable
+from llmrec.manifest import CooccurrenceSpec, IndexSpec, Manifest, sha256_file
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
 from training.model import encoder_dir, load_item_head, mean_pool
@@ -74,8 +76,8 @@ def build_bundle(
         # One text per run, as the server encodes: dynamic INT8 scales activations per batch, and encoding
         # items in batches of 64 cost 10% of NDCG@10 on MovieLens against 5.5% one at a time.
         text_vectors = encoder.encode(item_texts, max_item_tokens, batch_size=1)
-        id_vectors, biases, new_item_bias, temperature, history_item_score = _item_head(
-            checkpoint, [i for i, _ in catalogue], encoder.dimension)
+        head = _served_head(checkpoint, [i for i, _ in catalogue], encoder.dimension)
+        id_vectors, biases, temperature = head.id_vectors, head.biases, head.temperature
         vectors = item_matrix(text_vectors, id_vectors, biases, temperature)
         score = lambda users, items: user_queries(users) @ item_matrix(items, id_vectors, biases, temperature).T  # noqa: E731
 
@@ -96,6 +98,7 @@ def build_bundle(
         quality["hnsw_recall@10"] = hnsw_recall(index, vectors, user_queries(user_vectors), k=10)
         index.save_index(str(staging / layout.INDEX_FILE))
         np.save(staging / layout.VECTORS_FILE, vectors)
+        head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
         with (staging / layout.ITEMS_FILE).open("w", encoding="utf-8") as handle:
             for item_id, fields in catalogue:
                 record = {"id": item_id, "title": fields.title, "categories": list(fields.categories),
@@ -117,8 +120,10 @@ def build_bundle(
             max_user_tokens=max_user_tokens,
             max_item_tokens=max_item_tokens,
             max_history_items=max_history_items,
-            new_item_bias=float(temperature * new_item_bias),
-            history_item_score=history_item_score,
+            new_item_bias=float(temperature * head.new_item_bias),
+            history_item_score=head.history_item_score,
+            cooccurrence=CooccurrenceSpec(weight=head.cooccurrence_weight, recent_items=RECENT_ITEMS,
+                                          recency_decay=RECENCY_DECAY, window=WINDOW),
             index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
             files=files,
             quality=quality,
@@ -132,26 +137,41 @@ def build_bundle(
     return final
 
 
-def _item_head(
-    checkpoint: Path, item_ids: list[str], dimension: int
-) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+@dataclasses.dataclass
+class _ServedHead:
+    """The checkpoint's item head over the bundle's catalogue rows."""
+
+    id_vectors: np.ndarray
+    biases: np.ndarray
+    new_item_bias: float
+    temperature: float
+    history_item_score: float
+    cooccurrence_weight: float
+    cooccurrence: CooccurrenceTable
+
+
+def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _ServedHead:
     """Per catalogue item: trained id vector and bias, or zeros and the median bias for items the model never saw;
-    then the new-item bias, the temperature and the history item score."""
+    the adjustments, and the co-occurrence table renumbered to catalogue rows."""
     id_vectors = np.zeros((len(item_ids), dimension), dtype=np.float32)
     head = load_item_head(checkpoint)
     if head is None:
-        return id_vectors, np.zeros(len(item_ids), dtype=np.float32), 0.0, DEFAULT_TEMPERATURE, 0.0
-    trained_ids, trained_vectors, trained_biases = head.item_ids, head.id_embedding, head.item_bias
-    new_item_bias = float(np.median(trained_biases))
+        return _ServedHead(id_vectors, np.zeros(len(item_ids), dtype=np.float32), 0.0, DEFAULT_TEMPERATURE, 0.0,
+                           0.0, CooccurrenceTable.empty(len(item_ids)))
+    new_item_bias = float(np.median(head.item_bias))
     biases = np.full(len(item_ids), new_item_bias, dtype=np.float32)
-    row = {item_id: i for i, item_id in enumerate(trained_ids)}
-    for i, item_id in enumerate(item_ids):
-        if item_id in row:
-            id_vectors[i] = trained_vectors[row[item_id]]
-            biases[i] = trained_biases[row[item_id]]
+    catalogue_row = {item_id: i for i, item_id in enumerate(item_ids)}
+    new_row = np.full(len(head.item_ids), -1, dtype=np.int64)
+    for trained_row, item_id in enumerate(head.item_ids):
+        row = catalogue_row.get(item_id)
+        if row is not None:
+            id_vectors[row] = head.id_embedding[trained_row]
+            biases[row] = head.item_bias[trained_row]
+            new_row[trained_row] = row
     config_path = Path(checkpoint) / "train_config.json"
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
-    return id_vectors, biases, new_item_bias, temperature, head.history_item_score
+    return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.history_item_score,
+                       head.cooccurrence_weight or 0.0, head.cooccurrence.renumber(new_row, len(item_ids)))
 
 
 def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:

@@ -17,7 +17,7 @@ from server.recommender import Recommender
 from server.validation import Limits
 from training.data import Example, Interactions, user_text
 from training.evaluation import evaluate
-from training.repeats import add_history_score
+from training.calibration import Adjustments, adjust
 
 _UNRANKED = -1e9  # score for items HNSW did not return: below every returned one
 
@@ -39,8 +39,12 @@ def evaluate_bundle(
     user_vectors = np.vstack(
         [bundle.encoder.encode([render_user(u, manifest.max_history_items)], manifest.max_user_tokens) for u in users]
     )
-    exact = add_history_score(user_queries(user_vectors) @ vectors.T, data, examples, manifest.history_item_score)
     row_to_item = {row: i for i, row in enumerate(columns)}
+    data_item_of_row = np.full(len(bundle.item_ids), -1, dtype=np.int64)
+    data_item_of_row[columns] = np.arange(len(columns))
+    adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight)
+    cooccurrence = bundle.cooccurrence.renumber(data_item_of_row, data.num_items)
+    exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence)
     served = np.full((len(examples), data.num_items), _UNRANKED)
     for n, items in enumerate(asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))):
         for item in items:

@@ -8,10 +8,12 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
     items/items.jsonl       one catalogue item a line: {"id", "title", "categories", "brand", "description"}
     items/vectors.npy       float32 (item_count, index_dimension): unit text+id vector, then the bias column
     items/index.hnsw        hnswlib index over vectors.npy, inner-product space, labels = row numbers
+    items/cooccurrence.npz  item co-occurrence table over row numbers (llmrec.cooccurrence; empty if untrained)
 
 Scoring: score(user, item) = dot(user_vector, item_vector) + item_bias, computed in one inner product by
 querying with [user_vector, 1.0] against rows [item_vector, item_bias]. user_vector is the mean-pooled,
-L2-normalised encoder output for the rendered user text (llmrec.template).
+L2-normalised encoder output for the rendered user text (llmrec.template). Served rankings then add
+history_item_score to items in the user's history and cooccurrence.weight times the co-occurrence score.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 MODEL_INT8_FILE = "model/model_int8.onnx"
 MODEL_FP32_FILE = "model/model_fp32.onnx"
@@ -30,7 +32,9 @@ TOKENIZER_FILE = "tokenizer/tokenizer.json"
 ITEMS_FILE = "items/items.jsonl"
 VECTORS_FILE = "items/vectors.npy"
 INDEX_FILE = "items/index.hnsw"
-BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE)
+COOCCURRENCE_FILE = "items/cooccurrence.npz"
+BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE,
+                COOCCURRENCE_FILE)
 
 
 class BundleError(Exception):
@@ -46,6 +50,16 @@ class IndexSpec:
 
 
 @dataclasses.dataclass
+class CooccurrenceSpec:
+    """How the server scores co-occurrence (llmrec.cooccurrence): weight 0 turns it off."""
+
+    weight: float
+    recent_items: int
+    recency_decay: float
+    window: int  # how the table was counted (for the record; serving reads the table)
+
+
+@dataclasses.dataclass
 class Manifest:
     bundle_version: str
     created_at: str  # RFC 3339
@@ -58,7 +72,8 @@ class Manifest:
     max_item_tokens: int
     max_history_items: int
     new_item_bias: float  # bias given to items that were never trained on (cold items)
-    history_item_score: float  # added to the score of items already in the user's history (training/repeats.py)
+    history_item_score: float  # added to the score of items already in the user's history (training/calibration.py)
+    cooccurrence: CooccurrenceSpec
     index: IndexSpec
     files: dict[str, str]  # relative path -> sha256
     quality: dict[str, Any]  # export checks: INT8 vs PyTorch cosine and ranking agreement
@@ -75,7 +90,8 @@ class Manifest:
         unknown = set(data) - fields
         if unknown:
             raise BundleError(f"manifest has unknown fields {sorted(unknown)}")
-        return cls(**{**data, "index": IndexSpec(**data["index"])})
+        return cls(**{**data, "index": IndexSpec(**data["index"]),
+                      "cooccurrence": CooccurrenceSpec(**data["cooccurrence"])})
 
 
 def sha256_file(path: Path) -> str:

@@ -11,6 +11,7 @@ import hnswlib
 import numpy as np
 
 from llmrec import manifest as mf
+from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
 from llmrec.template import TEMPLATE_VERSION, ItemFields
 
@@ -31,6 +32,7 @@ class LoadedBundle:
         row_of: item id -> row number.
         index: the hnswlib index, loaded (never rebuilt), ef set so that ef >= k for every allowed k.
         vectors: the index rows (memory-mapped); server.catalogue copies them into the live catalogue.
+        cooccurrence: the item co-occurrence table over row numbers (llmrec.cooccurrence).
     """
 
     path: Path
@@ -42,6 +44,7 @@ class LoadedBundle:
     row_of: dict[str, int]
     index: hnswlib.Index
     vectors: np.ndarray
+    cooccurrence: CooccurrenceTable
 
     @property
     def model_version(self) -> str:
@@ -109,6 +112,14 @@ class LoadedBundle:
             raise mf.BundleError(f"bundle {path}: vectors have shape {vectors.shape}, want "
                                  f"{(manifest.item_count, manifest.index_dimension)}")
 
+        try:
+            cooccurrence = CooccurrenceTable.load(path / mf.COOCCURRENCE_FILE)
+        except (OSError, ValueError, KeyError) as error:
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.COOCCURRENCE_FILE} ({error})") from error
+        if cooccurrence.num_items != manifest.item_count:
+            raise mf.BundleError(f"bundle {path}: co-occurrence table covers {cooccurrence.num_items} items, "
+                                 f"manifest says {manifest.item_count}")
+
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
         if index.get_current_count() != manifest.item_count:
@@ -121,7 +132,7 @@ class LoadedBundle:
 
         logger.info("loaded bundle %s: %d items, %s on %s, template v%s", manifest.bundle_version,
                     manifest.item_count, precision, encoder.provider, manifest.template_version)
-        return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors)
+        return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors, cooccurrence)
 
 
 def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:

@@ -115,25 +115,44 @@ class Recommender:
         return query.exclude_item_ids | {ref.item_id for ref in query.user.history if ref.item_id is not None}
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
-               filters: Sequence[AttributeFilter] = (), history_ids: Iterable[str | None] = ()) -> list[ScoredItem]:
+               filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = ()) -> list[ScoredItem]:
         """Top-k items by inner product of [user_vector, 1.0] with the rows [item_vector, item_bias], plus the
-        bundle's history item score for items in history_ids (as in training/repeats.py).
+        bundle's adjustments for a user with history_ids (oldest first), as training/calibration.py applies them:
+        the history item score on items in the history, and the weighted co-occurrence score of the history.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
         exclude_ids = frozenset(exclude_ids)
-        adjustment = self.bundle.manifest.history_item_score
-        seen = {i for i in history_ids if i is not None} - exclude_ids if adjustment else set()
-        if not seen:
+        adjustments = self.adjustments(history_ids)
+        if not adjustments:
             return self.catalogue.search(user_vector, k, exclude_ids, filters)
-        # The adjustment only lowers history items, so the true top k lies within the top k + len(seen).
-        candidates = self.catalogue.search(user_vector, k + len(seen), exclude_ids, filters)
-        rescored = sorted(
-            (dataclasses.replace(item, score=item.score + adjustment) if item.item_id in seen else item
-             for item in candidates),
-            key=lambda item: -item.score,  # stable: equal scores keep the index's order
-        )
+        # Negative adjustments only lower items, so the true top k lies within the index's top k + (lowered
+        # items); items raised by co-occurrence are scored exactly and join the candidates.
+        lowered = sum(1 for value in adjustments.values() if value < 0)
+        found = self.catalogue.search(user_vector, k + lowered, exclude_ids, filters)
+        candidates = [dataclasses.replace(item, score=item.score + adjustments.get(item.item_id, 0.0)) for item in found]
+        found_ids = {item.item_id for item in found}
+        raised = {item_id: value for item_id, value in adjustments.items() if value > 0 and item_id not in found_ids}
+        candidates += self.catalogue.top_adjusted(user_vector, raised, k, exclude_ids, filters)
+        rescored = sorted(candidates, key=lambda item: -item.score)  # stable: equal scores keep the index's order
         return [dataclasses.replace(item, rank=rank) for rank, item in enumerate(rescored[:k], 1)]
+
+    def adjustments(self, history_ids: Sequence[str | None]) -> dict[str, float]:
+        """Item id -> score added for a user with this history (oldest first); items given as text and items
+        unknown to the bundle add nothing of their own."""
+        manifest = self.bundle.manifest
+        out: dict[str, float] = {}
+        spec = manifest.cooccurrence
+        if spec.weight:
+            rows = [self.bundle.row_of[i] for i in history_ids if i is not None and i in self.bundle.row_of]
+            neighbours, values = self.bundle.cooccurrence.scores(rows, spec.recent_items, spec.recency_decay)
+            item_ids = self.bundle.item_ids
+            for row, value in zip(neighbours.tolist(), values.tolist()):
+                out[item_ids[row]] = spec.weight * value
+        if manifest.history_item_score:
+            for item_id in {i for i in history_ids if i is not None}:
+                out[item_id] = out.get(item_id, 0.0) + manifest.history_item_score
+        return {item_id: value for item_id, value in out.items() if value}
 
     async def explain(self, items: list[ScoredItem], window: Sequence[ResolvedItem], query: str,
                       text_cache: dict[str, np.ndarray] | None = None) -> list[ScoredItem]:

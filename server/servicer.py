@@ -182,6 +182,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_text_chars=recommender.limits.max_text_chars,
             created_at=manifest.created_at,
             history_item_score=manifest.history_item_score,
+            cooccurrence_weight=manifest.cooccurrence.weight,
         )
 
     @_unary

@@ -37,7 +37,7 @@ class TrainConfig:
     # Evaluation
     eval_batch_size: int = 64
     eval_users: int = 0  # 0 = all users
-    calibration_users: int = 3000  # validation users that choose the history item score (training/repeats.py)
+    calibration_users: int = 3000  # validation users that choose the adjustments (training/calibration.py)
     eval_split: str = "test"  # "valid" when choosing hyperparameters: the test split is for reporting only
     ks: tuple[int, ...] = (10, 50)
 

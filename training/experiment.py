@@ -21,7 +21,8 @@ from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
 from training.report import write_report
-from training.train import train
+from training.model import TextRecommender, pretrained_encoder_path
+from training.train import finish_run, train
 
 log = logging.getLogger("llmrec.experiment")
 
@@ -32,13 +33,19 @@ EVAL_MAX_STEPS = 100_000
 
 
 def _train_or_reuse(data, config: TrainConfig, run_dir: Path) -> dict:
-    """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`)."""
+    """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`);
+    one calibrated before the co-occurrence weight existed is calibrated and evaluated again, not retrained."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         if metrics["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            log.info("reusing %s (trained with this exact config)", run_dir)
-            return metrics
+            if "cooccurrence_weight" in metrics:
+                log.info("reusing %s (trained with this exact config)", run_dir)
+                return metrics
+            log.info("reusing the model in %s (trained with this exact config); choosing its adjustments", run_dir)
+            model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
+            training = {key: metrics[key] for key in ("world_size", "train_seconds", "steps", "curve")}
+            return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training)
     return train(data, config, run_dir)
 
 
@@ -48,7 +55,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
     test = split_examples(data, "test")
     if config.eval_users:
         test = test[: config.eval_users]
-    per_seed, curves, train_seconds, history_scores = [], [], [], []
+    per_seed, curves, train_seconds, adjustments = [], [], [], []
     for seed in range(seeds):
         seed_config = dataclasses.replace(config, seed=seed)
         run_dir = run_root if seed == 0 else run_root.with_name(f"{run_root.name}-seed{seed}")
@@ -65,8 +72,9 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         per_seed.append(rows)
         curves.append(metrics["curve"])
         train_seconds.append(metrics["train_seconds"])
-        history_scores.append({"value": metrics["history_item_score"],
-                               "validation_ndcg@10": metrics["history_item_score_validation_ndcg10"]})
+        adjustments.append({"history_item_score": metrics["history_item_score"],
+                            "cooccurrence_weight": metrics["cooccurrence_weight"],
+                            "validation_ndcg@10": metrics["adjustments_validation_ndcg10"]})
     sasrec_model, sasrec_info = train_sasrec(data, sasrec)
     sasrec_metrics = evaluate(sasrec_scores(sasrec_model, data, sasrec), data, test, config.ks)
 
@@ -85,7 +93,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         "per_seed": per_seed,
         "int8_hnsw_relative_ndcg10_loss": (fp32 - served) / fp32 if fp32 else None,
         "sasrec": sasrec_info,
-        "history_item_score": history_scores,
+        "adjustments": adjustments,
         "train_seconds": float(np.mean(train_seconds)),
         "steps": len(curves[0]),
         "curve": curves[0],

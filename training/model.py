@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from llmrec.cooccurrence import CooccurrenceTable
+
 HEAD_FILE = "item_head.npz"
 ENCODER_DIR = "encoder"
 
@@ -110,27 +112,53 @@ class TextRecommender(nn.Module):
             for parameter in layer.parameters():
                 parameter.requires_grad = False
 
-    def save(self, directory: Path, item_ids: Sequence[str], history_item_score: float = 0.0) -> None:
+    def save(self, directory: Path, item_ids: Sequence[str], history_item_score: float = 0.0,
+             cooccurrence_weight: float = 0.0, cooccurrence: CooccurrenceTable | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory / ENCODER_DIR)
         self.tokenizer.save_pretrained(directory / ENCODER_DIR)
+        self.save_head(directory, item_ids, history_item_score, cooccurrence_weight, cooccurrence)
+
+    def save_head(self, directory: Path, item_ids: Sequence[str], history_item_score: float,
+                  cooccurrence_weight: float, cooccurrence: CooccurrenceTable | None) -> None:
+        """The item head alone (item_head.npz): enough when only the post-training adjustments changed."""
+        table = CooccurrenceTable.empty(len(item_ids)) if cooccurrence is None else cooccurrence
         np.savez(
             directory / HEAD_FILE,
             item_ids=np.asarray(item_ids, dtype=str),
-            id_embedding=self.id_embedding.weight.detach().numpy(),
-            item_bias=self.item_bias.detach().numpy(),
+            id_embedding=self.id_embedding.weight.detach().cpu().numpy(),
+            item_bias=self.item_bias.detach().cpu().numpy(),
             history_item_score=np.float64(history_item_score),
+            cooccurrence_weight=np.float64(cooccurrence_weight),
+            cooccurrence_indptr=table.indptr,
+            cooccurrence_neighbours=table.neighbours,
+            cooccurrence_weights=table.weights,
         )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path) -> TextRecommender:
+        """A trained model back from its checkpoint (encoder and item head)."""
+        head = load_item_head(checkpoint)
+        if head is None:
+            raise FileNotFoundError(f"{checkpoint} has no {HEAD_FILE}: not a training checkpoint")
+        model = cls(encoder_dir(checkpoint), len(head.item_ids))
+        with torch.no_grad():
+            model.id_embedding.weight.copy_(torch.as_tensor(head.id_embedding))
+            model.item_bias.copy_(torch.as_tensor(head.item_bias))
+        return model
 
 
 @dataclasses.dataclass(frozen=True)
 class ItemHead:
-    """What a checkpoint adds to the encoder: per-item id vectors and biases, and the history item score."""
+    """What a checkpoint adds to the encoder: per-item id vectors and biases, and the post-training adjustments
+    (training/calibration.py) with the co-occurrence table over the same item numbering."""
 
     item_ids: list[str]
     id_embedding: np.ndarray
     item_bias: np.ndarray
     history_item_score: float
+    cooccurrence_weight: float | None  # None: calibrated before co-occurrence existed
+    cooccurrence: CooccurrenceTable
 
 
 def load_item_head(checkpoint: Path) -> ItemHead | None:
@@ -138,9 +166,16 @@ def load_item_head(checkpoint: Path) -> ItemHead | None:
     path = Path(checkpoint) / HEAD_FILE
     if not path.is_file():
         return None
-    head = np.load(path)
-    history_item_score = float(head["history_item_score"]) if "history_item_score" in head else 0.0  # older runs
-    return ItemHead([str(i) for i in head["item_ids"]], head["id_embedding"], head["item_bias"], history_item_score)
+    with np.load(path) as head:
+        item_ids = [str(i) for i in head["item_ids"]]
+        history_item_score = float(head["history_item_score"]) if "history_item_score" in head else 0.0
+        if "cooccurrence_weight" in head:
+            weight = float(head["cooccurrence_weight"])
+            table = CooccurrenceTable(head["cooccurrence_indptr"], head["cooccurrence_neighbours"],
+                                      head["cooccurrence_weights"])
+        else:
+            weight, table = None, CooccurrenceTable.empty(len(item_ids))
+        return ItemHead(item_ids, head["id_embedding"], head["item_bias"], history_item_score, weight, table)
 
 
 def encoder_dir(checkpoint: Path) -> Path:

@@ -32,11 +32,15 @@ def write_report(metrics: dict, out: Path) -> Path:
     if metrics.get("int8_hnsw_relative_ndcg10_loss") is not None:
         notes.append(f"NDCG@10 lost to INT8 + HNSW (served path) vs PyTorch FP32 exact: "
                      f"{metrics['int8_hnsw_relative_ndcg10_loss']:.2%} (relative).")
-    for seed, chosen in enumerate(metrics.get("history_item_score", [])):
+    for seed, chosen in enumerate(metrics.get("adjustments", [])):
         table = chosen["validation_ndcg@10"]
-        notes.append(f"Seed {seed}: history item score {chosen['value']} chosen on the validation split "
-                     f"(validation NDCG@10 {table[str(chosen['value'])]:.4f}; {table['0.0']:.4f} with history items "
-                     "left where the encoder puts them).")
+        best = table[f"{chosen['history_item_score']},{chosen['cooccurrence_weight']}"]
+        history_only = max(v for key, v in table.items() if key.endswith(",0.0"))
+        notes.append(f"Seed {seed}: history item score {chosen['history_item_score']} and co-occurrence weight "
+                     f"{chosen['cooccurrence_weight']} chosen on the validation split (validation NDCG@10 "
+                     f"{best:.4f}; "
+                     f"{history_only:.4f} with the best history item score alone; {table['0.0,0.0']:.4f} with "
+                     "neither).")
     text = f"""# Evaluation: {metrics['dataset']}
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,

@@ -17,6 +17,7 @@ import typer
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.template import render_item, render_user
 from training.augment import with_synthetic_query
 from training.config import TrainConfig
@@ -32,7 +33,7 @@ from training.data import (
 from training.evaluation import ScoreFn, evaluate, popularity_scores
 from training.losses import FullSoftmaxLoss
 from training.model import TextRecommender, pretrained_encoder_path
-from training.repeats import add_history_score, choose_history_item_score
+from training.calibration import Adjustments, adjust, choose_adjustments, training_cooccurrence
 
 log = logging.getLogger("llmrec.train")
 
@@ -66,17 +67,18 @@ def training_user_texts(data: Interactions, examples: list[Example], config: Tra
 
 def model_scores(
     model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float,
-    use_context: bool | None = None, history_item_score: float = 0.0,
+    use_context: bool | None = None, adjustments: Adjustments = Adjustments(),
+    cooccurrence: CooccurrenceTable | None = None,
 ) -> ScoreFn:
     """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits), plus
-    history_item_score on items already in the user's history (training/repeats.py)."""
+    the post-training adjustments (training/calibration.py)."""
     with torch.no_grad():
         items = model.item_vectors(model.encode_all([render_item(i) for i in data.items], config.max_item_tokens))
         bias = temperature * model.item_bias
 
     def score(examples: list[Example]) -> np.ndarray:
         users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
-        return add_history_score((users @ items.T + bias).cpu().numpy(), data, examples, history_item_score)
+        return adjust((users @ items.T + bias).cpu().numpy(), data, examples, adjustments, cooccurrence)
 
     return score
 
@@ -179,34 +181,47 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     if not distributed.is_main:
         distributed.close()
         return {}
-    valid = split_examples(data, "valid")[: config.calibration_users]
-    history_item_score, calibration = choose_history_item_score(
-        model_scores(model, data, config, config.temperature)(valid), data, valid
-    )
-    log.info("history item score %s (validation NDCG@10 by value: %s)", history_item_score, calibration)
-    model.cpu().save(out / "checkpoint", data.item_ids, history_item_score)
-    model.to(distributed.device)
-    config.save(out / "checkpoint" / "train_config.json")
-
-    evaluation = evaluate_against_baselines(model, data, config, encoder_path, history_item_score)
-    metrics = {
-        "dataset": data.name,
-        "config": dataclasses.asdict(config),
-        "world_size": distributed.world_size,
-        "train_seconds": round(train_seconds, 1),
-        "steps": len(curve),
-        "curve": curve,
-        "history_item_score": history_item_score,
-        "history_item_score_validation_ndcg10": calibration,
-        "evaluation": evaluation,
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    training = {"world_size": distributed.world_size, "train_seconds": round(train_seconds, 1), "steps": len(curve),
+                "curve": curve}
+    metrics = finish_run(model, data, config, out, encoder_path, training)
     distributed.close()
     return metrics
 
 
+def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, out: Path, encoder_path: Path,
+               training: dict) -> dict:
+    """After training: choose the adjustments on validation users, save the checkpoint, evaluate against the
+    baselines and write out/metrics.json (`training`: how the model was trained). Returns the metrics."""
+    valid = split_examples(data, "valid")[: config.calibration_users]
+    cooccurrence = training_cooccurrence(data)
+    adjustments, calibration = choose_adjustments(
+        model_scores(model, data, config, config.temperature)(valid), data, valid, cooccurrence)
+    log.info("adjustments %s chosen on %d validation users: NDCG@10 %.4f (%.4f with neither)", adjustments,
+             len(valid), calibration[f"{adjustments.history_item_score},{adjustments.cooccurrence_weight}"],
+             calibration["0.0,0.0"])
+    device = model.item_bias.device
+    model.cpu().save(out / "checkpoint", data.item_ids, adjustments.history_item_score,
+                     adjustments.cooccurrence_weight, cooccurrence)
+    model.to(device)
+    config.save(out / "checkpoint" / "train_config.json")
+
+    evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments, cooccurrence)
+    metrics = {
+        "dataset": data.name,
+        "config": dataclasses.asdict(config),
+        **training,
+        "history_item_score": adjustments.history_item_score,
+        "cooccurrence_weight": adjustments.cooccurrence_weight,
+        "adjustments_validation_ndcg10": calibration,
+        "evaluation": evaluation,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def evaluate_against_baselines(
-    model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path, history_item_score: float
+    model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path, adjustments: Adjustments,
+    cooccurrence: CooccurrenceTable,
 ) -> dict[str, dict]:
     """Metrics on config.eval_split (test unless tuning) for popularity, the zero-shot encoder and the trained model, in one run."""
     examples = split_examples(data, config.eval_split)
@@ -216,11 +231,11 @@ def evaluate_against_baselines(
     results = {
         "popularity": evaluate(popularity_scores(data), data, examples, config.ks),
         "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
-        "llmrec": evaluate(model_scores(model, data, config, config.temperature, history_item_score=history_item_score),
-                           data, examples, config.ks),
+        "llmrec": evaluate(model_scores(model, data, config, config.temperature, adjustments=adjustments,
+                                        cooccurrence=cooccurrence), data, examples, config.ks),
     }
     if data.timestamps and config.use_context:  # the same model, its context (time of day, weekday) withheld
-        scores = model_scores(model, data, config, config.temperature, False, history_item_score)
+        scores = model_scores(model, data, config, config.temperature, False, adjustments, cooccurrence)
         results["llmrec_without_context"] = evaluate(scores, data, examples, config.ks)
     return results
 

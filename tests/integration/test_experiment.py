@@ -6,7 +6,7 @@ from pathlib import Path
 from training.baselines.sasrec import SASRecConfig
 from training.config import TrainConfig
 from training.experiment import run_experiment
-from training.repeats import HISTORY_SCORE_GRID
+from training.calibration import COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
@@ -23,12 +23,14 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     assert abs(summary["int8_hnsw_relative_ndcg10_loss"]) < 0.2
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| sasrec |" in report and "| int8_hnsw_server |" in report
-    # The history item score chosen on validation travels to the bundle, and the server path applies it
-    # (the INT8 exact row above adds it in numpy; the HNSW row goes through server.recommender).
-    chosen = summary["history_item_score"][0]["value"]
-    assert chosen in HISTORY_SCORE_GRID and "history item score" in report
+    # The adjustments chosen on validation travel to the bundle, and the server path applies them
+    # (the INT8 exact row above adds them in numpy; the HNSW row goes through server.recommender).
+    chosen = summary["adjustments"][0]
+    assert chosen["history_item_score"] in HISTORY_SCORE_GRID and "history item score" in report
+    assert chosen["cooccurrence_weight"] in COOCCURRENCE_WEIGHT_GRID and "co-occurrence weight" in report
     manifest = json.loads(next((tmp_path / "bundles" / "seed0").glob("*/manifest.json")).read_text())
-    assert manifest["history_item_score"] == chosen
+    assert manifest["history_item_score"] == chosen["history_item_score"]
+    assert manifest["cooccurrence"]["weight"] == chosen["cooccurrence_weight"]
     for png in ("training_curve.png", "metrics.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"

@@ -1,4 +1,4 @@
-"""The server lowers history items by the bundle's history item score, exactly as evaluation does."""
+"""The server adds the bundle's adjustments (history item score, co-occurrence) exactly as evaluation does."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import hnswlib
 import numpy as np
 import pytest
 
+from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.manifest import CooccurrenceSpec
 from llmrec.template import ItemFields
 from server.catalogue import Catalogue
 from server.recommender import Recommender
@@ -15,9 +17,11 @@ from server.validation import Limits
 
 DIM = 8
 COUNT = 50
+RECENT, DECAY = 3, 0.5
 
 
-def recommender(history_item_score: float) -> tuple[Recommender, np.ndarray]:
+def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
+                cooccurrence: CooccurrenceTable | None = None) -> tuple[Recommender, np.ndarray]:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(COUNT, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -28,9 +32,11 @@ def recommender(history_item_score: float) -> tuple[Recommender, np.ndarray]:
     index.set_ef(100)
     ids = [f"i{n:02d}" for n in range(COUNT)]
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, index_dimension=DIM + 1, new_item_bias=0.0,
-                                     history_item_score=history_item_score, max_history_items=20)
+                                     history_item_score=history_item_score, max_history_items=20,
+                                     cooccurrence=CooccurrenceSpec(cooccurrence_weight, RECENT, DECAY, 1))
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
-                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)})
+                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
+                                   cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT))
     return Recommender(bundle, encoder=None, limits=Limits(), catalogue=Catalogue(bundle)), rows
 
 
@@ -67,3 +73,22 @@ def test_excluded_history_items_stay_excluded():
     user = rows[0, :DIM]
     got = rec.search(user, 10, exclude_ids={"i00"}, history_ids=["i00", "i01"])
     assert "i00" not in {item.item_id for item in got} and len(got) == 10
+
+
+def test_cooccurring_items_are_raised_and_the_ranking_matches_exact_scoring():
+    # Items 40-49 follow items 0-9 in the training sequences; 40-49 are far from the user in vector space.
+    table = CooccurrenceTable.from_sequences([[n, 40 + n] for n in range(10)] * 3, COUNT, window=1)
+    weight, score = 1.0, -0.3
+    rec, rows = recommender(score, weight, table)
+    user = rows[20, :DIM]
+    history = ["i00", "i01", "i02", "i03"]  # oldest first: i03 is the latest and weighs most
+    got = rec.search(user, 10, history_ids=history)
+    boosts = dict(zip(*(a.tolist() for a in table.scores([0, 1, 2, 3], RECENT, DECAY))))
+    scored = sorted(((float(rows[n] @ np.append(user, 1.0)) + weight * boosts.get(n, 0.0)
+                      + (score if f"i{n:02d}" in history else 0.0), f"i{n:02d}") for n in range(COUNT)), reverse=True)
+    assert [item.item_id for item in got] == [item_id for _, item_id in scored[:10]]
+    assert [item.score for item in got] == pytest.approx([s for s, _ in scored[:10]], abs=1e-5)
+    assert "i43" in {item.item_id for item in got}  # the latest item's neighbour, out of reach of the index alone
+    assert "i43" not in {item.item_id for item in rec.search(user, 10)}
+    # Excluded and deleted items stay out however much co-occurrence raises them.
+    assert "i43" not in {item.item_id for item in rec.search(user, 10, exclude_ids={"i43"}, history_ids=history)}

@@ -1,0 +1,59 @@
+"""Post-training adjustments: the history item score (once per distinct history item) and the co-occurrence
+weight, chosen together by validation NDCG@10."""
+
+import numpy as np
+
+from llmrec.template import ItemFields
+from training.data import Example, Interactions
+from llmrec.cooccurrence import CooccurrenceTable
+from training.calibration import HISTORY_SCORE_GRID, add_history_score, choose_adjustments
+
+ITEMS = 12
+
+
+def interactions(sequences):
+    return Interactions("tiny", [str(i) for i in range(ITEMS)], [ItemFields(f"t{i}") for i in range(ITEMS)],
+                        [str(u) for u in range(len(sequences))], sequences)
+
+
+def test_adds_the_value_once_to_each_distinct_earlier_item():
+    data = interactions([[1, 2, 1, 5, 7]])
+    scores = add_history_score(np.zeros((1, ITEMS)), data, [Example(0, 3)], -0.5)
+    assert scores[0].tolist() == [0, -0.5, -0.5] + [0] * (ITEMS - 3)  # 5 (the target) and 7 (later) untouched
+
+
+def test_never_repeating_users_get_their_history_pushed_down():
+    # Text-like scores: the user's own history first, the target next.
+    data = interactions([[u % ITEMS, (u + 1) % ITEMS, (u + 2) % ITEMS, (u + 3) % ITEMS] for u in range(20)])
+    examples = [Example(u, 3) for u in range(20)]
+    scores = np.zeros((20, ITEMS))
+    for row, e in enumerate(examples):
+        seq = data.sequences[e.user]
+        scores[row, seq[:3]] = 0.9
+        scores[row, seq[3]] = 0.8
+    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS))
+    assert best.history_item_score < -0.1  # the history must fall below the target
+    assert best.cooccurrence_weight == 0.0  # no co-occurrence: the milder choice
+    assert table[f"{best.history_item_score},0.0"] == 1.0 and table["0.0,0.0"] < 0.6
+
+
+def test_users_who_repeat_keep_their_history():
+    data = interactions([[u % ITEMS, (u + 1) % ITEMS, u % ITEMS] for u in range(20)])  # the target repeats item 0
+    examples = [Example(u, 2) for u in range(20)]
+    scores = np.zeros((20, ITEMS))
+    for row, e in enumerate(examples):
+        scores[row, data.sequences[e.user][0]] = 0.9
+    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS))
+    assert best.history_item_score == 0.0 and table["0.0,0.0"] == 1.0
+    assert table[f"{min(HISTORY_SCORE_GRID)},0.0"] < 1.0
+
+
+def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
+    # Every user goes a -> a+1 -> a+2; the text-like scores know nothing of it (all zero but noise).
+    sequences = [[u % ITEMS, (u + 1) % ITEMS, (u + 2) % ITEMS] for u in range(40)]
+    data = interactions(sequences)
+    examples = [Example(u, 2) for u in range(40)]
+    table = CooccurrenceTable.from_sequences([s[:2] for s in sequences], ITEMS, window=1)  # pairs (a, a+1) only
+    scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
+    best, ndcg = choose_adjustments(scores, data, examples, table)
+    assert best.cooccurrence_weight > 0 and ndcg[f"{best.history_item_score},{best.cooccurrence_weight}"] > 0.5
