@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -126,6 +126,10 @@ class Catalogue:
         self._live = np.ones(count, dtype=bool)
         self._label_of: dict[str, int] = dict(bundle.row_of)
         self._base_ids = frozenset(bundle.item_ids)
+        self._bundle_row_of = bundle.row_of
+        # Bundle row -> the label its item holds now (-1 once deleted): bundle-row data (co-occurrence) finds
+        # live items without a dictionary lookup per item.
+        self._label_of_bundle_row = np.arange(count, dtype=np.int64)
         self._free: list[int] = []
         self._size = count  # labels in use or tombstoned: 0.._size-1
         self._postings: dict[tuple[str, str], set[int]] = {}
@@ -270,24 +274,29 @@ class Catalogue:
             if item is not None
         ]
 
-    def top_adjusted(
-        self, user_vector: np.ndarray, adjustments: Mapping[str, float], k: int, exclude_ids: Iterable[str] = (),
-        filters: Sequence[AttributeFilter] = (),
+    def top_of_bundle_rows(
+        self, user_vector: np.ndarray, rows: np.ndarray, adjustments: np.ndarray, k: int,
+        exclude_ids: Iterable[str] = (), filters: Sequence[AttributeFilter] = (),
     ) -> list[ScoredItem]:
-        """The k best of the adjusted items by exact [user_vector, 1] . row + adjustment, among those that are
-        live, not excluded and pass the filters (rank 0: the caller ranks). Vectorised: a history's co-occurring
-        items can number in the thousands."""
+        """The k best of the bundle's items at `rows` by exact [user_vector, 1] . row + adjustment, skipping items
+        deleted since the bundle, excluded or filtered out (rank 0: the caller ranks). Vectorised: a history's
+        co-occurring items can number in the thousands."""
         query = np.append(np.asarray(user_vector, dtype=np.float32), np.float32(1.0))
-        excluded = frozenset(exclude_ids)
         with self._lock.read():
-            allowed = self._candidates(filters) if filters else None
-            pairs = [(label, value) for item_id, value in adjustments.items() if item_id not in excluded
-                     and (label := self._label_of.get(item_id)) is not None and (allowed is None or label in allowed)]
-            if not pairs or k <= 0:
+            labels = self._label_of_bundle_row[rows]
+            keep = labels >= 0
+            excluded = [self._label_of[i] for i in exclude_ids if i in self._label_of]
+            if excluded:
+                keep &= ~np.isin(labels, excluded)
+            if filters:
+                allowed = self._candidates(filters)
+                keep &= np.isin(labels, np.fromiter(allowed, np.int64, len(allowed)))
+            labels = labels[keep]
+            if not len(labels) or k <= 0:
                 return []
-            labels = np.fromiter((label for label, _ in pairs), dtype=np.int64, count=len(pairs))
-            scores = self._vectors[labels] @ query + np.fromiter((v for _, v in pairs), np.float64, len(pairs))
-            top = np.argsort(-scores, kind="stable")[:k]
+            scores = self._vectors[labels] @ query + adjustments[keep]
+            top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
+            top = top[np.argsort(-scores[top], kind="stable")]
             items = [self._items[labels[i]] for i in top]
         return [ScoredItem(item_id=item.item_id, score=float(scores[i]), title=item.fields.title, rank=0)
                 for item, i in zip(items, top) if item is not None]
@@ -435,6 +444,8 @@ class Catalogue:
         if item.item_id not in self._label_of:
             bisect.insort(self._sorted_ids, item.item_id)
         self._label_of[item.item_id] = label
+        if item.item_id in self._bundle_row_of:
+            self._label_of_bundle_row[self._bundle_row_of[item.item_id]] = label
         self._post(label, item, add=True)
         self._changes[item.item_id] = (item, row.copy())
 
@@ -443,6 +454,8 @@ class Catalogue:
         if label is None:
             return
         self._index.mark_deleted(label)
+        if item_id in self._bundle_row_of:
+            self._label_of_bundle_row[self._bundle_row_of[item_id]] = -1
         self._post(label, self._items[label], add=False)
         self._items[label] = None
         self._live[label] = False

@@ -123,36 +123,42 @@ class Recommender:
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
         exclude_ids = frozenset(exclude_ids)
-        adjustments = self.adjustments(history_ids)
-        if not adjustments:
+        history = {i for i in history_ids if i is not None}
+        history_score = self.bundle.manifest.history_item_score if history else 0.0
+        rows, boosts = self.cooccurrence_boosts(history_ids)  # bundle rows (sorted) and weighted scores
+        if not history_score and not len(rows):
             return self.catalogue.search(user_vector, k, exclude_ids, filters)
-        # Negative adjustments only lower items, so the true top k lies within the index's top k + (lowered
-        # items); items raised by co-occurrence are scored exactly and join the candidates.
-        lowered = sum(1 for value in adjustments.values() if value < 0)
+
+        def adjustment(item_id: str) -> float:
+            value = history_score if item_id in history else 0.0
+            row = self.bundle.row_of.get(item_id)
+            at = int(np.searchsorted(rows, row)) if row is not None else len(rows)
+            return value + (float(boosts[at]) if at < len(rows) and rows[at] == row else 0.0)
+
+        # Lowered items can only leave the index's top k + (lowered items); raised ones are scored exactly and
+        # join the candidates, so the result is the top k of the whole adjusted catalogue.
+        lowered = sum(1 for item_id in history if adjustment(item_id) < 0)
         found = self.catalogue.search(user_vector, k + lowered, exclude_ids, filters)
-        candidates = [dataclasses.replace(item, score=item.score + adjustments.get(item.item_id, 0.0)) for item in found]
-        found_ids = {item.item_id for item in found}
-        raised = {item_id: value for item_id, value in adjustments.items() if value > 0 and item_id not in found_ids}
-        candidates += self.catalogue.top_adjusted(user_vector, raised, k, exclude_ids, filters)
+        candidates = [dataclasses.replace(item, score=item.score + adjustment(item.item_id)) for item in found]
+        if len(rows):
+            history_rows = [self.bundle.row_of[i] for i in history if i in self.bundle.row_of]
+            net = boosts + history_score * np.isin(rows, history_rows)
+            raised = net > 0
+            found_ids = {item.item_id for item in found}
+            extra = self.catalogue.top_of_bundle_rows(user_vector, rows[raised], net[raised], k, exclude_ids, filters)
+            candidates += [item for item in extra if item.item_id not in found_ids]
         rescored = sorted(candidates, key=lambda item: -item.score)  # stable: equal scores keep the index's order
         return [dataclasses.replace(item, rank=rank) for rank, item in enumerate(rescored[:k], 1)]
 
-    def adjustments(self, history_ids: Sequence[str | None]) -> dict[str, float]:
-        """Item id -> score added for a user with this history (oldest first); items given as text and items
-        unknown to the bundle add nothing of their own."""
-        manifest = self.bundle.manifest
-        out: dict[str, float] = {}
-        spec = manifest.cooccurrence
-        if spec.weight:
-            rows = [self.bundle.row_of[i] for i in history_ids if i is not None and i in self.bundle.row_of]
-            neighbours, values = self.bundle.cooccurrence.scores(rows, spec.recent_items, spec.recency_decay)
-            item_ids = self.bundle.item_ids
-            for row, value in zip(neighbours.tolist(), values.tolist()):
-                out[item_ids[row]] = spec.weight * value
-        if manifest.history_item_score:
-            for item_id in {i for i in history_ids if i is not None}:
-                out[item_id] = out.get(item_id, 0.0) + manifest.history_item_score
-        return {item_id: value for item_id, value in out.items() if value}
+    def cooccurrence_boosts(self, history_ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(bundle rows ascending, weight * co-occurrence score) for a history, oldest first (llmrec.cooccurrence);
+        items given as text or unknown to the bundle have no co-occurrences."""
+        spec = self.bundle.manifest.cooccurrence
+        if not spec.weight:
+            return np.zeros(0, np.int64), np.zeros(0)
+        rows = [self.bundle.row_of[i] for i in history_ids if i is not None and i in self.bundle.row_of]
+        neighbours, values = self.bundle.cooccurrence.scores(rows, spec.recent_items, spec.recency_decay)
+        return neighbours, spec.weight * values
 
     async def explain(self, items: list[ScoredItem], window: Sequence[ResolvedItem], query: str,
                       text_cache: dict[str, np.ndarray] | None = None) -> list[ScoredItem]:

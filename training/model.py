@@ -117,11 +117,6 @@ class TextRecommender(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory / ENCODER_DIR)
         self.tokenizer.save_pretrained(directory / ENCODER_DIR)
-        self.save_head(directory, item_ids, history_item_score, cooccurrence_weight, cooccurrence)
-
-    def save_head(self, directory: Path, item_ids: Sequence[str], history_item_score: float,
-                  cooccurrence_weight: float, cooccurrence: CooccurrenceTable | None) -> None:
-        """The item head alone (item_head.npz): enough when only the post-training adjustments changed."""
         table = CooccurrenceTable.empty(len(item_ids)) if cooccurrence is None else cooccurrence
         np.savez(
             directory / HEAD_FILE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import types
 
 import hnswlib
@@ -12,7 +13,9 @@ from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.manifest import CooccurrenceSpec
 from llmrec.template import ItemFields
 from server.catalogue import Catalogue
+from server.domain import CatalogueItem
 from server.recommender import Recommender
+from server.state import CatalogueStore
 from server.validation import Limits
 
 DIM = 8
@@ -92,3 +95,24 @@ def test_cooccurring_items_are_raised_and_the_ranking_matches_exact_scoring():
     assert "i43" not in {item.item_id for item in rec.search(user, 10)}
     # Excluded and deleted items stay out however much co-occurrence raises them.
     assert "i43" not in {item.item_id for item in rec.search(user, 10, exclude_ids={"i43"}, history_ids=history)}
+
+
+def test_cooccurrence_follows_catalogue_deletes_and_reupserts(tmp_path):
+    table = CooccurrenceTable.from_sequences([[n, 40 + n] for n in range(10)] * 3, COUNT, window=1)
+    rec, rows = recommender(0.0, 3.0, table)
+    rec.catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    try:
+        user = rows[20, :DIM]
+        assert "i43" in {item.item_id for item in rec.search(user, 10, history_ids=["i03"])}
+        asyncio.run(rec.catalogue.delete(["i43", "i05"], allow_missing=False))  # i05's label is free for reuse
+        assert "i43" not in {item.item_id for item in rec.search(user, 10, history_ids=["i03"])}
+        # Back under a new label (the freed one), now the farthest item from the user: only co-occurrence can
+        # bring it back, scored with its new vector.
+        new_vector = -rows[20, :DIM]
+        asyncio.run(rec.catalogue.upsert([CatalogueItem("i43", ItemFields("back"))],
+                                         np.stack([rec.catalogue.row_for(new_vector)])))
+        got = rec.search(user, 10, history_ids=["i03"])
+        assert got[0].item_id == "i43"
+        assert got[0].score == pytest.approx(-1.0 + 3.0 * np.log(4.0), abs=1e-5)  # cosine -1 + weight * log(1 + 3)
+    finally:
+        rec.catalogue.close()
