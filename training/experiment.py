@@ -94,8 +94,8 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         "int8_hnsw_relative_ndcg10_loss": (fp32 - served) / fp32 if fp32 else None,
         "sasrec": sasrec_info,
         "adjustments": adjustments,
-        "train_seconds": float(np.mean(train_seconds)),
-        "steps": len(curves[0]),
+        "train_seconds": train_seconds,  # per seed
+        "steps": [len(curve) for curve in curves],  # per seed
         "curve": curves[0],
     }
     write_report(summary, report_dir)

@@ -45,7 +45,7 @@ def write_report(metrics: dict, out: Path) -> Path:
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
 {int(any_model['examples'])} users ({int(any_model['cold_examples'])} with a cold target: never a training target).
-Training: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s (per seed).
+Training per seed: {', '.join(f"{steps} steps in {seconds:.0f} s" for steps, seconds in zip(metrics['steps'], metrics['train_seconds']))}.
 
 {chr(10).join(rows)}
 
