@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from llmrec.cooccurrence import CooccurrenceTable
-from training.data import Example, Interactions, train_sequences
-from training.evaluation import ranking_metrics, target_ranks
+from training.data import Example, Interactions, item_popularity, train_sequences
+from training.evaluation import ScoreFn, ranking_metrics, target_ranks
 
 # 0 keeps the text model's ranking; -4 puts every history item below every other item (scores span ~[-1.5, 1.5]).
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)
@@ -85,3 +85,15 @@ def choose_adjustments(
             candidates.append((ndcg, history_value, -weight))
     ndcg, history_value, negative_weight = max(candidates)
     return Adjustments(history_value, -negative_weight), table_ndcg
+
+
+def cooccurrence_only_scores(data: Interactions, table: CooccurrenceTable) -> ScoreFn:
+    """The co-occurrence score with no model at all, a baseline for how much the language model adds: ties
+    broken by popularity, history items ranked last (every data set here chose to lower them)."""
+    popularity = np.log1p(item_popularity(data))
+
+    def score(examples: Sequence[Example]) -> np.ndarray:
+        scores = cooccurrence_scores(data, examples, table) + 1e-3 * popularity
+        return add_history_score(scores, data, examples, -1e3)
+
+    return score

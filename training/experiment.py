@@ -1,7 +1,8 @@
 """`make eval`: train (per seed), export, and evaluate every model side by side in one run, then report.
 
-Rows: popularity, zero-shot encoder, SASRec (ID baseline), llmrec in PyTorch FP32 with exact search, the
-exported INT8 model with exact search, and INT8 + HNSW through the server's own code path.
+Rows: popularity, zero-shot encoder, SASRec (ID baseline), co-occurrence alone (no model), llmrec in PyTorch
+FP32 with exact search, the exported INT8 model with exact search, and INT8 + HNSW through the server's own
+code path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import typer
 from export.bundle import build_bundle
 from export.evaluate import evaluate_bundle
 from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
+from training.calibration import cooccurrence_only_scores, training_cooccurrence
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
@@ -77,11 +79,13 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
                             "validation_ndcg@10": metrics["adjustments_validation_ndcg10"]})
     sasrec_model, sasrec_info = train_sasrec(data, sasrec)
     sasrec_metrics = evaluate(sasrec_scores(sasrec_model, data, sasrec), data, test, config.ks)
+    cooccurrence_metrics = evaluate(cooccurrence_only_scores(data, training_cooccurrence(data)), data, test, config.ks)
 
     names = list(per_seed[0])
     evaluation = {name: _mean(per_seed, name) for name in names}
     evaluation["sasrec"] = sasrec_metrics
-    order = ["popularity", "zero_shot", "sasrec", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
+    evaluation["cooccurrence_only"] = cooccurrence_metrics
+    order = ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
     evaluation = {name: evaluation[name] for name in order if name in evaluation}
     fp32, served = evaluation["llmrec"]["ndcg@10"], evaluation["int8_hnsw_server"]["ndcg@10"]
     summary = {

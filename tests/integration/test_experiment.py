@@ -16,7 +16,7 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     summary = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report", 1, config,
                              SASRecConfig(time_budget_minutes=0.01, eval_every=1))
     rows = summary["evaluation"]
-    assert list(rows) == ["popularity", "zero_shot", "sasrec", "llmrec", "llmrec_without_context", "int8_exact",
+    assert list(rows) == ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "llmrec", "llmrec_without_context", "int8_exact",
                           "int8_hnsw_server"]
     # 42 items: HNSW is exact here, so the server path must reproduce INT8 exact search.
     assert rows["int8_hnsw_server"]["ndcg@10"] == rows["int8_exact"]["ndcg@10"]

@@ -6,7 +6,7 @@ import numpy as np
 from llmrec.template import ItemFields
 from training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
-from training.calibration import HISTORY_SCORE_GRID, add_history_score, choose_adjustments
+from training.calibration import HISTORY_SCORE_GRID, add_history_score, choose_adjustments, cooccurrence_only_scores
 
 ITEMS = 12
 
@@ -57,3 +57,11 @@ def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
     scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
     best, ndcg = choose_adjustments(scores, data, examples, table)
     assert best.cooccurrence_weight > 0 and ndcg[f"{best.history_item_score},{best.cooccurrence_weight}"] > 0.5
+
+
+def test_the_cooccurrence_baseline_ranks_neighbours_of_the_history_first_and_the_history_last():
+    data = interactions([[1, 2, 3], [1, 2, 4], [5, 6, 7]])
+    table = CooccurrenceTable.from_sequences([[1, 2], [1, 2], [5, 6]], ITEMS, window=1)
+    scores = cooccurrence_only_scores(data, table)([Example(0, 1)])[0]  # history [1]: its neighbour is 2
+    order = np.argsort(-scores, kind="stable")
+    assert order[0] == 2 and order[-1] == 1
