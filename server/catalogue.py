@@ -125,7 +125,6 @@ class Catalogue:
         ]
         self._live = np.ones(count, dtype=bool)
         self._label_of: dict[str, int] = dict(bundle.row_of)
-        self._base_ids = frozenset(bundle.item_ids)
         self._bundle_row_of = bundle.row_of
         # Bundle row -> the label its item holds now (-1 once deleted): bundle-row data (co-occurrence) finds
         # live items without a dictionary lookup per item.
@@ -463,7 +462,7 @@ class Catalogue:
         position = bisect.bisect_left(self._sorted_ids, item_id)
         if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:
             del self._sorted_ids[position]
-        if item_id in self._base_ids:
+        if item_id in self._bundle_row_of:
             self._changes[item_id] = (None, None)
         else:
             self._changes.pop(item_id, None)
