@@ -21,10 +21,12 @@ from export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
 from export.onnx import export_fp32, quantize_int8
 from export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
-from llmrec.cooccurrence import RECENCY_DECAY, RECENT_ITEMS, WINDOW, CooccurrenceTable
-from llmrec.manifest import CooccurrenceSpec, IndexSpec, Manifest, sha256_file
+from llmrec import cooccurrence, history_vector
+from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, sha256_file
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
+from training.calibration import Adjustments
 from training.model import encoder_dir, load_item_head, mean_pool
 
 log = logging.getLogger("llmrec.export")
@@ -121,9 +123,13 @@ def build_bundle(
             max_item_tokens=max_item_tokens,
             max_history_items=max_history_items,
             new_item_bias=float(temperature * head.new_item_bias),
-            history_item_score=head.history_item_score,
-            cooccurrence=CooccurrenceSpec(weight=head.cooccurrence_weight, recent_items=RECENT_ITEMS,
-                                          recency_decay=RECENCY_DECAY, window=WINDOW),
+            history_item_score=head.adjustments.history_item_score,
+            cooccurrence=CooccurrenceSpec(weight=head.adjustments.cooccurrence_weight,
+                                          recent_items=cooccurrence.RECENT_ITEMS,
+                                          recency_decay=cooccurrence.RECENCY_DECAY, window=cooccurrence.WINDOW),
+            history_vector=HistoryVectorSpec(weight=head.adjustments.history_vector_weight,
+                                             recent_items=history_vector.RECENT_ITEMS,
+                                             recency_decay=history_vector.RECENCY_DECAY),
             index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
             files=files,
             quality=quality,
@@ -145,8 +151,7 @@ class _ServedHead:
     biases: np.ndarray
     new_item_bias: float
     temperature: float
-    history_item_score: float
-    cooccurrence_weight: float
+    adjustments: Adjustments
     cooccurrence: CooccurrenceTable
 
 
@@ -156,8 +161,11 @@ def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _Serv
     id_vectors = np.zeros((len(item_ids), dimension), dtype=np.float32)
     head = load_item_head(checkpoint)
     if head is None:
-        return _ServedHead(id_vectors, np.zeros(len(item_ids), dtype=np.float32), 0.0, DEFAULT_TEMPERATURE, 0.0,
-                           0.0, CooccurrenceTable.empty(len(item_ids)))
+        return _ServedHead(id_vectors, np.zeros(len(item_ids), dtype=np.float32), 0.0, DEFAULT_TEMPERATURE,
+                           Adjustments(), CooccurrenceTable.empty(len(item_ids)))
+    if not head.calibrated:
+        log.warning("%s predates some score adjustments: they stay off (%s); `make eval` chooses them again",
+                    checkpoint, head.adjustments)
     new_item_bias = float(np.median(head.item_bias))
     biases = np.full(len(item_ids), new_item_bias, dtype=np.float32)
     catalogue_row = {item_id: i for i, item_id in enumerate(item_ids)}
@@ -170,8 +178,8 @@ def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _Serv
             new_row[trained_row] = row
     config_path = Path(checkpoint) / "train_config.json"
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
-    return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.history_item_score,
-                       head.cooccurrence_weight or 0.0, head.cooccurrence.renumber(new_row, len(item_ids)))
+    return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.adjustments,
+                       head.cooccurrence.renumber(new_row, len(item_ids)))
 
 
 def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:

@@ -42,9 +42,10 @@ def evaluate_bundle(
     row_to_item = {row: i for i, row in enumerate(columns)}
     data_item_of_row = np.full(len(bundle.item_ids), -1, dtype=np.int64)
     data_item_of_row[columns] = np.arange(len(columns))
-    adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight)
+    adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight, manifest.history_vector.weight)
     cooccurrence = bundle.cooccurrence.renumber(data_item_of_row, data.num_items)
-    exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence)
+    exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence,
+                   vectors[:, : manifest.dimension])
     served = np.full((len(examples), data.num_items), _UNRANKED)
     for n, items in enumerate(asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))):
         for item in items:

@@ -12,8 +12,10 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
 
 Scoring: score(user, item) = dot(user_vector, item_vector) + item_bias, computed in one inner product by
 querying with [user_vector, 1.0] against rows [item_vector, item_bias]. user_vector is the mean-pooled,
-L2-normalised encoder output for the rendered user text (llmrec.template). Served rankings then add
-history_item_score to items in the user's history and cooccurrence.weight times the co-occurrence score.
+L2-normalised encoder output for the rendered user text (llmrec.template), plus history_vector.weight times
+the history vector (llmrec.history_vector: the decayed sum of the recent history's item vectors, bias column
+excluded). Served rankings then add history_item_score to items in the user's history and cooccurrence.weight
+times the co-occurrence score.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 MODEL_INT8_FILE = "model/model_int8.onnx"
 MODEL_FP32_FILE = "model/model_fp32.onnx"
@@ -60,6 +62,15 @@ class CooccurrenceSpec:
 
 
 @dataclasses.dataclass
+class HistoryVectorSpec:
+    """How the server builds the history vector added to the query (llmrec.history_vector): weight 0 turns it off."""
+
+    weight: float
+    recent_items: int
+    recency_decay: float
+
+
+@dataclasses.dataclass
 class Manifest:
     bundle_version: str
     created_at: str  # RFC 3339
@@ -74,6 +85,7 @@ class Manifest:
     new_item_bias: float  # bias given to items that were never trained on (cold items)
     history_item_score: float  # added to the score of items already in the user's history (training/calibration.py)
     cooccurrence: CooccurrenceSpec
+    history_vector: HistoryVectorSpec
     index: IndexSpec
     files: dict[str, str]  # relative path -> sha256
     quality: dict[str, Any]  # export checks: INT8 vs PyTorch cosine and ranking agreement
@@ -91,7 +103,8 @@ class Manifest:
         if unknown:
             raise BundleError(f"manifest has unknown fields {sorted(unknown)}")
         return cls(**{**data, "index": IndexSpec(**data["index"]),
-                      "cooccurrence": CooccurrenceSpec(**data["cooccurrence"])})
+                      "cooccurrence": CooccurrenceSpec(**data["cooccurrence"]),
+                      "history_vector": HistoryVectorSpec(**data["history_vector"])})
 
 
 def sha256_file(path: Path) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from llmrec.history_vector import history_vector
 from llmrec.template import ItemFields, UserText, render_item, render_user
 
 from server import explain as explaining
@@ -116,13 +117,15 @@ class Recommender:
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
                filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = ()) -> list[ScoredItem]:
-        """Top-k items by inner product of [user_vector, 1.0] with the rows [item_vector, item_bias], plus the
-        bundle's adjustments for a user with history_ids (oldest first), as training/calibration.py applies them:
-        the history item score on items in the history, and the weighted co-occurrence score of the history.
+        """Top-k items by inner product of [query, 1.0] with the rows [item_vector, item_bias], plus the bundle's
+        adjustments for a user with history_ids (oldest first), as training/calibration.py applies them: the query
+        is user_vector plus the weighted history vector, items in the history get the history item score, and
+        the weighted co-occurrence score of the history is added.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
         exclude_ids = frozenset(exclude_ids)
+        user_vector = self.query_vector(user_vector, history_ids)
         history = {i for i in history_ids if i is not None}
         history_score = self.bundle.manifest.history_item_score if history else 0.0
         rows, boosts = self.cooccurrence_boosts(history_ids)  # bundle rows (sorted) and weighted scores
@@ -149,6 +152,16 @@ class Recommender:
             candidates += [item for item in extra if item.item_id not in found_ids]
         rescored = sorted(candidates, key=lambda item: -item.score)  # stable: equal scores keep the index's order
         return [dataclasses.replace(item, rank=rank) for rank, item in enumerate(rescored[:k], 1)]
+
+    def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None]) -> np.ndarray:
+        """user_vector plus the weighted history vector (llmrec.history_vector) of the catalogued history, oldest
+        first; items given as text, or deleted since, add nothing."""
+        spec = self.bundle.manifest.history_vector
+        ids = [i for i in history_ids if i is not None]
+        if not spec.weight or not ids:
+            return user_vector
+        recent = self.catalogue.unit_vectors(ids[-spec.recent_items:] if spec.recent_items > 0 else [])
+        return user_vector + np.float32(spec.weight) * history_vector(recent, spec.recent_items, spec.recency_decay)
 
     def cooccurrence_boosts(self, history_ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """(bundle rows ascending, weight * co-occurrence score) for a history, oldest first (llmrec.cooccurrence);

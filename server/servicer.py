@@ -183,6 +183,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             created_at=manifest.created_at,
             history_item_score=manifest.history_item_score,
             cooccurrence_weight=manifest.cooccurrence.weight,
+            history_vector_weight=manifest.history_vector.weight,
         )
 
     @_unary

@@ -1,5 +1,6 @@
-"""Score adjustments chosen after training on validation users: the history item score and the co-occurrence
-weight. The server applies both from the manifest, so served rankings match the evaluated ones.
+"""Score adjustments chosen after training on validation users: the history item score, the co-occurrence
+weight and the history vector weight. The server applies all three from the manifest, so served rankings match
+the evaluated ones.
 
 History item score: a text model ranks a user's own history at the top (it is the text most like the user),
 yet most data sets rarely repeat: nobody rates a film twice, few buy the same oscilloscope twice. One scalar
@@ -7,6 +8,9 @@ added to the score of history items, in served score units (cosine + temperature
 how much.
 
 Co-occurrence weight: how much of llmrec.cooccurrence's item-to-item score to add (0 = none).
+
+History vector weight: how much of llmrec.history_vector's decayed sum of recent item vectors to add to the
+user's query (0 = none): memory of the items beyond the text window.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.history_vector import history_vector
 from training.data import Example, Interactions, item_popularity, train_sequences
 from training.evaluation import ScoreFn, ranking_metrics, target_ranks
 
@@ -24,12 +29,20 @@ from training.evaluation import ScoreFn, ranking_metrics, target_ranks
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)
 # log(1 + count) terms are ~0.7-5 per neighbour: 0.4 lets co-occurrence outweigh most text differences.
 COOCCURRENCE_WEIGHT_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+# Unit item vectors summed with decay 0.9 over 20 items have norm ~1-5 against the unit user vector.
+HISTORY_VECTOR_WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.4)
 
 
 @dataclasses.dataclass(frozen=True)
 class Adjustments:
     history_item_score: float = 0.0
     cooccurrence_weight: float = 0.0
+    history_vector_weight: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """How the calibration table names this choice: "history_item_score,cooccurrence_weight,history_vector_weight"."""
+        return f"{self.history_item_score},{self.cooccurrence_weight},{self.history_vector_weight}"
 
 
 def training_cooccurrence(data: Interactions) -> CooccurrenceTable:
@@ -59,32 +72,50 @@ def cooccurrence_scores(data: Interactions, examples: Sequence[Example], table: 
     return out
 
 
+def history_vector_scores(data: Interactions, examples: Sequence[Example], item_vectors: np.ndarray) -> np.ndarray:
+    """(len(examples), num_items) inner products of each example's history vector with the unit item vectors
+    (num_items, dim): the history vector's share of the score, before its weight."""
+    histories = np.stack([history_vector(item_vectors[data.sequences[e.user][: e.target_position]])
+                          for e in examples]) if examples else np.zeros((0, item_vectors.shape[1]), np.float32)
+    return histories.astype(np.float64) @ item_vectors.T.astype(np.float64)
+
+
 def adjust(scores: np.ndarray, data: Interactions, examples: Sequence[Example], adjustments: Adjustments,
-           table: CooccurrenceTable | None) -> np.ndarray:
-    """Model scores -> served scores (in place): both adjustments, as the server applies them."""
+           table: CooccurrenceTable | None, item_vectors: np.ndarray | None = None) -> np.ndarray:
+    """Model scores -> served scores (in place): the adjustments, as the server applies them. item_vectors are
+    the unit item vectors (num_items, dim) the history vector is built from."""
     add_history_score(scores, data, examples, adjustments.history_item_score)
     if adjustments.cooccurrence_weight and table is not None:
         scores += adjustments.cooccurrence_weight * cooccurrence_scores(data, examples, table)
+    if adjustments.history_vector_weight:
+        if item_vectors is None:
+            raise ValueError("a history vector weight needs the item vectors")
+        scores += adjustments.history_vector_weight * history_vector_scores(data, examples, item_vectors)
     return scores
 
 
 def choose_adjustments(
-    scores: np.ndarray, data: Interactions, examples: Sequence[Example], table: CooccurrenceTable
+    scores: np.ndarray, data: Interactions, examples: Sequence[Example], table: CooccurrenceTable,
+    item_vectors: np.ndarray,
 ) -> tuple[Adjustments, dict[str, float]]:
-    """The grid pair with the best NDCG@10 on `examples` (validation users), and NDCG@10 for every pair
-    (keyed "history_item_score,cooccurrence_weight"). Ties go to the milder pair."""
+    """The grid choice with the best NDCG@10 on `examples` (validation users), and NDCG@10 for every choice
+    (keyed by Adjustments.key). Ties go to the milder choice."""
     targets = np.array([data.sequences[e.user][e.target_position] for e in examples])
     cooccurrence = cooccurrence_scores(data, examples, table)
+    history_vectors = history_vector_scores(data, examples, item_vectors)
     table_ndcg: dict[str, float] = {}
     candidates = []
     for history_value in HISTORY_SCORE_GRID:
         lowered = add_history_score(scores.copy(), data, examples, history_value)
         for weight in COOCCURRENCE_WEIGHT_GRID:
-            ndcg = ranking_metrics(target_ranks(lowered + weight * cooccurrence, targets), (10,))["ndcg@10"]
-            table_ndcg[f"{history_value},{weight}"] = ndcg
-            candidates.append((ndcg, history_value, -weight))
-    ndcg, history_value, negative_weight = max(candidates)
-    return Adjustments(history_value, -negative_weight), table_ndcg
+            with_cooccurrence = lowered + weight * cooccurrence
+            for vector_weight in HISTORY_VECTOR_WEIGHT_GRID:
+                choice = Adjustments(history_value, weight, vector_weight)
+                ranks = target_ranks(with_cooccurrence + vector_weight * history_vectors, targets)
+                table_ndcg[choice.key] = ranking_metrics(ranks, (10,))["ndcg@10"]
+                candidates.append((table_ndcg[choice.key], history_value, -weight, -vector_weight))
+    _, history_value, negative_weight, negative_vector_weight = max(candidates)
+    return Adjustments(history_value, -negative_weight, -negative_vector_weight), table_ndcg
 
 
 def cooccurrence_only_scores(data: Interactions, table: CooccurrenceTable) -> ScoreFn:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from llmrec.cooccurrence import CooccurrenceTable
+from training.calibration import Adjustments
 
 HEAD_FILE = "item_head.npz"
 ENCODER_DIR = "encoder"
@@ -112,8 +113,8 @@ class TextRecommender(nn.Module):
             for parameter in layer.parameters():
                 parameter.requires_grad = False
 
-    def save(self, directory: Path, item_ids: Sequence[str], history_item_score: float = 0.0,
-             cooccurrence_weight: float = 0.0, cooccurrence: CooccurrenceTable | None = None) -> None:
+    def save(self, directory: Path, item_ids: Sequence[str], adjustments: Adjustments = Adjustments(),
+             cooccurrence: CooccurrenceTable | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory / ENCODER_DIR)
         self.tokenizer.save_pretrained(directory / ENCODER_DIR)
@@ -123,8 +124,7 @@ class TextRecommender(nn.Module):
             item_ids=np.asarray(item_ids, dtype=str),
             id_embedding=self.id_embedding.weight.detach().cpu().numpy(),
             item_bias=self.item_bias.detach().cpu().numpy(),
-            history_item_score=np.float64(history_item_score),
-            cooccurrence_weight=np.float64(cooccurrence_weight),
+            **{name: np.float64(value) for name, value in dataclasses.asdict(adjustments).items()},
             cooccurrence_indptr=table.indptr,
             cooccurrence_neighbours=table.neighbours,
             cooccurrence_weights=table.weights,
@@ -151,8 +151,8 @@ class ItemHead:
     item_ids: list[str]
     id_embedding: np.ndarray
     item_bias: np.ndarray
-    history_item_score: float
-    cooccurrence_weight: float | None  # None: calibrated before co-occurrence existed
+    adjustments: Adjustments
+    calibrated: bool  # False: saved before today's adjustments existed (choose them again before serving)
     cooccurrence: CooccurrenceTable
 
 
@@ -163,14 +163,15 @@ def load_item_head(checkpoint: Path) -> ItemHead | None:
         return None
     with np.load(path) as head:
         item_ids = [str(i) for i in head["item_ids"]]
-        history_item_score = float(head["history_item_score"]) if "history_item_score" in head else 0.0
-        if "cooccurrence_weight" in head:
-            weight = float(head["cooccurrence_weight"])
+        names = [field.name for field in dataclasses.fields(Adjustments)]
+        adjustments = Adjustments(**{name: float(head[name]) for name in names if name in head})
+        if "cooccurrence_indptr" in head:
             table = CooccurrenceTable(head["cooccurrence_indptr"], head["cooccurrence_neighbours"],
                                       head["cooccurrence_weights"])
         else:
-            weight, table = None, CooccurrenceTable.empty(len(item_ids))
-        return ItemHead(item_ids, head["id_embedding"], head["item_bias"], history_item_score, weight, table)
+            table = CooccurrenceTable.empty(len(item_ids))
+        return ItemHead(item_ids, head["id_embedding"], head["item_bias"], adjustments,
+                        all(name in head for name in names), table)
 
 
 def encoder_dir(checkpoint: Path) -> Path:

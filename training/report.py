@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import typer  # noqa: E402
 
+from training.calibration import Adjustments  # noqa: E402
+
 _COLUMNS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "cold_recall@10", "cold_ndcg@10", "coverage@10", "popular_share@10")
 
 
@@ -34,13 +36,13 @@ def write_report(metrics: dict, out: Path) -> Path:
                      f"{metrics['int8_hnsw_relative_ndcg10_loss']:.2%} (relative).")
     for seed, chosen in enumerate(metrics.get("adjustments", [])):
         table = chosen["validation_ndcg@10"]
-        best = table[f"{chosen['history_item_score']},{chosen['cooccurrence_weight']}"]
-        history_only = max(v for key, v in table.items() if key.endswith(",0.0"))
-        notes.append(f"Seed {seed}: history item score {chosen['history_item_score']} and co-occurrence weight "
-                     f"{chosen['cooccurrence_weight']} chosen on the validation split (validation NDCG@10 "
-                     f"{best:.4f}; "
-                     f"{history_only:.4f} with the best history item score alone; {table['0.0,0.0']:.4f} with "
-                     "neither).")
+        best = table[Adjustments(**chosen["chosen"]).key]
+        history_only = max(v for key, v in table.items() if key.endswith(",0.0,0.0"))
+        notes.append(f"Seed {seed}: history item score {chosen['chosen']['history_item_score']}, co-occurrence "
+                     f"weight {chosen['chosen']['cooccurrence_weight']} and history vector weight "
+                     f"{chosen['chosen']['history_vector_weight']} chosen on the validation split (validation "
+                     f"NDCG@10 {best:.4f}; {history_only:.4f} with the best history item score alone; "
+                     f"{table[Adjustments().key]:.4f} with none).")
     text = f"""# Evaluation: {metrics['dataset']}
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,

@@ -68,19 +68,26 @@ def training_user_texts(data: Interactions, examples: list[Example], config: Tra
 def model_scores(
     model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float,
     use_context: bool | None = None, adjustments: Adjustments = Adjustments(),
-    cooccurrence: CooccurrenceTable | None = None,
+    cooccurrence: CooccurrenceTable | None = None, items: torch.Tensor | None = None,
 ) -> ScoreFn:
     """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits), plus
-    the post-training adjustments (training/calibration.py)."""
+    the post-training adjustments (training/calibration.py). items: the catalogue_vectors, if already encoded."""
+    items = catalogue_vectors(model, data, config) if items is None else items
+    item_array = items.cpu().numpy()
     with torch.no_grad():
-        items = model.item_vectors(model.encode_all([render_item(i) for i in data.items], config.max_item_tokens))
         bias = temperature * model.item_bias
 
     def score(examples: list[Example]) -> np.ndarray:
         users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
-        return adjust((users @ items.T + bias).cpu().numpy(), data, examples, adjustments, cooccurrence)
+        return adjust((users @ items.T + bias).cpu().numpy(), data, examples, adjustments, cooccurrence, item_array)
 
     return score
+
+
+def catalogue_vectors(model: TextRecommender, data: Interactions, config: TrainConfig) -> torch.Tensor:
+    """(num_items, dim) unit item vectors (text + id part), as the bundle serves them."""
+    with torch.no_grad():
+        return model.item_vectors(model.encode_all([render_item(i) for i in data.items], config.max_item_tokens))
 
 
 class _Distributed:
@@ -194,14 +201,14 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     baselines and write out/metrics.json (`training`: how the model was trained). Returns the metrics."""
     valid = split_examples(data, "valid")[: config.calibration_users]
     cooccurrence = training_cooccurrence(data)
+    items = catalogue_vectors(model, data, config)
     adjustments, calibration = choose_adjustments(
-        model_scores(model, data, config, config.temperature)(valid), data, valid, cooccurrence)
-    log.info("adjustments %s chosen on %d validation users: NDCG@10 %.4f (%.4f with neither)", adjustments,
-             len(valid), calibration[f"{adjustments.history_item_score},{adjustments.cooccurrence_weight}"],
-             calibration["0.0,0.0"])
+        model_scores(model, data, config, config.temperature, items=items)(valid), data, valid, cooccurrence,
+        items.cpu().numpy())
+    log.info("adjustments %s chosen on %d validation users: NDCG@10 %.4f (%.4f with none)", adjustments,
+             len(valid), calibration[adjustments.key], calibration[Adjustments().key])
     device = model.item_bias.device
-    model.cpu().save(out / "checkpoint", data.item_ids, adjustments.history_item_score,
-                     adjustments.cooccurrence_weight, cooccurrence)
+    model.cpu().save(out / "checkpoint", data.item_ids, adjustments, cooccurrence)
     model.to(device)
     config.save(out / "checkpoint" / "train_config.json")
 
@@ -210,8 +217,7 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
         "dataset": data.name,
         "config": dataclasses.asdict(config),
         **training,
-        "history_item_score": adjustments.history_item_score,
-        "cooccurrence_weight": adjustments.cooccurrence_weight,
+        "adjustments": dataclasses.asdict(adjustments),
         "adjustments_validation_ndcg10": calibration,
         "evaluation": evaluation,
     }

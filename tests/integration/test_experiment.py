@@ -6,7 +6,7 @@ from pathlib import Path
 from training.baselines.sasrec import SASRecConfig
 from training.config import TrainConfig
 from training.experiment import run_experiment
-from training.calibration import COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID
+from training.calibration import COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
@@ -25,12 +25,14 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     assert "| sasrec |" in report and "| int8_hnsw_server |" in report
     # The adjustments chosen on validation travel to the bundle, and the server path applies them
     # (the INT8 exact row above adds them in numpy; the HNSW row goes through server.recommender).
-    chosen = summary["adjustments"][0]
+    chosen = summary["adjustments"][0]["chosen"]
     assert chosen["history_item_score"] in HISTORY_SCORE_GRID and "history item score" in report
     assert chosen["cooccurrence_weight"] in COOCCURRENCE_WEIGHT_GRID and "co-occurrence weight" in report
+    assert chosen["history_vector_weight"] in HISTORY_VECTOR_WEIGHT_GRID and "history vector weight" in report
     manifest = json.loads(next((tmp_path / "bundles" / "seed0").glob("*/manifest.json")).read_text())
     assert manifest["history_item_score"] == chosen["history_item_score"]
     assert manifest["cooccurrence"]["weight"] == chosen["cooccurrence_weight"]
+    assert manifest["history_vector"]["weight"] == chosen["history_vector_weight"]
     for png in ("training_curve.png", "metrics.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"

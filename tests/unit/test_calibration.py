@@ -6,9 +6,15 @@ import numpy as np
 from llmrec.template import ItemFields
 from training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
-from training.calibration import HISTORY_SCORE_GRID, add_history_score, choose_adjustments, cooccurrence_only_scores
+from llmrec.history_vector import RECENCY_DECAY
+from training.calibration import (
+    HISTORY_SCORE_GRID, Adjustments, add_history_score, adjust, choose_adjustments, cooccurrence_only_scores,
+    history_vector_scores,
+)
 
 ITEMS = 12
+# Unrelated unit item vectors (one axis each): the history vector knows nothing unless a test sets it.
+AXES = np.eye(ITEMS, dtype=np.float32)
 
 
 def interactions(sequences):
@@ -31,10 +37,10 @@ def test_never_repeating_users_get_their_history_pushed_down():
         seq = data.sequences[e.user]
         scores[row, seq[:3]] = 0.9
         scores[row, seq[3]] = 0.8
-    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS))
+    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
     assert best.history_item_score < -0.1  # the history must fall below the target
-    assert best.cooccurrence_weight == 0.0  # no co-occurrence: the milder choice
-    assert table[f"{best.history_item_score},0.0"] == 1.0 and table["0.0,0.0"] < 0.6
+    assert best.cooccurrence_weight == 0.0 and best.history_vector_weight == 0.0  # no help: the milder choice
+    assert table[f"{best.history_item_score},0.0,0.0"] == 1.0 and table["0.0,0.0,0.0"] < 0.6
 
 
 def test_users_who_repeat_keep_their_history():
@@ -43,9 +49,9 @@ def test_users_who_repeat_keep_their_history():
     scores = np.zeros((20, ITEMS))
     for row, e in enumerate(examples):
         scores[row, data.sequences[e.user][0]] = 0.9
-    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS))
-    assert best.history_item_score == 0.0 and table["0.0,0.0"] == 1.0
-    assert table[f"{min(HISTORY_SCORE_GRID)},0.0"] < 1.0
+    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
+    assert best.history_item_score == 0.0 and table["0.0,0.0,0.0"] == 1.0
+    assert table[f"{min(HISTORY_SCORE_GRID)},0.0,0.0"] < 1.0
 
 
 def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
@@ -55,8 +61,8 @@ def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
     examples = [Example(u, 2) for u in range(40)]
     table = CooccurrenceTable.from_sequences([s[:2] for s in sequences], ITEMS, window=1)  # pairs (a, a+1) only
     scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
-    best, ndcg = choose_adjustments(scores, data, examples, table)
-    assert best.cooccurrence_weight > 0 and ndcg[f"{best.history_item_score},{best.cooccurrence_weight}"] > 0.5
+    best, ndcg = choose_adjustments(scores, data, examples, table, AXES)
+    assert best.cooccurrence_weight > 0 and ndcg[best.key] > 0.5
 
 
 def test_the_cooccurrence_baseline_ranks_neighbours_of_the_history_first_and_the_history_last():
@@ -65,3 +71,34 @@ def test_the_cooccurrence_baseline_ranks_neighbours_of_the_history_first_and_the
     scores = cooccurrence_only_scores(data, table)([Example(0, 1)])[0]  # history [1]: its neighbour is 2
     order = np.argsort(-scores, kind="stable")
     assert order[0] == 2 and order[-1] == 1
+
+
+def similar_pairs_vectors(shift: int) -> np.ndarray:
+    """Unit vectors where item a is close to item a + shift (mod ITEMS) and far from the rest."""
+    vectors = AXES + 0.9 * np.roll(AXES, shift, axis=1)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_the_history_vector_is_chosen_when_targets_resemble_history_items():
+    # Items 2m and 2m + 1 share a vector and every user goes 2m -> 2m + 1; the text-like scores (all zero but
+    # noise) do not know it.
+    pairs = np.eye(ITEMS, dtype=np.float32)[np.arange(ITEMS) // 2]
+    sequences = [[2 * (u % (ITEMS // 2)), 2 * (u % (ITEMS // 2)) + 1] for u in range(40)]
+    data = interactions(sequences)
+    examples = [Example(u, 1) for u in range(40)]
+    scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
+    best, ndcg = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), pairs)
+    assert best.history_vector_weight > 0 and best.history_item_score < 0  # the history itself falls below
+    assert ndcg[best.key] == 1.0 and ndcg[Adjustments().key] < 0.5
+
+
+def test_adjust_adds_the_weighted_history_vector_scores_as_chosen():
+    data = interactions([[1, 2, 3, 4]])
+    examples = [Example(0, 3)]
+    vectors = similar_pairs_vectors(1)
+    raw = history_vector_scores(data, examples, vectors)
+    # History [1, 2, 3], oldest first: the latest item weighs most.
+    expected = (vectors[3] + RECENCY_DECAY * vectors[2] + RECENCY_DECAY**2 * vectors[1]) @ vectors.T
+    np.testing.assert_allclose(raw[0], expected, rtol=1e-5)
+    adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 0.0, 0.5), None, vectors)
+    np.testing.assert_allclose(adjusted, 0.5 * raw, rtol=1e-6)

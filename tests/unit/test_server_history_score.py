@@ -1,4 +1,5 @@
-"""The server adds the bundle's adjustments (history item score, co-occurrence) exactly as evaluation does."""
+"""The server adds the bundle's adjustments (history item score, co-occurrence, history vector) exactly as
+evaluation does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.manifest import CooccurrenceSpec
+from llmrec.history_vector import history_vector
+from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec
 from llmrec.template import ItemFields
 from server.catalogue import Catalogue
 from server.domain import CatalogueItem
@@ -24,7 +26,8 @@ RECENT, DECAY = 3, 0.5
 
 
 def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
-                cooccurrence: CooccurrenceTable | None = None) -> tuple[Recommender, np.ndarray]:
+                cooccurrence: CooccurrenceTable | None = None,
+                history_vector_weight: float = 0.0) -> tuple[Recommender, np.ndarray]:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(COUNT, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -36,7 +39,8 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
     ids = [f"i{n:02d}" for n in range(COUNT)]
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, index_dimension=DIM + 1, new_item_bias=0.0,
                                      history_item_score=history_item_score, max_history_items=20,
-                                     cooccurrence=CooccurrenceSpec(cooccurrence_weight, RECENT, DECAY, 1))
+                                     cooccurrence=CooccurrenceSpec(cooccurrence_weight, RECENT, DECAY, 1),
+                                     history_vector=HistoryVectorSpec(history_vector_weight, RECENT, DECAY))
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
                                    cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT))
@@ -114,5 +118,44 @@ def test_cooccurrence_follows_catalogue_deletes_and_reupserts(tmp_path):
         got = rec.search(user, 10, history_ids=["i03"])
         assert got[0].item_id == "i43"
         assert got[0].score == pytest.approx(-1.0 + 3.0 * np.log(4.0), abs=1e-5)  # cosine -1 + weight * log(1 + 3)
+    finally:
+        rec.catalogue.close()
+
+
+def test_the_history_vector_joins_the_query_and_the_ranking_matches_exact_scoring():
+    weight, score = 0.8, -0.3
+    rec, rows = recommender(score, history_vector_weight=weight)
+    user = rows[20, :DIM]
+    history = ["i00", "i01", "i02", "i03", "i04"]  # oldest first; only the RECENT latest count
+    got = rec.search(user, 10, history_ids=[history[0], None, *history[1:]])  # None: text, no vector
+    query = user + weight * (rows[4, :DIM] + DECAY * rows[3, :DIM] + DECAY**2 * rows[2, :DIM])
+    want = reference(rows, query, set(history), score, 10)
+    assert [item.item_id for item in got] == [item_id for item_id, _ in want]
+    assert [item.score for item in got] == pytest.approx([s for _, s in want], abs=1e-5)
+    without = recommender(score)[0].search(user, 10, history_ids=history)
+    assert [item.item_id for item in got] != [item.item_id for item in without]  # the weight changed the ranking
+    # The same query as evaluation builds it (llmrec.history_vector over the history's item vectors).
+    np.testing.assert_allclose(rec.query_vector(user, history), user + weight * history_vector(
+        rows[[0, 1, 2, 3, 4], :DIM], RECENT, DECAY), atol=1e-6)
+
+
+def test_a_zero_history_vector_weight_or_no_catalogued_history_leaves_the_query_alone():
+    rec, rows = recommender(0.0, history_vector_weight=0.0)
+    np.testing.assert_array_equal(rec.query_vector(rows[0, :DIM], ["i01", "i02"]), rows[0, :DIM])
+    rec, rows = recommender(0.0, history_vector_weight=0.5)
+    np.testing.assert_array_equal(rec.query_vector(rows[0, :DIM], [None, None]), rows[0, :DIM])
+
+
+def test_the_history_vector_uses_the_live_catalogue_vectors(tmp_path):
+    rec, rows = recommender(0.0, history_vector_weight=1.0)
+    rec.catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    try:
+        user = rows[20, :DIM]
+        new_vector = rows[30, :DIM]
+        asyncio.run(rec.catalogue.upsert([CatalogueItem("i03", ItemFields("moved"))],
+                                         np.stack([rec.catalogue.row_for(new_vector)])))
+        np.testing.assert_allclose(rec.query_vector(user, ["i03"]), user + new_vector, atol=1e-6)
+        asyncio.run(rec.catalogue.delete(["i03"], allow_missing=False))
+        np.testing.assert_allclose(rec.query_vector(user, ["i03"]), user, atol=1e-6)  # deleted: adds nothing
     finally:
         rec.catalogue.close()
