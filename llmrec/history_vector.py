@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 RECENT_ITEMS = 20
-RECENCY_DECAY = 0.9
+RECENCY_DECAY = 0.8
 
 
 def history_vector(item_vectors: np.ndarray, recent_items: int = RECENT_ITEMS,

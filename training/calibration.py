@@ -29,7 +29,7 @@ from training.evaluation import ScoreFn, ranking_metrics, target_ranks
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)
 # log(1 + count) terms are ~0.7-5 per neighbour: 0.4 lets co-occurrence outweigh most text differences.
 COOCCURRENCE_WEIGHT_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
-# Unit item vectors summed with decay 0.9 over 20 items have norm ~1-5 against the unit user vector.
+# Unit item vectors summed with decay 0.8 over 20 items have norm ~1-5 against the unit user vector.
 HISTORY_VECTOR_WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.4)
 
 
