@@ -17,7 +17,7 @@ from server.recommender import Recommender
 from server.validation import Limits
 from training.data import Example, Interactions, user_text
 from training.evaluation import evaluate
-from training.calibration import Adjustments, adjust
+from training.calibration import Adjustments, Recency, adjust
 
 _UNRANKED = -1e9  # score for items HNSW did not return: below every returned one
 
@@ -45,7 +45,9 @@ def evaluate_bundle(
     adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight, manifest.history_vector.weight)
     cooccurrence = bundle.cooccurrence.renumber(data_item_of_row, data.num_items)
     exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence,
-                   vectors[:, : manifest.dimension])
+                   vectors[:, : manifest.dimension],
+                   Recency(manifest.cooccurrence.recent_items, manifest.cooccurrence.recency_decay),
+                   Recency(manifest.history_vector.recent_items, manifest.history_vector.recency_decay))
     served = np.full((len(examples), data.num_items), _UNRANKED)
     for n, items in enumerate(asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))):
         for item in items:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llmrec import cooccurrence as cooccurrence_defaults
+from llmrec import history_vector as history_vector_defaults
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import history_vector
 from training.data import Example, Interactions, item_popularity, train_sequences
@@ -45,6 +47,19 @@ class Adjustments:
         return f"{self.history_item_score},{self.cooccurrence_weight},{self.history_vector_weight}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Recency:
+    """Which history items a score reads: the recent_items most recent, weighted decay**j (j = 0 for the latest).
+    Training uses the module defaults; a bundle's evaluation uses its manifest's, as its server does."""
+
+    recent_items: int
+    decay: float
+
+
+COOCCURRENCE_RECENCY = Recency(cooccurrence_defaults.RECENT_ITEMS, cooccurrence_defaults.RECENCY_DECAY)
+HISTORY_VECTOR_RECENCY = Recency(history_vector_defaults.RECENT_ITEMS, history_vector_defaults.RECENCY_DECAY)
+
+
 def training_cooccurrence(data: Interactions) -> CooccurrenceTable:
     """Co-occurrence counted on the training part of every sequence only (never a valid or test target)."""
     return CooccurrenceTable.from_sequences(train_sequences(data), data.num_items)
@@ -63,34 +78,41 @@ def add_history_score(scores: np.ndarray, data: Interactions, examples: Sequence
     return scores
 
 
-def cooccurrence_scores(data: Interactions, examples: Sequence[Example], table: CooccurrenceTable) -> np.ndarray:
+def cooccurrence_scores(data: Interactions, examples: Sequence[Example], table: CooccurrenceTable,
+                        recency: Recency = COOCCURRENCE_RECENCY) -> np.ndarray:
     """(len(examples), num_items) co-occurrence scores of each example's history (unweighted)."""
     out = np.zeros((len(examples), data.num_items))
     for row, example in enumerate(examples):
-        items, values = table.scores(data.sequences[example.user][: example.target_position])
+        history = data.sequences[example.user][: example.target_position]
+        items, values = table.scores(history, recency.recent_items, recency.decay)
         out[row, items] = values
     return out
 
 
-def history_vector_scores(data: Interactions, examples: Sequence[Example], item_vectors: np.ndarray) -> np.ndarray:
+def history_vector_scores(data: Interactions, examples: Sequence[Example], item_vectors: np.ndarray,
+                          recency: Recency = HISTORY_VECTOR_RECENCY) -> np.ndarray:
     """(len(examples), num_items) inner products of each example's history vector with the unit item vectors
     (num_items, dim): the history vector's share of the score, before its weight."""
-    histories = np.stack([history_vector(item_vectors[data.sequences[e.user][: e.target_position]])
+    histories = np.stack([history_vector(item_vectors[data.sequences[e.user][: e.target_position]],
+                                         recency.recent_items, recency.decay)
                           for e in examples]) if examples else np.zeros((0, item_vectors.shape[1]), np.float32)
     return histories.astype(np.float64) @ item_vectors.T.astype(np.float64)
 
 
 def adjust(scores: np.ndarray, data: Interactions, examples: Sequence[Example], adjustments: Adjustments,
-           table: CooccurrenceTable | None, item_vectors: np.ndarray | None = None) -> np.ndarray:
+           table: CooccurrenceTable | None, item_vectors: np.ndarray | None = None,
+           cooccurrence_recency: Recency = COOCCURRENCE_RECENCY,
+           history_vector_recency: Recency = HISTORY_VECTOR_RECENCY) -> np.ndarray:
     """Model scores -> served scores (in place): the adjustments, as the server applies them. item_vectors are
     the unit item vectors (num_items, dim) the history vector is built from."""
     add_history_score(scores, data, examples, adjustments.history_item_score)
     if adjustments.cooccurrence_weight and table is not None:
-        scores += adjustments.cooccurrence_weight * cooccurrence_scores(data, examples, table)
+        scores += adjustments.cooccurrence_weight * cooccurrence_scores(data, examples, table, cooccurrence_recency)
     if adjustments.history_vector_weight:
         if item_vectors is None:
             raise ValueError("a history vector weight needs the item vectors")
-        scores += adjustments.history_vector_weight * history_vector_scores(data, examples, item_vectors)
+        scores += adjustments.history_vector_weight * history_vector_scores(
+            data, examples, item_vectors, history_vector_recency)
     return scores
 
 

@@ -8,7 +8,7 @@ from training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
 from training.calibration import (
-    HISTORY_SCORE_GRID, Adjustments, add_history_score, adjust, choose_adjustments, cooccurrence_only_scores,
+    HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_only_scores,
     history_vector_scores,
 )
 
@@ -102,3 +102,18 @@ def test_adjust_adds_the_weighted_history_vector_scores_as_chosen():
     np.testing.assert_allclose(raw[0], expected, rtol=1e-5)
     adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 0.0, 0.5), None, vectors)
     np.testing.assert_allclose(adjusted, 0.5 * raw, rtol=1e-6)
+
+
+def test_adjust_reads_the_recency_it_is_given_not_the_training_defaults():
+    # A bundle whose manifest says "latest item only" must be evaluated that way, as its server scores.
+    data = interactions([[1, 2, 3, 4]])
+    examples = [Example(0, 3)]
+    vectors = similar_pairs_vectors(1)
+    latest_only = Recency(recent_items=1, decay=0.5)
+    adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 0.0, 1.0), None, vectors,
+                      history_vector_recency=latest_only)
+    np.testing.assert_allclose(adjusted[0], vectors[3] @ vectors.T, rtol=1e-6)
+    table = CooccurrenceTable.from_sequences([[1, 5], [3, 6]], ITEMS)
+    cooccurrence = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 1.0, 0.0), table,
+                          cooccurrence_recency=latest_only)
+    assert cooccurrence[0, 6] > 0 and cooccurrence[0, 5] == 0  # item 1 is not the latest: its neighbour scores 0
