@@ -18,7 +18,7 @@ import typer
 from export.bundle import build_bundle
 from export.evaluate import evaluate_bundle
 from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
-from training.calibration import Adjustments, cooccurrence_only_scores, training_cooccurrence
+from training.calibration import calibration_keys, cooccurrence_only_scores, training_cooccurrence
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
@@ -36,12 +36,12 @@ EVAL_MAX_STEPS = 100_000
 
 def _train_or_reuse(data, config: TrainConfig, run_dir: Path) -> dict:
     """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`);
-    one calibrated before today's adjustments existed is calibrated and evaluated again, not retrained."""
+    one calibrated on another grid of adjustments is calibrated and evaluated again, not retrained."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         if metrics["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            if set(metrics.get("adjustments", {})) == {f.name for f in dataclasses.fields(Adjustments)}:
+            if set(metrics.get("adjustments_validation_ndcg10", {})) == calibration_keys():
                 log.info("reusing %s (trained with this exact config)", run_dir)
                 return metrics
             log.info("reusing the model in %s (trained with this exact config); choosing its adjustments", run_dir)
