@@ -1,5 +1,5 @@
 """Score adjustments chosen after training on validation users: the history item score, the co-occurrence
-weight and the history vector weight. The server applies all three from the manifest, so served rankings match
+weight and the history vector weight, by CALIBRATION_METRIC. The server applies all three from the manifest, so served rankings match
 the evaluated ones.
 
 History item score: a text model ranks a user's own history at the top (it is the text most like the user),
@@ -30,10 +30,15 @@ from training.evaluation import ScoreFn, ranking_metrics, target_ranks
 # 0 keeps the text model's ranking; -4 puts every history item below every other item (scores span ~[-1.5, 1.5]).
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)
 # log(1 + count) terms are ~0.7-5 per neighbour: 0.4 lets co-occurrence outweigh most text differences.
-COOCCURRENCE_WEIGHT_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+# Up to 0.8 because MovieLens chose 0.4, the largest of an earlier grid.
+COOCCURRENCE_WEIGHT_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
 # Unit item vectors summed with decay 0.8 over 20 items have norm ~1-5 against the unit user vector; up to
 # 1.6 because Scientific's validation still rose at 0.4 (with co-occurrence weight 0.2).
-HISTORY_VECTOR_WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+HISTORY_VECTOR_WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6)
+# NDCG@50 weighs the top 10 most (1 to 0.29 a hit) yet credits ranks 11-50 too (0.28 to 0.18), the candidates a
+# retrieval tier hands a re-ranker; NDCG@10 alone would buy the top 10 with the rest of the list.
+CALIBRATION_METRIC = "ndcg@50"
+CALIBRATION_KS = (10, 50)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +131,13 @@ def calibration_keys() -> set[str]:
 def choose_adjustments(
     scores: np.ndarray, data: Interactions, examples: Sequence[Example], table: CooccurrenceTable,
     item_vectors: np.ndarray,
-) -> tuple[Adjustments, dict[str, float]]:
-    """The grid choice with the best NDCG@10 on `examples` (validation users), and NDCG@10 for every choice
-    (keyed by Adjustments.key). Ties go to the milder choice."""
+) -> tuple[Adjustments, dict[str, dict[str, float]]]:
+    """The grid choice with the best CALIBRATION_METRIC on `examples` (validation users), and Recall/NDCG at
+    CALIBRATION_KS for every choice (keyed by Adjustments.key). Ties go to the milder choice."""
     targets = np.array([data.sequences[e.user][e.target_position] for e in examples])
     cooccurrence = cooccurrence_scores(data, examples, table)
     history_vectors = history_vector_scores(data, examples, item_vectors)
-    table_ndcg: dict[str, float] = {}
+    metrics: dict[str, dict[str, float]] = {}
     candidates = []
     for history_value in HISTORY_SCORE_GRID:
         lowered = add_history_score(scores.copy(), data, examples, history_value)
@@ -141,10 +146,10 @@ def choose_adjustments(
             for vector_weight in HISTORY_VECTOR_WEIGHT_GRID:
                 choice = Adjustments(history_value, weight, vector_weight)
                 ranks = target_ranks(with_cooccurrence + vector_weight * history_vectors, targets)
-                table_ndcg[choice.key] = ranking_metrics(ranks, (10,))["ndcg@10"]
-                candidates.append((table_ndcg[choice.key], history_value, -weight, -vector_weight))
+                metrics[choice.key] = ranking_metrics(ranks, CALIBRATION_KS)
+                candidates.append((metrics[choice.key][CALIBRATION_METRIC], history_value, -weight, -vector_weight))
     _, history_value, negative_weight, negative_vector_weight = max(candidates)
-    return Adjustments(history_value, -negative_weight, -negative_vector_weight), table_ndcg
+    return Adjustments(history_value, -negative_weight, -negative_vector_weight), metrics
 
 
 def cooccurrence_only_scores(data: Interactions, table: CooccurrenceTable) -> ScoreFn:

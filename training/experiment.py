@@ -18,7 +18,7 @@ import typer
 from export.bundle import build_bundle
 from export.evaluate import evaluate_bundle
 from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
-from training.calibration import calibration_keys, cooccurrence_only_scores, training_cooccurrence
+from training.calibration import CALIBRATION_METRIC, calibration_keys, cooccurrence_only_scores, training_cooccurrence
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
@@ -36,12 +36,14 @@ EVAL_MAX_STEPS = 100_000
 
 def _train_or_reuse(data, config: TrainConfig, run_dir: Path) -> dict:
     """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`);
-    one calibrated on another grid of adjustments is calibrated and evaluated again, not retrained."""
+    one calibrated on another grid of adjustments, or by another metric, is calibrated and evaluated again, not
+    retrained."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         if metrics["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            if set(metrics.get("adjustments_validation_ndcg10", {})) == calibration_keys():
+            if (metrics.get("calibration_metric") == CALIBRATION_METRIC
+                    and set(metrics.get("adjustments_validation", {})) == calibration_keys()):
                 log.info("reusing %s (trained with this exact config)", run_dir)
                 return metrics
             log.info("reusing the model in %s (trained with this exact config); choosing its adjustments", run_dir)
@@ -74,8 +76,8 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         per_seed.append(rows)
         curves.append(metrics["curve"])
         train_seconds.append(metrics["train_seconds"])
-        adjustments.append({"chosen": metrics["adjustments"],
-                            "validation_ndcg@10": metrics["adjustments_validation_ndcg10"]})
+        adjustments.append({"chosen": metrics["adjustments"], "metric": metrics["calibration_metric"],
+                            "validation": metrics["adjustments_validation"]})
     sasrec_model, sasrec_info = train_sasrec(data, sasrec)
     sasrec_metrics = evaluate(sasrec_scores(sasrec_model, data, sasrec), data, test, config.ks)
     cooccurrence_metrics = evaluate(cooccurrence_only_scores(data, training_cooccurrence(data)), data, test, config.ks)

@@ -35,14 +35,7 @@ def write_report(metrics: dict, out: Path) -> Path:
         notes.append(f"NDCG@10 lost to INT8 + HNSW (served path) vs PyTorch FP32 exact: "
                      f"{metrics['int8_hnsw_relative_ndcg10_loss']:.2%} (relative).")
     for seed, chosen in enumerate(metrics.get("adjustments", [])):
-        table = chosen["validation_ndcg@10"]
-        best = table[Adjustments(**chosen["chosen"]).key]
-        history_only = max(v for key, v in table.items() if key.endswith(",0.0,0.0"))
-        notes.append(f"Seed {seed}: history item score {chosen['chosen']['history_item_score']}, co-occurrence "
-                     f"weight {chosen['chosen']['cooccurrence_weight']} and history vector weight "
-                     f"{chosen['chosen']['history_vector_weight']} chosen on the validation split (validation "
-                     f"NDCG@10 {best:.4f}; {history_only:.4f} with the best history item score alone; "
-                     f"{table[Adjustments().key]:.4f} with none).")
+        notes.append(_calibration_note(seed, chosen))
     text = f"""# Evaluation: {metrics['dataset']}
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
@@ -57,6 +50,23 @@ Training per seed: {', '.join(f"{steps} steps in {seconds:.0f} s" for steps, sec
 """
     (out / "report.md").write_text(text)
     return out / "report.md"
+
+
+def _calibration_note(seed: int, chosen: dict) -> str:
+    """What the adjustments chosen on validation bought there, beside the best choice for NDCG@10 alone."""
+    table, metric = chosen["validation"], chosen["metric"]
+
+    def described(key: str) -> str:
+        return " / ".join(f"{table[key][m]:.4f}" for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50"))
+
+    key = Adjustments(**chosen["chosen"]).key
+    top10_key = max(table, key=lambda k: table[k]["ndcg@10"])
+    history_only_key = max((k for k in table if k.endswith(",0.0,0.0")), key=lambda k: table[k][metric])
+    return (f"Seed {seed}: history item score, co-occurrence weight and history vector weight {key} chosen by "
+            f"validation {metric}. Validation Recall@10 / NDCG@10 / Recall@50 / NDCG@50: {described(key)} "
+            f"chosen; {described(top10_key)} for the best NDCG@10 ({top10_key}); "
+            f"{described(history_only_key)} with the history item score alone; "
+            f"{described(Adjustments().key)} with none.")
 
 
 def _plot_curve(curve: list[dict], path: Path) -> None:

@@ -33,7 +33,7 @@ from training.data import (
 from training.evaluation import ScoreFn, evaluate, popularity_scores
 from training.losses import FullSoftmaxLoss
 from training.model import TextRecommender, pretrained_encoder_path
-from training.calibration import Adjustments, adjust, choose_adjustments, training_cooccurrence
+from training.calibration import CALIBRATION_METRIC, Adjustments, adjust, choose_adjustments, training_cooccurrence
 
 log = logging.getLogger("llmrec.train")
 
@@ -205,8 +205,9 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     adjustments, calibration = choose_adjustments(
         model_scores(model, data, config, config.temperature, items=items)(valid), data, valid, cooccurrence,
         items.cpu().numpy())
-    log.info("adjustments %s chosen on %d validation users: NDCG@10 %.4f (%.4f with none)", adjustments,
-             len(valid), calibration[adjustments.key], calibration[Adjustments().key])
+    log.info("adjustments %s chosen on %d validation users: %s %.4f (%.4f with none)", adjustments, len(valid),
+             CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
+             calibration[Adjustments().key][CALIBRATION_METRIC])
     device = model.item_bias.device
     model.cpu().save(out / "checkpoint", data.item_ids, adjustments, cooccurrence)
     model.to(device)
@@ -218,7 +219,8 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
         "config": dataclasses.asdict(config),
         **training,
         "adjustments": dataclasses.asdict(adjustments),
-        "adjustments_validation_ndcg10": calibration,
+        "calibration_metric": CALIBRATION_METRIC,
+        "adjustments_validation": calibration,
         "evaluation": evaluation,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,5 +1,5 @@
 """Post-training adjustments: the history item score (once per distinct history item) and the co-occurrence
-weight, chosen together by validation NDCG@10."""
+weight and the history vector weight, chosen together by validation CALIBRATION_METRIC."""
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def test_never_repeating_users_get_their_history_pushed_down():
     best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
     assert best.history_item_score < -0.1  # the history must fall below the target
     assert best.cooccurrence_weight == 0.0 and best.history_vector_weight == 0.0  # no help: the milder choice
-    assert table[f"{best.history_item_score},0.0,0.0"] == 1.0 and table["0.0,0.0,0.0"] < 0.6
+    assert table[f"{best.history_item_score},0.0,0.0"]["ndcg@10"] == 1.0 and table["0.0,0.0,0.0"]["ndcg@10"] < 0.6
 
 
 def test_users_who_repeat_keep_their_history():
@@ -50,8 +50,8 @@ def test_users_who_repeat_keep_their_history():
     for row, e in enumerate(examples):
         scores[row, data.sequences[e.user][0]] = 0.9
     best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
-    assert best.history_item_score == 0.0 and table["0.0,0.0,0.0"] == 1.0
-    assert table[f"{min(HISTORY_SCORE_GRID)},0.0,0.0"] < 1.0
+    assert best.history_item_score == 0.0 and table["0.0,0.0,0.0"]["ndcg@10"] == 1.0
+    assert table[f"{min(HISTORY_SCORE_GRID)},0.0,0.0"]["ndcg@10"] < 1.0
 
 
 def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
@@ -62,7 +62,7 @@ def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
     table = CooccurrenceTable.from_sequences([s[:2] for s in sequences], ITEMS, window=1)  # pairs (a, a+1) only
     scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
     best, ndcg = choose_adjustments(scores, data, examples, table, AXES)
-    assert best.cooccurrence_weight > 0 and ndcg[best.key] > 0.5
+    assert best.cooccurrence_weight > 0 and ndcg[best.key]["ndcg@10"] > 0.5
 
 
 def test_the_cooccurrence_baseline_ranks_neighbours_of_the_history_first_and_the_history_last():
@@ -89,7 +89,7 @@ def test_the_history_vector_is_chosen_when_targets_resemble_history_items():
     scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
     best, ndcg = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), pairs)
     assert best.history_vector_weight > 0 and best.history_item_score < 0  # the history itself falls below
-    assert ndcg[best.key] == 1.0 and ndcg[Adjustments().key] < 0.5
+    assert ndcg[best.key]["ndcg@10"] == 1.0 and ndcg[Adjustments().key]["ndcg@10"] < 0.5
 
 
 def test_adjust_adds_the_weighted_history_vector_scores_as_chosen():
@@ -117,3 +117,22 @@ def test_adjust_reads_the_recency_it_is_given_not_the_training_defaults():
     cooccurrence = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 1.0, 0.0), table,
                           cooccurrence_recency=latest_only)
     assert cooccurrence[0, 6] > 0 and cooccurrence[0, 5] == 0  # item 1 is not the latest: its neighbour scores 0
+
+
+def test_the_choice_weighs_the_top_50_not_only_the_top_10():
+    # 11 users whose target the model ranks first, but whose history item co-occurs with 12 other items; 9 whose
+    # target the model ranks last, but co-occurs with their history item. Co-occurrence drops the first group
+    # to rank 12 and lifts the second to rank 1: worse NDCG@10, better NDCG@50.
+    items = 100
+    distractors = list(range(2, 14))
+    sequences = [[0, 1]] * 11 + [[20, 21]] * 9
+    data = Interactions("deep", [str(i) for i in range(items)], [ItemFields(f"t{i}") for i in range(items)],
+                        [str(u) for u in range(len(sequences))], sequences)
+    examples = [Example(u, 1) for u in range(len(sequences))]
+    table = CooccurrenceTable.from_sequences([[0, d] for d in distractors] * 5 + [[20, 21]] * 5, items, window=1)
+    scores = np.zeros((len(sequences), items))
+    scores[:11, 1], scores[11:, 21] = 0.5, -0.5
+    best, metrics = choose_adjustments(scores, data, examples, table, np.eye(items, dtype=np.float32))
+    none = metrics[Adjustments().key]
+    assert best.cooccurrence_weight > 0
+    assert metrics[best.key]["ndcg@10"] < none["ndcg@10"] and metrics[best.key]["ndcg@50"] > none["ndcg@50"]
