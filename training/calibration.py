@@ -1,6 +1,6 @@
-"""Score adjustments chosen after training on validation users: the history item score, the co-occurrence
-weight and the history vector weight, by CALIBRATION_METRIC. The server applies all three from the manifest, so served rankings match
-the evaluated ones.
+"""Score adjustments chosen after training on validation users by CALIBRATION_METRIC: the history item score,
+the co-occurrence weight and the history vector weight. The server applies all three from the manifest, so
+served rankings match the evaluated ones.
 
 History item score: a text model ranks a user's own history at the top (it is the text most like the user),
 yet most data sets rarely repeat: nobody rates a film twice, few buy the same oscilloscope twice. One scalar

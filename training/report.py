@@ -57,13 +57,13 @@ def _calibration_note(seed: int, chosen: dict) -> str:
     table, metric = chosen["validation"], chosen["metric"]
 
     def described(key: str) -> str:
-        return " / ".join(f"{table[key][m]:.4f}" for m in ("recall@10", "ndcg@10", "recall@50", "ndcg@50"))
+        return " / ".join(f"{value:.4f}" for value in table[key].values())
 
     key = Adjustments(**chosen["chosen"]).key
     top10_key = max(table, key=lambda k: table[k]["ndcg@10"])
     history_only_key = max((k for k in table if k.endswith(",0.0,0.0")), key=lambda k: table[k][metric])
     return (f"Seed {seed}: history item score, co-occurrence weight and history vector weight {key} chosen by "
-            f"validation {metric}. Validation Recall@10 / NDCG@10 / Recall@50 / NDCG@50: {described(key)} "
+            f"validation {metric}. Validation {' / '.join(table[key])}: {described(key)} "
             f"chosen; {described(top10_key)} for the best NDCG@10 ({top10_key}); "
             f"{described(history_only_key)} with the history item score alone; "
             f"{described(Adjustments().key)} with none.")
