@@ -18,16 +18,17 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
-from export.onnx import export_fp32, quantize_int8
+from export.onnx import export_fp32, export_sequence_model, quantize_int8
 from export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, sha256_file
+from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
 from training.calibration import Adjustments
 from training.model import encoder_dir, load_item_head, mean_pool
+from training.sequence_model import CHECKPOINT_FILE as SEQUENCE_MODEL_CHECKPOINT, load_sequence_model
 
 log = logging.getLogger("llmrec.export")
 
@@ -99,6 +100,12 @@ def build_bundle(
         index = build_hnsw(vectors, index_m, index_ef_construction, index_ef_search)
         quality["hnsw_recall@10"] = hnsw_recall(index, vectors, user_queries(user_vectors), k=10)
         index.save_index(str(staging / layout.INDEX_FILE))
+        sequence_model = load_sequence_model(Path(checkpoint) / SEQUENCE_MODEL_CHECKPOINT)
+        sequence_spec = None
+        if sequence_model is not None:
+            export_sequence_model(sequence_model, staging / layout.SEQUENCE_MODEL_FILE)
+            sequence_spec = SequenceModelSpec(weight=head.adjustments.sequence_weight,
+                                              max_items=sequence_model.config.max_items)
         np.save(staging / layout.VECTORS_FILE, vectors)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
         with (staging / layout.ITEMS_FILE).open("w", encoding="utf-8") as handle:
@@ -107,7 +114,8 @@ def build_bundle(
                           "brand": fields.brand, "description": fields.description}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-        files = {relative: sha256_file(staging / relative) for relative in layout.BUNDLE_FILES}
+        files = {relative: sha256_file(staging / relative)
+                 for relative in layout.bundle_files(sequence_spec is not None)}
         created = dt.datetime.now(dt.timezone.utc)
         digest = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:10]
         version = f"{created:%Y%m%dT%H%M%SZ}-{digest}"
@@ -130,6 +138,7 @@ def build_bundle(
             history_vector=HistoryVectorSpec(weight=head.adjustments.history_vector_weight,
                                              recent_items=history_vector.RECENT_ITEMS,
                                              recency_decay=history_vector.RECENCY_DECAY),
+            sequence_model=sequence_spec,
             index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
             files=files,
             quality=quality,

@@ -42,12 +42,17 @@ def evaluate_bundle(
     row_to_item = {row: i for i, row in enumerate(columns)}
     data_item_of_row = np.full(len(bundle.item_ids), -1, dtype=np.int64)
     data_item_of_row[columns] = np.arange(len(columns))
-    adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight, manifest.history_vector.weight)
+    sequence_weight = manifest.sequence_model.weight if manifest.sequence_model is not None else 0.0
+    adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight, manifest.history_vector.weight,
+                              sequence_weight)
     cooccurrence = bundle.cooccurrence.renumber(data_item_of_row, data.num_items)
-    exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence,
-                   vectors[:, : manifest.dimension],
+    unit_vectors = vectors[:, : manifest.dimension]
+    sequence_vectors = bundle.sequence_model.vectors(
+        [unit_vectors[data.sequences[e.user][: e.target_position]] for e in examples]) if sequence_weight else None
+    exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence, unit_vectors,
                    Recency(manifest.cooccurrence.recent_items, manifest.cooccurrence.recency_decay),
-                   Recency(manifest.history_vector.recent_items, manifest.history_vector.recency_decay))
+                   Recency(manifest.history_vector.recent_items, manifest.history_vector.recency_decay),
+                   sequence_vectors)
     served = np.full((len(examples), data.num_items), _UNRANKED)
     for n, items in enumerate(asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))):
         for item in items:

@@ -9,12 +9,15 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
     items/vectors.npy       float32 (item_count, index_dimension): unit text+id vector, then the bias column
     items/index.hnsw        hnswlib index over vectors.npy, inner-product space, labels = row numbers
     items/cooccurrence.npz  item co-occurrence table over row numbers (llmrec.cooccurrence; empty if untrained)
+    model/sequence_model.onnx  the sequence model over item vectors (llmrec.sequence_runner), if the checkpoint
+                            has one (manifest sequence_model not null)
 
 Scoring: score(user, item) = dot(user_vector, item_vector) + item_bias, computed in one inner product by
 querying with [user_vector, 1.0] against rows [item_vector, item_bias]. user_vector is the mean-pooled,
 L2-normalised encoder output for the rendered user text (llmrec.template), plus history_vector.weight times
 the history vector (llmrec.history_vector: the decayed sum of the recent history's item vectors, bias column
-excluded). Served rankings then add history_item_score to items in the user's history and cooccurrence.weight
+excluded), plus sequence_model.weight times the sequence model's vector of the recent history's item vectors.
+Served rankings then add history_item_score to items in the user's history and cooccurrence.weight
 times the co-occurrence score.
 """
 
@@ -26,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 MODEL_INT8_FILE = "model/model_int8.onnx"
 MODEL_FP32_FILE = "model/model_fp32.onnx"
@@ -35,6 +38,7 @@ ITEMS_FILE = "items/items.jsonl"
 VECTORS_FILE = "items/vectors.npy"
 INDEX_FILE = "items/index.hnsw"
 COOCCURRENCE_FILE = "items/cooccurrence.npz"
+SEQUENCE_MODEL_FILE = "model/sequence_model.onnx"
 BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE,
                 COOCCURRENCE_FILE)
 
@@ -71,6 +75,14 @@ class HistoryVectorSpec:
 
 
 @dataclasses.dataclass
+class SequenceModelSpec:
+    """How the server adds the sequence model's vector to the query (llmrec.sequence_runner): weight 0 turns it off."""
+
+    weight: float
+    max_items: int  # the most recent items it reads
+
+
+@dataclasses.dataclass
 class Manifest:
     bundle_version: str
     created_at: str  # RFC 3339
@@ -86,6 +98,7 @@ class Manifest:
     history_item_score: float  # added to the score of items already in the user's history (training/calibration.py)
     cooccurrence: CooccurrenceSpec
     history_vector: HistoryVectorSpec
+    sequence_model: SequenceModelSpec | None  # None: the bundle has no sequence model
     index: IndexSpec
     files: dict[str, str]  # relative path -> sha256
     quality: dict[str, Any]  # export checks: INT8 vs PyTorch cosine and ranking agreement
@@ -104,7 +117,18 @@ class Manifest:
             raise BundleError(f"manifest has unknown fields {sorted(unknown)}")
         return cls(**{**data, "index": IndexSpec(**data["index"]),
                       "cooccurrence": CooccurrenceSpec(**data["cooccurrence"]),
-                      "history_vector": HistoryVectorSpec(**data["history_vector"])})
+                      "history_vector": HistoryVectorSpec(**data["history_vector"]),
+                      "sequence_model": SequenceModelSpec(**data["sequence_model"]) if data.get("sequence_model")
+                      else None})
+
+    @property
+    def required_files(self) -> tuple[str, ...]:
+        return bundle_files(self.sequence_model is not None)
+
+
+def bundle_files(with_sequence_model: bool) -> tuple[str, ...]:
+    """Every file a bundle holds."""
+    return BUNDLE_FILES + ((SEQUENCE_MODEL_FILE,) if with_sequence_model else ())
 
 
 def sha256_file(path: Path) -> str:
@@ -127,7 +151,7 @@ def read_manifest(bundle_dir: Path, verify_hashes: bool = True) -> Manifest:
     if data.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"bundle format {data.get('format_version')} is not supported (want {FORMAT_VERSION})")
     manifest = Manifest.from_dict(data)
-    for relative in BUNDLE_FILES:
+    for relative in manifest.required_files:
         file = Path(bundle_dir) / relative
         if not file.is_file():
             raise BundleError(f"bundle {bundle_dir} lacks {relative}")

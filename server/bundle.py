@@ -13,6 +13,7 @@ import numpy as np
 from llmrec import manifest as mf
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
+from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import TEMPLATE_VERSION, ItemFields
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class LoadedBundle:
         index: the hnswlib index, loaded (never rebuilt), ef set so that ef >= k for every allowed k.
         vectors: the index rows (memory-mapped); server.catalogue copies them into the live catalogue.
         cooccurrence: the item co-occurrence table over row numbers (llmrec.cooccurrence).
+        sequence_model: the sequence model over item vectors, or None if the bundle has none.
     """
 
     path: Path
@@ -45,6 +47,7 @@ class LoadedBundle:
     index: hnswlib.Index
     vectors: np.ndarray
     cooccurrence: CooccurrenceTable
+    sequence_model: SequenceRunner | None
 
     @property
     def model_version(self) -> str:
@@ -120,6 +123,16 @@ class LoadedBundle:
             raise mf.BundleError(f"bundle {path}: co-occurrence table covers {cooccurrence.num_items} items, "
                                  f"manifest says {manifest.item_count}")
 
+        sequence_model = None
+        if manifest.sequence_model is not None:
+            try:
+                sequence_model = SequenceRunner(path / mf.SEQUENCE_MODEL_FILE, manifest.sequence_model.max_items)
+            except Exception as error:  # onnxruntime raises its own types for unreadable graphs
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.SEQUENCE_MODEL_FILE} ({error})") from error
+            if sequence_model.dimension != manifest.dimension:
+                raise mf.BundleError(f"bundle {path}: the sequence model reads {sequence_model.dimension} dims, "
+                                     f"manifest says {manifest.dimension}")
+
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
         if index.get_current_count() != manifest.item_count:
@@ -132,7 +145,8 @@ class LoadedBundle:
 
         logger.info("loaded bundle %s: %d items, %s on %s, template v%s", manifest.bundle_version,
                     manifest.item_count, precision, encoder.provider, manifest.template_version)
-        return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors, cooccurrence)
+        return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors, cooccurrence,
+                   sequence_model)
 
 
 def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:

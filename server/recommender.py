@@ -154,14 +154,26 @@ class Recommender:
         return [dataclasses.replace(item, rank=rank) for rank, item in enumerate(rescored[:k], 1)]
 
     def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None]) -> np.ndarray:
-        """user_vector plus the weighted history vector (llmrec.history_vector) of the catalogued history, oldest
-        first; items given as text, or deleted since, add nothing."""
+        """user_vector plus the weighted history vector (llmrec.history_vector) and the weighted sequence model
+        vector (llmrec.sequence_runner) of the catalogued history, oldest first; items given as text, or deleted
+        since, add nothing."""
         spec = self.bundle.manifest.history_vector
+        sequence_spec = self.bundle.manifest.sequence_model
+        sequence_items = sequence_spec.max_items if sequence_spec is not None and sequence_spec.weight else 0
+        history_items = max(spec.recent_items, 0) if spec.weight else 0
         ids = [i for i in history_ids if i is not None]
-        if not spec.weight or not ids:
+        needed = max(history_items, sequence_items)
+        if not needed or not ids:
             return user_vector
-        recent = self.catalogue.unit_vectors(ids[-spec.recent_items:] if spec.recent_items > 0 else [])
-        return user_vector + np.float32(spec.weight) * history_vector(recent, spec.recent_items, spec.recency_decay)
+        recent = self.catalogue.unit_vectors(ids[-needed:])  # one read of the catalogue for both
+        query = user_vector
+        if history_items:
+            query = query + np.float32(spec.weight) * history_vector(recent, spec.recent_items, spec.recency_decay)
+        if sequence_items:
+            window = recent[-sequence_items:]
+            sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]])[0]  # deleted: zero rows
+            query = query + np.float32(sequence_spec.weight) * sequence
+        return query
 
     def cooccurrence_boosts(self, history_ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """(bundle rows ascending, weight * co-occurrence score) for a history, oldest first (llmrec.cooccurrence);

@@ -184,6 +184,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             history_item_score=manifest.history_item_score,
             cooccurrence_weight=manifest.cooccurrence.weight,
             history_vector_weight=manifest.history_vector.weight,
+            sequence_model_weight=manifest.sequence_model.weight if manifest.sequence_model is not None else 0.0,
         )
 
     @_unary

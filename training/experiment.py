@@ -1,7 +1,7 @@
 """`make eval`: train (per seed), export, and evaluate every model side by side in one run, then report.
 
-Rows: popularity, zero-shot encoder, SASRec (ID baseline), co-occurrence alone (no model), llmrec in PyTorch
-FP32 with exact search, the exported INT8 model with exact search, and INT8 + HNSW through the server's own
+Rows: popularity, zero-shot encoder, SASRec (ID baseline), co-occurrence alone (no model), the sequence model
+over item vectors alone, llmrec in PyTorch FP32 with exact search, the exported INT8 model with exact search, and INT8 + HNSW through the server's own
 code path.
 """
 
@@ -18,12 +18,13 @@ import typer
 from export.bundle import build_bundle
 from export.evaluate import evaluate_bundle
 from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
-from training.calibration import CALIBRATION_METRIC, calibration_keys, cooccurrence_only_scores, training_cooccurrence
+from training.calibration import calibration_search, cooccurrence_only_scores, training_cooccurrence
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
 from training.report import write_report
 from training.model import TextRecommender, pretrained_encoder_path
+from training.sequence_model import SequenceModelConfig
 from training.train import finish_run, train
 
 log = logging.getLogger("llmrec.experiment")
@@ -34,36 +35,41 @@ EVAL_TIME_BUDGET_MINUTES = 80.0
 EVAL_MAX_STEPS = 100_000
 
 
-def _train_or_reuse(data, config: TrainConfig, run_dir: Path) -> dict:
+def _as_json(value) -> object:
+    return json.loads(json.dumps(value))
+
+
+def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, run_dir: Path) -> dict:
     """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`);
-    one calibrated on another grid of adjustments, or by another metric, is calibrated and evaluated again, not
-    retrained."""
+    one whose sequence model was trained otherwise, or whose adjustments were chosen by another search, keeps its
+    text model and is finished again (sequence model, adjustments, evaluation), not retrained."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        if metrics["config"] == json.loads(json.dumps(dataclasses.asdict(config))):
-            if (metrics.get("calibration_metric") == CALIBRATION_METRIC
-                    and set(metrics.get("adjustments_validation", {})) == calibration_keys()):
+        if metrics["config"] == _as_json(dataclasses.asdict(config)):
+            if (metrics.get("calibration_search") == _as_json(calibration_search())
+                    and metrics.get("sequence_model", {}).get("config") == _as_json(dataclasses.asdict(sequence))):
                 log.info("reusing %s (trained with this exact config)", run_dir)
                 return metrics
-            log.info("reusing the model in %s (trained with this exact config); choosing its adjustments", run_dir)
+            log.info("reusing the text model in %s (trained with this exact config); finishing it again", run_dir)
             model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
             training = {key: metrics[key] for key in ("world_size", "train_seconds", "steps", "curve")}
-            return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training)
-    return train(data, config, run_dir)
+            return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training, sequence)
+    return train(data, config, run_dir, sequence_config=sequence)
 
 
 def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_dir: Path, seeds: int,
-                   config: TrainConfig, sasrec: SASRecConfig) -> dict:
+                   config: TrainConfig, sasrec: SASRecConfig,
+                   sequence: SequenceModelConfig = SequenceModelConfig()) -> dict:
     data = load_interactions(data_path)
     test = split_examples(data, "test")
     if config.eval_users:
         test = test[: config.eval_users]
-    per_seed, curves, train_seconds, adjustments = [], [], [], []
+    per_seed, curves, train_seconds, sequence_seconds, adjustments = [], [], [], [], []
     for seed in range(seeds):
         seed_config = dataclasses.replace(config, seed=seed)
         run_dir = run_root if seed == 0 else run_root.with_name(f"{run_root.name}-seed{seed}")
-        metrics = _train_or_reuse(data, seed_config, run_dir)
+        metrics = _train_or_reuse(data, seed_config, dataclasses.replace(sequence, seed=seed), run_dir)
         validation = [user_text(data, e, seed_config.use_context) for e in split_examples(data, "valid")[:300]]
         bundle = build_bundle(
             run_dir / "checkpoint", list(zip(data.item_ids, data.items)), bundle_root / f"seed{seed}",
@@ -76,6 +82,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         per_seed.append(rows)
         curves.append(metrics["curve"])
         train_seconds.append(metrics["train_seconds"])
+        sequence_seconds.append(metrics["sequence_model"]["seconds"])
         adjustments.append({"chosen": metrics["adjustments"], "metric": metrics["calibration_metric"],
                             "validation": metrics["adjustments_validation"]})
     sasrec_model, sasrec_info = train_sasrec(data, sasrec)
@@ -86,7 +93,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
     evaluation = {name: _mean(per_seed, name) for name in names}
     evaluation["sasrec"] = sasrec_metrics
     evaluation["cooccurrence_only"] = cooccurrence_metrics
-    order = ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
+    order = ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "sequence_model_alone", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
     evaluation = {name: evaluation[name] for name in order if name in evaluation}
     fp32, served = evaluation["llmrec"]["ndcg@10"], evaluation["int8_hnsw_server"]["ndcg@10"]
     summary = {
@@ -99,7 +106,8 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         "int8_hnsw_relative_ndcg10_loss": (fp32 - served) / fp32 if fp32 else None,
         "sasrec": sasrec_info,
         "adjustments": adjustments,
-        "train_seconds": train_seconds,  # per seed
+        "train_seconds": train_seconds,  # per seed: the text model
+        "sequence_model_seconds": sequence_seconds,  # per seed: the sequence model, trained after it
         "steps": [len(curve) for curve in curves],  # per seed
         "curve": curves[0],
     }
@@ -124,12 +132,15 @@ def main(
     time_budget_minutes: float = typer.Option(EVAL_TIME_BUDGET_MINUTES, help="training time per seed"),
     max_steps: int = typer.Option(EVAL_MAX_STEPS, help="training steps per seed, if the time budget lasts"),
     sasrec_minutes: float = typer.Option(SASRecConfig.time_budget_minutes),
+    sequence_minutes: float = typer.Option(SequenceModelConfig.time_budget_minutes,
+                                           help="training time of the sequence model per seed"),
     eval_users: int = typer.Option(0, help="evaluate on the first N test users (0 = all)"),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llmrec").setLevel(logging.INFO)
     config = TrainConfig(time_budget_minutes=time_budget_minutes, max_steps=max_steps, eval_users=eval_users)
-    summary = run_experiment(data, runs, bundles, report, seeds, config, SASRecConfig(time_budget_minutes=sasrec_minutes))
+    summary = run_experiment(data, runs, bundles, report, seeds, config, SASRecConfig(time_budget_minutes=sasrec_minutes),
+                             SequenceModelConfig(time_budget_minutes=sequence_minutes))
     typer.echo((report / "report.md").read_text())
     typer.echo(f"INT8 + HNSW relative NDCG@10 loss: {summary['int8_hnsw_relative_ndcg10_loss']:.2%}")
 

@@ -40,7 +40,7 @@ def write_report(metrics: dict, out: Path) -> Path:
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
 {int(any_model['examples'])} users ({int(any_model['cold_examples'])} with a cold target: never a training target).
-Training per seed: {', '.join(f"{steps} steps in {seconds:.0f} s" for steps, seconds in zip(metrics['steps'], metrics['train_seconds']))}.
+Training per seed: {', '.join(f"{steps} steps in {seconds:.0f} s, then the sequence model in {extra:.0f} s" for steps, seconds, extra in zip(metrics['steps'], metrics['train_seconds'], metrics['sequence_model_seconds']))}.
 
 {chr(10).join(rows)}
 
@@ -61,8 +61,9 @@ def _calibration_note(seed: int, chosen: dict) -> str:
 
     key = Adjustments(**chosen["chosen"]).key
     top10_key = max(table, key=lambda k: table[k]["ndcg@10"])
-    history_only_key = max((k for k in table if k.endswith(",0.0,0.0")), key=lambda k: table[k][metric])
-    return (f"Seed {seed}: history item score, co-occurrence weight and history vector weight {key} chosen by "
+    history_only_key = max((k for k in table if k.endswith(",0.0,0.0,0.0")), key=lambda k: table[k][metric])
+    return (f"Seed {seed}: history item score, co-occurrence weight, history vector weight and sequence model "
+            f"weight {key} chosen by "
             f"validation {metric}. Validation {' / '.join(table[key])}: {described(key)} "
             f"chosen; {described(top10_key)} for the best NDCG@10 ({top10_key}); "
             f"{described(history_only_key)} with the history item score alone; "

@@ -33,7 +33,13 @@ from training.data import (
 from training.evaluation import ScoreFn, evaluate, popularity_scores
 from training.losses import FullSoftmaxLoss
 from training.model import TextRecommender, pretrained_encoder_path
-from training.calibration import CALIBRATION_METRIC, Adjustments, adjust, choose_adjustments, training_cooccurrence
+from training.calibration import (
+    CALIBRATION_METRIC, Adjustments, adjust, calibration_search, choose_adjustments, training_cooccurrence,
+)
+from training.sequence_model import (
+    CHECKPOINT_FILE as SEQUENCE_MODEL_FILE, SequenceModel, SequenceModelConfig, save_sequence_model, sequence_vectors,
+    train_sequence_model,
+)
 
 log = logging.getLogger("llmrec.train")
 
@@ -69,6 +75,7 @@ def model_scores(
     model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float,
     use_context: bool | None = None, adjustments: Adjustments = Adjustments(),
     cooccurrence: CooccurrenceTable | None = None, items: torch.Tensor | None = None,
+    sequence_model: SequenceModel | None = None,
 ) -> ScoreFn:
     """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits), plus
     the post-training adjustments (training/calibration.py). items: the catalogue_vectors, if already encoded."""
@@ -79,9 +86,27 @@ def model_scores(
 
     def score(examples: list[Example]) -> np.ndarray:
         users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
-        return adjust((users @ items.T + bias).cpu().numpy(), data, examples, adjustments, cooccurrence, item_array)
+        sequences = histories_sequence_vectors(sequence_model, data, examples, item_array) \
+            if adjustments.sequence_weight else None
+        return adjust((users @ items.T + bias).cpu().numpy(), data, examples, adjustments, cooccurrence, item_array,
+                      sequence_vectors=sequences)
 
     return score
+
+
+def histories_sequence_vectors(sequence_model: SequenceModel | None, data: Interactions, examples: list[Example],
+                               item_vectors: np.ndarray) -> np.ndarray:
+    """(len(examples), dim) sequence model vectors of each example's history."""
+    if sequence_model is None:
+        raise ValueError("a sequence model weight needs the sequence model")
+    return sequence_vectors(sequence_model, [data.sequences[e.user][: e.target_position] for e in examples], item_vectors)
+
+
+def sequence_model_scores(sequence_model: SequenceModel, data: Interactions, item_vectors: np.ndarray,
+                          item_bias: np.ndarray, temperature: float) -> ScoreFn:
+    """The sequence model as a recommender of its own, as it was trained: <vector, item> + temperature * bias."""
+    return lambda examples: (histories_sequence_vectors(sequence_model, data, list(examples), item_vectors)
+                             @ item_vectors.T + temperature * item_bias)
 
 
 def catalogue_vectors(model: TextRecommender, data: Interactions, config: TrainConfig) -> torch.Tensor:
@@ -124,7 +149,8 @@ class _Distributed:
             dist.destroy_process_group()
 
 
-def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path | None = None) -> dict:
+def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path | None = None,
+          sequence_config: SequenceModelConfig = SequenceModelConfig()) -> dict:
     """Train, checkpoint to out/checkpoint, evaluate, and write out/metrics.json. Returns the metrics.
 
     Under torchrun every rank trains on its own batches (batch_size each) with gradients averaged by DDP;
@@ -190,21 +216,26 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         return {}
     training = {"world_size": distributed.world_size, "train_seconds": round(train_seconds, 1), "steps": len(curve),
                 "curve": curve}
-    metrics = finish_run(model, data, config, out, encoder_path, training)
+    metrics = finish_run(model, data, config, out, encoder_path, training, sequence_config)
     distributed.close()
     return metrics
 
 
 def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, out: Path, encoder_path: Path,
-               training: dict) -> dict:
-    """After training: choose the adjustments on validation users, save the checkpoint, evaluate against the
-    baselines and write out/metrics.json (`training`: how the model was trained). Returns the metrics."""
+               training: dict, sequence_config: SequenceModelConfig = SequenceModelConfig()) -> dict:
+    """After training: train the sequence model over the trained item vectors, choose the adjustments on
+    validation users, save the checkpoint, evaluate against the baselines and write out/metrics.json
+    (`training`: how the text model was trained). Returns the metrics."""
     valid = split_examples(data, "valid")[: config.calibration_users]
     cooccurrence = training_cooccurrence(data)
     items = catalogue_vectors(model, data, config)
+    item_array = items.cpu().numpy()
+    item_bias = model.item_bias.detach().cpu().numpy()
+    sequence_model, sequence_training = train_sequence_model(
+        data, item_array, item_bias, config.temperature, dataclasses.replace(sequence_config, seed=config.seed))
     adjustments, calibration = choose_adjustments(
         model_scores(model, data, config, config.temperature, items=items)(valid), data, valid, cooccurrence,
-        items.cpu().numpy())
+        item_array, histories_sequence_vectors(sequence_model, data, valid, item_array))
     log.info("adjustments %s chosen on %d validation users: %s %.4f (%.4f with none)", adjustments, len(valid),
              CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
              calibration[Adjustments().key][CALIBRATION_METRIC])
@@ -212,14 +243,18 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     model.cpu().save(out / "checkpoint", data.item_ids, adjustments, cooccurrence)
     model.to(device)
     config.save(out / "checkpoint" / "train_config.json")
+    save_sequence_model(sequence_model, out / "checkpoint" / SEQUENCE_MODEL_FILE)
 
-    evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments, cooccurrence)
+    evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments, cooccurrence,
+                                            sequence_model)
     metrics = {
         "dataset": data.name,
         "config": dataclasses.asdict(config),
         **training,
+        "sequence_model": {"config": dataclasses.asdict(sequence_model.config), **sequence_training},
         "adjustments": dataclasses.asdict(adjustments),
         "calibration_metric": CALIBRATION_METRIC,
+        "calibration_search": calibration_search(),
         "adjustments_validation": calibration,
         "evaluation": evaluation,
     }
@@ -229,21 +264,29 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
 
 def evaluate_against_baselines(
     model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path, adjustments: Adjustments,
-    cooccurrence: CooccurrenceTable,
+    cooccurrence: CooccurrenceTable, sequence_model: SequenceModel,
 ) -> dict[str, dict]:
-    """Metrics on config.eval_split (test unless tuning) for popularity, the zero-shot encoder and the trained model, in one run."""
+    """Metrics on config.eval_split (test unless tuning) for popularity, the zero-shot encoder, the sequence model
+    alone and the trained model with its adjustments, in one run."""
     examples = split_examples(data, config.eval_split)
     if config.eval_users:
         examples = examples[: config.eval_users]
+    item_tensor = catalogue_vectors(model, data, config)
+    items = item_tensor.cpu().numpy()
     zero_shot = TextRecommender(encoder_path, data.num_items).to(model.item_bias.device).eval()
     results = {
         "popularity": evaluate(popularity_scores(data), data, examples, config.ks),
         "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
+        "sequence_model_alone": evaluate(sequence_model_scores(
+            sequence_model, data, items, model.item_bias.detach().cpu().numpy(), config.temperature),
+            data, examples, config.ks),
         "llmrec": evaluate(model_scores(model, data, config, config.temperature, adjustments=adjustments,
-                                        cooccurrence=cooccurrence), data, examples, config.ks),
+                                        cooccurrence=cooccurrence, items=item_tensor,
+                                        sequence_model=sequence_model), data, examples, config.ks),
     }
     if data.timestamps and config.use_context:  # the same model, its context (time of day, weekday) withheld
-        scores = model_scores(model, data, config, config.temperature, False, adjustments, cooccurrence)
+        scores = model_scores(model, data, config, config.temperature, False, adjustments, cooccurrence,
+                              item_tensor, sequence_model)
         results["llmrec_without_context"] = evaluate(scores, data, examples, config.ks)
     return results
 

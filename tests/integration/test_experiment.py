@@ -6,7 +6,9 @@ from pathlib import Path
 from training.baselines.sasrec import SASRecConfig
 from training.config import TrainConfig
 from training.experiment import run_experiment
-from training.calibration import COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID
+from training.calibration import (
+    COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID, SEQUENCE_WEIGHT_GRID,
+)
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
@@ -16,8 +18,8 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     summary = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report", 1, config,
                              SASRecConfig(time_budget_minutes=0.01, eval_every=1))
     rows = summary["evaluation"]
-    assert list(rows) == ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "llmrec", "llmrec_without_context", "int8_exact",
-                          "int8_hnsw_server"]
+    assert list(rows) == ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "sequence_model_alone", "llmrec",
+                          "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
     # 42 items: HNSW is exact here, so the server path must reproduce INT8 exact search.
     assert rows["int8_hnsw_server"]["ndcg@10"] == rows["int8_exact"]["ndcg@10"]
     assert abs(summary["int8_hnsw_relative_ndcg10_loss"]) < 0.2
@@ -33,6 +35,10 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     assert manifest["history_item_score"] == chosen["history_item_score"]
     assert manifest["cooccurrence"]["weight"] == chosen["cooccurrence_weight"]
     assert manifest["history_vector"]["weight"] == chosen["history_vector_weight"]
+    assert chosen["sequence_weight"] in SEQUENCE_WEIGHT_GRID and "sequence model weight" in report
+    assert manifest["sequence_model"]["weight"] == chosen["sequence_weight"]
+    assert (next((tmp_path / "bundles" / "seed0").glob("*/model/sequence_model.onnx"))).stat().st_size > 0
+    assert summary["sequence_model_seconds"][0] > 0 and "then the sequence model in" in report
     for png in ("training_curve.png", "metrics.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"

@@ -14,7 +14,9 @@ from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, render_item
 from training.config import TrainConfig
 from training.data import item_popularity, load_interactions, split_examples, user_text
+from training.sequence_model import load_sequence_model, sequence_vectors
 from training.train import train
+from server.bundle import LoadedBundle
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
@@ -44,7 +46,9 @@ def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run
     popularity = np.log(item_popularity(data) + 1.0)
     assert np.corrcoef(head["item_bias"], popularity)[0, 1] > 0.9  # bias starts at log-popularity
     assert [m["step"] for m in metrics["curve"]] == [1, 2, 3, 4]
-    assert set(metrics["evaluation"]) == {"popularity", "zero_shot", "llmrec", "llmrec_without_context"}
+    assert set(metrics["evaluation"]) == {"popularity", "zero_shot", "sequence_model_alone", "llmrec",
+                                          "llmrec_without_context"}
+    assert (out / "checkpoint" / "sequence_model.pt").is_file() and metrics["sequence_model"]["epochs"] >= 1
     for result in metrics["evaluation"].values():
         assert 0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= 1
         assert result["examples"] == 20
@@ -58,6 +62,7 @@ def test_bundle_is_complete_verified_and_self_describing(trained_bundle):
     assert manifest.quality["int8_vs_pytorch"]["mean_cosine"] >= 0.98
     assert manifest.quality["hnsw_recall@10"] >= 0.99
     assert manifest.versions["onnxruntime-gpu"] != "absent"
+    assert manifest.sequence_model is not None and layout.SEQUENCE_MODEL_FILE in manifest.files
     assert trained_bundle.name == manifest.bundle_version
     assert "llmrec" in manifest.training["evaluation"]
 
@@ -89,6 +94,20 @@ def test_a_tampered_bundle_is_refused(trained_bundle, tmp_path):
     (copy / layout.INDEX_FILE).unlink()
     with pytest.raises(BundleError, match="lacks"):
         read_manifest(copy, verify_hashes=False)
+    shutil.copy(trained_bundle / layout.INDEX_FILE, copy / layout.INDEX_FILE)
+    (copy / layout.SEQUENCE_MODEL_FILE).unlink()
+    with pytest.raises(BundleError, match="lacks model/sequence_model.onnx"):
+        read_manifest(copy, verify_hashes=False)
+
+
+def test_the_bundle_serves_the_checkpoints_sequence_model(trained_bundle, trained_run):
+    data, out, _ = trained_run
+    bundle = LoadedBundle.load(trained_bundle, prefer_gpu=False)
+    model = load_sequence_model(out / "checkpoint" / "sequence_model.pt")
+    items = np.asarray(bundle.vectors)[:, : bundle.manifest.dimension]  # bundle rows are the data's items here
+    histories = [data.sequences[user][:-2] for user in range(6)]
+    np.testing.assert_allclose(bundle.sequence_model.vectors([items[h] for h in histories]),
+                               sequence_vectors(model, histories, items), atol=1e-5)
 
 
 def test_quality_gate_fails_loudly_on_a_drifted_model():

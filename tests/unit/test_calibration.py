@@ -1,5 +1,5 @@
 """Post-training adjustments: the history item score (once per distinct history item) and the co-occurrence
-weight and the history vector weight, chosen together by validation CALIBRATION_METRIC."""
+weight, the history vector weight and the sequence model weight, chosen by validation CALIBRATION_METRIC."""
 
 import numpy as np
 
@@ -9,7 +9,7 @@ from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
 from training.calibration import (
     HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_only_scores,
-    history_vector_scores,
+    history_vector_scores, sequence_scores,
 )
 
 ITEMS = 12
@@ -40,7 +40,7 @@ def test_never_repeating_users_get_their_history_pushed_down():
     best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
     assert best.history_item_score < -0.1  # the history must fall below the target
     assert best.cooccurrence_weight == 0.0 and best.history_vector_weight == 0.0  # no help: the milder choice
-    assert table[f"{best.history_item_score},0.0,0.0"]["ndcg@10"] == 1.0 and table["0.0,0.0,0.0"]["ndcg@10"] < 0.6
+    assert table[f"{best.history_item_score},0.0,0.0,0.0"]["ndcg@10"] == 1.0 and table["0.0,0.0,0.0,0.0"]["ndcg@10"] < 0.6
 
 
 def test_users_who_repeat_keep_their_history():
@@ -50,8 +50,8 @@ def test_users_who_repeat_keep_their_history():
     for row, e in enumerate(examples):
         scores[row, data.sequences[e.user][0]] = 0.9
     best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
-    assert best.history_item_score == 0.0 and table["0.0,0.0,0.0"]["ndcg@10"] == 1.0
-    assert table[f"{min(HISTORY_SCORE_GRID)},0.0,0.0"]["ndcg@10"] < 1.0
+    assert best.history_item_score == 0.0 and table["0.0,0.0,0.0,0.0"]["ndcg@10"] == 1.0
+    assert table[f"{min(HISTORY_SCORE_GRID)},0.0,0.0,0.0"]["ndcg@10"] < 1.0
 
 
 def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
@@ -136,3 +136,41 @@ def test_the_choice_weighs_the_top_50_not_only_the_top_10():
     none = metrics[Adjustments().key]
     assert best.cooccurrence_weight > 0
     assert metrics[best.key]["ndcg@10"] < none["ndcg@10"] and metrics[best.key]["ndcg@50"] > none["ndcg@50"]
+
+
+def test_the_sequence_weight_is_chosen_when_the_sequence_vectors_know_the_target():
+    # Text-like scores know nothing; each user's sequence vector points at their target (one axis per item).
+    sequences = [[u % ITEMS, (u + 5) % ITEMS] for u in range(30)]
+    data = interactions(sequences)
+    examples = [Example(u, 1) for u in range(30)]
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 0.01, (30, ITEMS))
+    sequence = AXES[[s[1] for s in sequences]]
+    best, metrics = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES, sequence)
+    assert best.sequence_weight > 0 and metrics[best.key]["ndcg@10"] == 1.0
+    without, _ = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
+    assert without.sequence_weight == 0.0  # no sequence model: the weight stays off
+
+
+def test_useless_sequence_vectors_are_left_out():
+    sequences = [[u % ITEMS, (u + 5) % ITEMS] for u in range(30)]
+    data = interactions(sequences)
+    examples = [Example(u, 1) for u in range(30)]
+    scores = np.zeros((30, ITEMS))
+    scores[np.arange(30), [s[1] for s in sequences]] = 1.0  # the model alone is perfect
+    misleading = AXES[[(s[1] + 1) % ITEMS for s in sequences]]
+    best, _ = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES, misleading)
+    assert best.sequence_weight < 1.0  # never enough to overturn the model
+    assert np.all(np.argmax(adjust(scores.copy(), data, examples, best, None, AXES, sequence_vectors=misleading), 1)
+                  == [s[1] for s in sequences])
+
+
+def test_adjust_adds_the_weighted_sequence_scores():
+    data = interactions([[1, 2, 3, 4]])
+    examples = [Example(0, 3)]
+    vectors = similar_pairs_vectors(1)
+    sequence = np.random.default_rng(1).normal(size=(1, vectors.shape[1])).astype(np.float32)
+    adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(sequence_weight=0.3), None, vectors,
+                      sequence_vectors=sequence)
+    np.testing.assert_allclose(adjusted, 0.3 * sequence_scores(sequence, vectors), rtol=1e-6)
+    np.testing.assert_allclose(adjusted[0], 0.3 * (vectors @ sequence[0]), rtol=1e-5)

@@ -1,5 +1,5 @@
-"""The server adds the bundle's adjustments (history item score, co-occurrence, history vector) exactly as
-evaluation does."""
+"""The server adds the bundle's adjustments (history item score, co-occurrence, history vector, sequence model)
+exactly as evaluation does."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import history_vector
-from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec
+from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, SequenceModelSpec
+from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import ItemFields
 from server.catalogue import Catalogue
 from server.domain import CatalogueItem
@@ -27,7 +28,8 @@ RECENT, DECAY = 3, 0.5
 
 def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
                 cooccurrence: CooccurrenceTable | None = None,
-                history_vector_weight: float = 0.0) -> tuple[Recommender, np.ndarray]:
+                history_vector_weight: float = 0.0, sequence_model: SequenceRunner | None = None,
+                sequence_weight: float = 0.0) -> tuple[Recommender, np.ndarray]:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(COUNT, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -40,10 +42,13 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, index_dimension=DIM + 1, new_item_bias=0.0,
                                      history_item_score=history_item_score, max_history_items=20,
                                      cooccurrence=CooccurrenceSpec(cooccurrence_weight, RECENT, DECAY, 1),
-                                     history_vector=HistoryVectorSpec(history_vector_weight, RECENT, DECAY))
+                                     history_vector=HistoryVectorSpec(history_vector_weight, RECENT, DECAY),
+                                     sequence_model=SequenceModelSpec(sequence_weight, sequence_model.max_items)
+                                     if sequence_model is not None else None)
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
-                                   cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT))
+                                   cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT),
+                                   sequence_model=sequence_model)
     return Recommender(bundle, encoder=None, limits=Limits(), catalogue=Catalogue(bundle)), rows
 
 
@@ -157,5 +162,53 @@ def test_the_history_vector_uses_the_live_catalogue_vectors(tmp_path):
         np.testing.assert_allclose(rec.query_vector(user, ["i03"]), user + new_vector, atol=1e-6)
         asyncio.run(rec.catalogue.delete(["i03"], allow_missing=False))
         np.testing.assert_allclose(rec.query_vector(user, ["i03"]), user, atol=1e-6)  # deleted: adds nothing
+    finally:
+        rec.catalogue.close()
+
+
+@pytest.fixture(scope="module")
+def sequence_model(tmp_path_factory):
+    """A small random sequence model exported as a bundle holds it, and its PyTorch original."""
+    import torch
+
+    from export.onnx import export_sequence_model
+    from training.sequence_model import SequenceModel, SequenceModelConfig
+
+    torch.manual_seed(0)
+    model = SequenceModel(DIM, SequenceModelConfig(max_items=4, hidden=16, heads=2, layers=1)).eval()
+    path = export_sequence_model(model, tmp_path_factory.mktemp("sequence") / "sequence_model.onnx")
+    return SequenceRunner(path, max_items=4), model
+
+
+def test_the_sequence_vector_joins_the_query_and_the_ranking_matches_exact_scoring(sequence_model):
+    import torch
+
+    runner, model = sequence_model
+    weight, score = 2.0, -0.3
+    rec, rows = recommender(score, sequence_model=runner, sequence_weight=weight)
+    user = rows[20, :DIM]
+    history = ["i00", "i01", "i02", "i03", "i04", "i05"]  # oldest first; the model reads the latest 4
+    latest = torch.as_tensor(rows[[2, 3, 4, 5], :DIM])[None]
+    expected = user + weight * model.last(latest, torch.ones(1, 4, dtype=torch.bool))[0].detach().numpy()
+    np.testing.assert_allclose(rec.query_vector(user, [history[0], None, *history[1:]]), expected, atol=1e-5)
+    got = rec.search(user, 10, history_ids=history)
+    want = reference(rows, expected, set(history), score, 10)
+    assert [item.item_id for item in got] == [item_id for item_id, _ in want]
+    assert [item.item_id for item in got] != [item.item_id for item in recommender(score)[0].search(user, 10, history_ids=history)]
+    off, _ = recommender(score, sequence_model=runner, sequence_weight=0.0)
+    np.testing.assert_array_equal(off.query_vector(user, history), user)  # weight 0: the model is not run
+
+
+def test_the_sequence_model_skips_deleted_items(sequence_model, tmp_path):
+    runner, _ = sequence_model
+    rec, rows = recommender(0.0, sequence_model=runner, sequence_weight=1.0)
+    rec.catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    try:
+        user = rows[20, :DIM]
+        asyncio.run(rec.catalogue.delete(["i03"], allow_missing=False))
+        np.testing.assert_allclose(rec.query_vector(user, ["i01", "i03", "i02"]),
+                                   rec.query_vector(user, ["i01", "i02"]), atol=1e-6)
+        only_deleted = rec.query_vector(user, ["i03"])
+        np.testing.assert_array_equal(only_deleted, user)  # nothing catalogued left: the sequence adds nothing
     finally:
         rec.catalogue.close()
