@@ -1,8 +1,8 @@
 """`make eval`: train (per seed), export, and evaluate every model side by side in one run, then report.
 
 Rows: popularity, zero-shot encoder, SASRec (ID baseline), co-occurrence alone (no model), the sequence model
-over item vectors alone, llmrec in PyTorch FP32 with exact search, the exported INT8 model with exact search, and INT8 + HNSW through the server's own
-code path.
+over item vectors alone, llmrec in PyTorch FP32 with exact search, the exported INT8 model with exact search,
+and INT8 + HNSW through the server's own code path.
 """
 
 from __future__ import annotations
