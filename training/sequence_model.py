@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import Interactions, split_examples, train_sequences
+from training.early_stopping import EarlyStopping
 from training.evaluation import ranking_metrics, target_ranks
 
 log = logging.getLogger("llmrec.sequence_model")
@@ -163,7 +164,8 @@ def train_sequence_model(data: Interactions, item_vectors: np.ndarray, item_bias
 
     model = SequenceModel(vectors.shape[1], config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    best, best_state, stale, started, epoch, loss = -1.0, None, 0, time.monotonic(), 0, torch.zeros(())
+    stopping = EarlyStopping(model, config.patience, config.time_budget_minutes)
+    started, epoch, loss = time.monotonic(), 0, torch.zeros(())
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         for batch in rng.permutation(len(batches)):
@@ -174,21 +176,15 @@ def train_sequence_model(data: Interactions, item_vectors: np.ndarray, item_bias
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        out_of_time = time.monotonic() - started > config.time_budget_minutes * 60
-        if epoch % config.eval_every == 0 or out_of_time:
+        if epoch % config.eval_every == 0 or stopping.out_of_time():
             scores = sequence_vectors(model, valid_histories, item_vectors) @ item_vectors.T + temperature * item_bias
             ndcg = ranking_metrics(target_ranks(scores, valid_targets), (10,))["ndcg@10"]
             log.info("sequence model epoch %d loss %.3f valid ndcg@10 %.4f", epoch, loss.item(), ndcg)
-            if ndcg > best:
-                best, best_state, stale = ndcg, {k: v.clone() for k, v in model.state_dict().items()}, 0
-            else:
-                stale += 1
-            if stale >= config.patience or out_of_time:
+            if stopping.should_stop(ndcg):
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopping.restore_best()
     model.eval()
-    return model, {"epochs": epoch, "valid_ndcg@10": best, "seconds": round(time.monotonic() - started, 1)}
+    return model, {"epochs": epoch, "valid_ndcg@10": stopping.best, "seconds": round(time.monotonic() - started, 1)}
 
 
 def save_sequence_model(model: SequenceModel, path: Path) -> None:

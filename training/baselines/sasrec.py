@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import Example, Interactions, split_examples, train_sequences
+from training.early_stopping import EarlyStopping
 from training.evaluation import ScoreFn, evaluate
 
 log = logging.getLogger("llmrec.sasrec")
@@ -95,7 +96,7 @@ def train_sasrec(data: Interactions, config: SASRecConfig = SASRecConfig()) -> t
     model = SASRec(data.num_items, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     valid = split_examples(data, "valid")
-    best, best_state, stale, started, epoch = -1.0, None, 0, time.monotonic(), 0
+    stopping, started, epoch = EarlyStopping(model, config.patience, config.time_budget_minutes), time.monotonic(), 0
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         for batch in np.array_split(rng.permutation(len(sequences)), max(1, len(sequences) // config.batch_size)):
@@ -104,17 +105,11 @@ def train_sasrec(data: Interactions, config: SASRecConfig = SASRecConfig()) -> t
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        out_of_time = time.monotonic() - started > config.time_budget_minutes * 60
-        if epoch % config.eval_every == 0 or out_of_time:
+        if epoch % config.eval_every == 0 or stopping.out_of_time():
             ndcg = evaluate(sasrec_scores(model, data, config), data, valid, ks=(10,))["ndcg@10"]
             log.info("sasrec epoch %d loss %.3f valid ndcg@10 %.4f", epoch, loss.item(), ndcg)
-            if ndcg > best:
-                best, best_state, stale = ndcg, {k: v.clone() for k, v in model.state_dict().items()}, 0
-            else:
-                stale += 1
-            if stale >= config.patience or out_of_time:
+            if stopping.should_stop(ndcg):
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopping.restore_best()
     model.eval()
-    return model, {"epochs": epoch, "valid_ndcg@10": best, "seconds": round(time.monotonic() - started, 1)}
+    return model, {"epochs": epoch, "valid_ndcg@10": stopping.best, "seconds": round(time.monotonic() - started, 1)}
