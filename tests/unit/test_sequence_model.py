@@ -63,7 +63,7 @@ def test_it_learns_what_comes_next_from_the_order_of_a_history():
                         [str(u) for u in range(len(sequences))], sequences)
     vectors = unit_vectors(items, seed=2)
     config = SequenceModelConfig(max_items=6, hidden=32, heads=2, layers=1, dropout=0.0, batch_size=32, lr=3e-3,
-                                 max_epochs=20, eval_every=5, patience=100, time_budget_minutes=1.0)
+                                 max_epochs=20, eval_every_steps=30, patience=100, time_budget_minutes=1.0)
     model, info = train_sequence_model(data, vectors, np.zeros(items, np.float32), 0.05, config)
     valid = split_examples(data, "valid")
     scores = sequence_vectors(model, [data.sequences[e.user][: e.target_position] for e in valid], vectors) @ vectors.T
