@@ -246,7 +246,7 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     save_sequence_model(sequence_model, out / "checkpoint" / SEQUENCE_MODEL_FILE)
 
     evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments, cooccurrence,
-                                            sequence_model)
+                                            sequence_model, items)
     metrics = {
         "dataset": data.name,
         "config": dataclasses.asdict(config),
@@ -264,14 +264,13 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
 
 def evaluate_against_baselines(
     model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path, adjustments: Adjustments,
-    cooccurrence: CooccurrenceTable, sequence_model: SequenceModel,
+    cooccurrence: CooccurrenceTable, sequence_model: SequenceModel, item_tensor: torch.Tensor,
 ) -> dict[str, dict]:
     """Metrics on config.eval_split (test unless tuning) for popularity, the zero-shot encoder, the sequence model
-    alone and the trained model with its adjustments, in one run."""
+    alone and the trained model with its adjustments, in one run. item_tensor: the model's catalogue_vectors."""
     examples = split_examples(data, config.eval_split)
     if config.eval_users:
         examples = examples[: config.eval_users]
-    item_tensor = catalogue_vectors(model, data, config)
     items = item_tensor.cpu().numpy()
     zero_shot = TextRecommender(encoder_path, data.num_items).to(model.item_bias.device).eval()
     results = {
