@@ -78,9 +78,15 @@ COOCCURRENCE_RECENCY = Recency(cooccurrence_defaults.RECENT_ITEMS, cooccurrence_
 HISTORY_VECTOR_RECENCY = Recency(history_vector_defaults.RECENT_ITEMS, history_vector_defaults.RECENCY_DECAY)
 
 
-def training_cooccurrence(data: Interactions) -> CooccurrenceTable:
-    """Co-occurrence counted on the training part of every sequence only (never a valid or test target)."""
-    return CooccurrenceTable.from_sequences(train_sequences(data), data.num_items)
+def cooccurrence_before(data: Interactions, split: str) -> CooccurrenceTable:
+    """Co-occurrence counted over every event before the split's targets, as a live server counts every event it
+    has seen: 'valid' counts the training part of each sequence (what the adjustments are chosen with), 'test' adds
+    the valid events, which the test histories already hold. A split's own targets are never counted."""
+    if split == "valid":
+        return CooccurrenceTable.from_sequences(train_sequences(data), data.num_items)
+    if split == "test":
+        return CooccurrenceTable.from_sequences([s[:-1] if len(s) >= 3 else s for s in data.sequences], data.num_items)
+    raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
 
 
 def history_items(data: Interactions, example: Example) -> np.ndarray:
@@ -150,6 +156,7 @@ def calibration_search() -> dict:
     return {"metric": CALIBRATION_METRIC, "history_item_score": list(HISTORY_SCORE_GRID),
             "cooccurrence_weight": list(COOCCURRENCE_WEIGHT_GRID),
             "history_vector_weight": list(HISTORY_VECTOR_WEIGHT_GRID), "sequence_weight": list(SEQUENCE_WEIGHT_GRID),
+            "cooccurrence_counts": "every event before the evaluated split's targets",
             "stages": ["history_item_score x cooccurrence_weight x history_vector_weight",
                        "history_vector_weight x sequence_weight", "history_item_score x cooccurrence_weight"]}
 

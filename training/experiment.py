@@ -18,7 +18,7 @@ import typer
 from export.bundle import build_bundle
 from export.evaluate import evaluate_bundle
 from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
-from training.calibration import calibration_search, cooccurrence_only_scores, training_cooccurrence
+from training.calibration import calibration_search, cooccurrence_before, cooccurrence_only_scores
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
@@ -87,7 +87,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
                             "validation": metrics["adjustments_validation"]})
     sasrec_model, sasrec_info = train_sasrec(data, sasrec)
     sasrec_metrics = evaluate(sasrec_scores(sasrec_model, data, sasrec), data, test, config.ks)
-    cooccurrence_metrics = evaluate(cooccurrence_only_scores(data, training_cooccurrence(data)), data, test, config.ks)
+    cooccurrence_metrics = evaluate(cooccurrence_only_scores(data, cooccurrence_before(data, "test")), data, test, config.ks)
 
     names = list(per_seed[0])
     evaluation = {name: _mean(per_seed, name) for name in names}

@@ -8,7 +8,8 @@ from training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
 from training.calibration import (
-    HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_only_scores,
+    HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_before,
+    cooccurrence_only_scores,
     history_vector_scores, sequence_scores,
 )
 
@@ -174,3 +175,12 @@ def test_adjust_adds_the_weighted_sequence_scores():
                       sequence_vectors=sequence)
     np.testing.assert_allclose(adjusted, 0.3 * sequence_scores(sequence, vectors), rtol=1e-6)
     np.testing.assert_allclose(adjusted[0], 0.3 * (vectors @ sequence[0]), rtol=1e-5)
+
+
+def test_each_split_counts_every_event_before_its_targets_and_never_a_target():
+    # one user: 1 2 3 | valid target 4 | test target 5
+    data = interactions([[1, 2, 3, 4, 5]])
+    neighbours = {split: cooccurrence_before(data, split).scores([3], recent_items=1)[0].tolist()
+                  for split in ("valid", "test")}
+    assert neighbours == {"valid": [1, 2], "test": [1, 2, 4]}  # the valid event counts for test histories only
+    assert 5 not in cooccurrence_before(data, "test").scores([1, 2, 3, 4], recent_items=4)[0]
