@@ -79,9 +79,10 @@ HISTORY_VECTOR_RECENCY = Recency(history_vector_defaults.RECENT_ITEMS, history_v
 
 
 def cooccurrence_before(data: Interactions, split: str) -> CooccurrenceTable:
-    """Co-occurrence counted over every event before the split's targets, as a live server counts every event it
-    has seen: 'valid' counts the training part of each sequence (what the adjustments are chosen with), 'test' adds
-    the valid events, which the test histories already hold. A split's own targets are never counted."""
+    """Co-occurrence counted over every event before the split's targets, as a bundle built for serving counts
+    every event known when it is built: 'valid' counts the training part of each sequence (what the adjustments
+    are chosen with), 'test' adds the valid events, which the test histories already hold. A split's own targets
+    are never counted. Models are trained on the training part only."""
     if split == "valid":
         return CooccurrenceTable.from_sequences(train_sequences(data), data.num_items)
     if split == "test":
