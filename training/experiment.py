@@ -87,7 +87,8 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
                             "validation": metrics["adjustments_validation"]})
     sasrec_model, sasrec_info = train_sasrec(data, sasrec)
     sasrec_metrics = evaluate(sasrec_scores(sasrec_model, data, sasrec), data, test, config.ks)
-    cooccurrence_metrics = evaluate(cooccurrence_only_scores(data, cooccurrence_before(data, "test")), data, test, config.ks)
+    cooccurrence = cooccurrence_only_scores(data, cooccurrence_before(data, "test"))
+    cooccurrence_metrics = evaluate(cooccurrence, data, test, config.ks)
 
     names = list(per_seed[0])
     evaluation = {name: _mean(per_seed, name) for name in names}

@@ -234,7 +234,8 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
         data, item_array, item_bias, config.temperature, dataclasses.replace(sequence_config, seed=config.seed))
     adjustments, calibration = choose_adjustments(
         model_scores(model, data, config, config.temperature, items=items)(valid), data, valid,
-        cooccurrence_before(data, "valid"), item_array, histories_sequence_vectors(sequence_model, data, valid, item_array))
+        cooccurrence_before(data, "valid"), item_array,
+        histories_sequence_vectors(sequence_model, data, valid, item_array))
     log.info("adjustments %s chosen on %d validation users: %s %.4f (%.4f with none)", adjustments, len(valid),
              CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
              calibration[Adjustments().key][CALIBRATION_METRIC])

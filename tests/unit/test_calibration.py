@@ -9,8 +9,7 @@ from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
 from training.calibration import (
     HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_before,
-    cooccurrence_only_scores,
-    history_vector_scores, sequence_scores,
+    cooccurrence_only_scores, history_vector_scores, sequence_scores,
 )
 
 ITEMS = 12
