@@ -19,6 +19,7 @@ class TrainConfig:
     use_context: bool = True  # render time/device/query into the user text
     query_probability: float = 0.2  # share of training examples given a synthetic query (training/augment.py)
     query_only_probability: float = 0.25  # of those, the share whose history is dropped (query-only users)
+    history_dropout: float = 0.2  # share of older history items dropped from each training text (augment.py)
     # Optimisation
     batch_size: int = 32
     max_steps: int = 300

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.template import render_item, render_user
-from training.augment import with_synthetic_query
+from training.augment import with_history_dropout, with_synthetic_query
 from training.config import TrainConfig
 from training.data import (
     Example,
@@ -61,10 +61,11 @@ def user_texts(data: Interactions, examples: list[Example], config: TrainConfig,
 
 
 def training_user_texts(data: Interactions, examples: list[Example], config: TrainConfig, rng: np.random.Generator) -> list[str]:
-    """User texts for a training batch, some given a synthetic query derived from their target."""
+    """User texts for a training batch: older history items dropped at random, some given a synthetic query
+    derived from their target."""
     texts = []
     for e in examples:
-        user = user_text(data, e, config.use_context)
+        user = with_history_dropout(user_text(data, e, config.use_context), rng, config.history_dropout)
         target = data.items[data.sequences[e.user][e.target_position]]
         user = with_synthetic_query(user, target, rng, config.query_probability, config.query_only_probability)
         texts.append(render_user(user, config.max_history_items))
