@@ -33,7 +33,7 @@ class TrainConfig:
     temperature: float = 0.05  # cosine / temperature: the recipe that works for text retrieval
     id_dropout: float = 0.2  # drop the item-id part so pure text (cold items) stays a good item vector
     refresh_items_every: int = 100  # steps between re-encodings of the whole catalogue (~15 s for 4k items)
-    bf16: bool = True  # bfloat16 autocast for training steps: ~2x faster on AVX-512 CPUs; evaluation stays FP32
+    bf16: bool = True  # bfloat16 autocast for training steps where it is fast (train.bf16_is_fast); evaluation stays FP32
     frozen_layers: int = 2  # bottom encoder layers (and embeddings) kept frozen: cheaper steps, less drift
     # Evaluation
     eval_batch_size: int = 64

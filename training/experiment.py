@@ -53,7 +53,8 @@ def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, ru
                 return metrics
             log.info("reusing the text model in %s (trained with this exact config); finishing it again", run_dir)
             model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
-            training = {key: metrics[key] for key in ("world_size", "train_seconds", "steps", "curve")}
+            training = {key: metrics[key] for key in ("world_size", "bf16", "train_seconds", "steps", "curve")
+                        if key in metrics}
             return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training, sequence)
     return train(data, config, run_dir, sequence_config=sequence)
 
