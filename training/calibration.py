@@ -27,7 +27,7 @@ from llmrec import cooccurrence as cooccurrence_defaults
 from llmrec import history_vector as history_vector_defaults
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import history_vector
-from training.data import Example, Interactions, item_popularity, train_sequences
+from training.data import Example, Interactions, item_popularity, sequences_before
 from training.evaluation import ScoreFn, ranking_metrics, target_ranks
 
 # 0 keeps the text model's ranking; -4 puts every history item below every other item (scores span ~[-1.5, 1.5]).
@@ -83,11 +83,7 @@ def cooccurrence_before(data: Interactions, split: str) -> CooccurrenceTable:
     every event known when it is built: 'valid' counts the training part of each sequence (what the adjustments
     are chosen with), 'test' adds the valid events, which the test histories already hold. A split's own targets
     are never counted. Models are trained on the training part only."""
-    if split == "valid":
-        return CooccurrenceTable.from_sequences(train_sequences(data), data.num_items)
-    if split == "test":
-        return CooccurrenceTable.from_sequences([s[:-1] if len(s) >= 3 else s for s in data.sequences], data.num_items)
-    raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
+    return CooccurrenceTable.from_sequences(sequences_before(data, split), data.num_items)
 
 
 def history_items(data: Interactions, example: Example) -> np.ndarray:

@@ -47,15 +47,33 @@ class Example:
     target_position: int
 
 
+# Leave-one-out: a split's target is this many events from the end of each sequence of 3 or more.
+_TARGET_OFFSET = {"valid": 2, "test": 1}
+_MIN_EVALUATED_LENGTH = 3
+
+
+def _target_offset(split: str) -> int:
+    if split not in _TARGET_OFFSET:
+        raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
+    return _TARGET_OFFSET[split]
+
+
 def split_examples(data: Interactions, split: str) -> list[Example]:
     """Leave-one-out evaluation examples ('valid' or 'test'); users with fewer than 3 events are skipped."""
-    offset = {"valid": 2, "test": 1}[split]
-    return [Example(u, len(seq) - offset) for u, seq in enumerate(data.sequences) if len(seq) >= 3]
+    offset = _target_offset(split)
+    return [Example(u, len(seq) - offset) for u, seq in enumerate(data.sequences) if len(seq) >= _MIN_EVALUATED_LENGTH]
+
+
+def sequences_before(data: Interactions, split: str) -> list[list[int]]:
+    """Each sequence without the split's target and what follows it: every event known when the split's
+    targets are predicted. Sequences too short to be evaluated are kept whole."""
+    offset = _target_offset(split)
+    return [seq[:-offset] if len(seq) >= _MIN_EVALUATED_LENGTH else seq for seq in data.sequences]
 
 
 def train_sequences(data: Interactions) -> list[list[int]]:
     """What models learn from: each sequence without its valid and test targets (the last two items)."""
-    return [seq[:-2] if len(seq) >= 3 else seq for seq in data.sequences]
+    return sequences_before(data, "valid")
 
 
 def item_popularity(data: Interactions) -> np.ndarray:

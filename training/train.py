@@ -238,6 +238,7 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     validation users, save the checkpoint, evaluate against the baselines and write out/metrics.json
     (`training`: how the text model was trained). Returns the metrics."""
     valid = split_examples(data, "valid")[: config.calibration_users]
+    cooccurrence = {split: cooccurrence_before(data, split) for split in ("valid", "test")}
     items = catalogue_vectors(model, data, config)
     item_array = items.cpu().numpy()
     item_bias = model.item_bias.detach().cpu().numpy()
@@ -245,20 +246,20 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
         data, item_array, item_bias, config.temperature, dataclasses.replace(sequence_config, seed=config.seed))
     adjustments, calibration = choose_adjustments(
         model_scores(model, data, config, config.temperature, items=items)(valid), data, valid,
-        cooccurrence_before(data, "valid"), item_array,
+        cooccurrence["valid"], item_array,
         histories_sequence_vectors(sequence_model, data, valid, item_array))
     log.info("adjustments %s chosen on %d validation users: %s %.4f (%.4f with none)", adjustments, len(valid),
              CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
              calibration[Adjustments().key][CALIBRATION_METRIC])
     device = model.item_bias.device
     # the bundle serves test histories, so it counts every event before the test targets
-    model.cpu().save(out / "checkpoint", data.item_ids, adjustments, cooccurrence_before(data, "test"))
+    model.cpu().save(out / "checkpoint", data.item_ids, adjustments, cooccurrence["test"])
     model.to(device)
     config.save(out / "checkpoint" / "train_config.json")
     save_sequence_model(sequence_model, out / "checkpoint" / SEQUENCE_MODEL_FILE)
 
     evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments,
-                                            cooccurrence_before(data, config.eval_split), sequence_model, items)
+                                            cooccurrence[config.eval_split], sequence_model, items)
     metrics = {
         "dataset": data.name,
         "config": dataclasses.asdict(config),

@@ -1,8 +1,12 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from training.data import item_popularity, load_interactions, split_examples, train_sequences, user_text
+from training.data import (
+    item_popularity, load_interactions, sequences_before, split_examples, train_sequences, user_text,
+)
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
@@ -54,3 +58,18 @@ def test_user_text_uses_history_before_target_and_target_time():
     assert user.context.timestamp == data.timestamps[example.user][-1]
     assert user_text(data, example, use_context=False).context.timestamp is None
     assert np.isfinite(user.context.timestamp)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_sequences_before_a_split_end_where_its_targets_start(split):
+    tiny = load_interactions(TINY)
+    data = dataclasses.replace(tiny, user_ids=tiny.user_ids + ["new"], sequences=tiny.sequences + [[0, 1]],
+                               timestamps=[])  # the new user's 2 events are too few to evaluate
+    before = sequences_before(data, split)
+    examples = split_examples(data, split)
+    assert examples
+    for example in examples:
+        assert before[example.user] == data.sequences[example.user][: example.target_position]
+    assert len(examples) == len(data.sequences) - 1 and before[-1] == [0, 1]  # too short: kept whole
+    with pytest.raises(ValueError, match="split must be"):
+        sequences_before(data, "train")
