@@ -322,6 +322,8 @@ def main(
     eval_users: int = typer.Option(TrainConfig.eval_users, help="evaluate on the first N users (0 = all)"),
     eval_split: str = typer.Option(TrainConfig.eval_split, help="'valid' to choose hyperparameters, 'test' to report"),
     max_user_tokens: int = typer.Option(TrainConfig.max_user_tokens, help="token window of the user text"),
+    history_dropout: float = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
+                                          help="share of older history items dropped from each training text"),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llmrec").setLevel(logging.INFO)
@@ -334,6 +336,7 @@ def main(
         eval_users=eval_users,
         eval_split=eval_split,
         max_user_tokens=max_user_tokens,
+        history_dropout=history_dropout,
     )
     interactions = load_interactions(data)
     out.mkdir(parents=True, exist_ok=True)
