@@ -139,11 +139,13 @@ def main(
     eval_users: int = typer.Option(0, help="evaluate on the first N test users (0 = all)"),
     history_dropout: float = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
                                           help="share of older history items dropped from each training text"),
+    frozen_layers: int = typer.Option(TrainConfig.frozen_layers, min=0, max=5,
+                                      help="bottom encoder layers (and embeddings) kept frozen"),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llmrec").setLevel(logging.INFO)
     config = TrainConfig(time_budget_minutes=time_budget_minutes, max_steps=max_steps, eval_users=eval_users,
-                         history_dropout=history_dropout)
+                         history_dropout=history_dropout, frozen_layers=frozen_layers)
     summary = run_experiment(data, runs, bundles, report, seeds, config, SASRecConfig(time_budget_minutes=sasrec_minutes),
                              SequenceModelConfig(time_budget_minutes=sequence_minutes))
     typer.echo((report / "report.md").read_text())

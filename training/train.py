@@ -324,6 +324,8 @@ def main(
     max_user_tokens: int = typer.Option(TrainConfig.max_user_tokens, help="token window of the user text"),
     history_dropout: float = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
                                           help="share of older history items dropped from each training text"),
+    frozen_layers: int = typer.Option(TrainConfig.frozen_layers, min=0, max=5,
+                                      help="bottom encoder layers (and embeddings) kept frozen"),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llmrec").setLevel(logging.INFO)
@@ -337,6 +339,7 @@ def main(
         eval_split=eval_split,
         max_user_tokens=max_user_tokens,
         history_dropout=history_dropout,
+        frozen_layers=frozen_layers,
     )
     interactions = load_interactions(data)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from llmrec.template import TEMPLATE_VERSION, render_item
 from training.config import TrainConfig
 from training.data import item_popularity, load_interactions, split_examples, user_text
 from training.sequence_model import load_sequence_model, sequence_vectors
+from training.model import pretrained_encoder_path
 from training.train import train
 from server.bundle import LoadedBundle
 
@@ -53,6 +54,24 @@ def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run
         assert 0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= 1
         assert result["examples"] == 20
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
+def test_training_keeps_the_frozen_bottom_of_the_encoder_pretrained(trained_run):
+    from safetensors.numpy import load_file
+
+    _, out, metrics = trained_run
+    frozen = metrics["config"]["frozen_layers"]
+    pretrained = load_file(pretrained_encoder_path() / "model.safetensors")
+    trained = load_file(out / "checkpoint" / "encoder" / "model.safetensors")
+
+    def unchanged(prefix: str) -> bool:
+        names = [name for name in trained if name.startswith(prefix)]  # weights; buffers are not saved
+        assert names, prefix
+        return all(np.array_equal(pretrained[name], trained[name]) for name in names)
+
+    assert 0 < frozen < 6
+    assert unchanged("embeddings.") and all(unchanged(f"encoder.layer.{i}.") for i in range(frozen))
+    assert not any(unchanged(f"encoder.layer.{i}.") for i in range(frozen, 6))
 
 
 def test_bundle_is_complete_verified_and_self_describing(trained_bundle):
