@@ -324,7 +324,7 @@ def main(
     max_user_tokens: int = typer.Option(TrainConfig.max_user_tokens, help="token window of the user text"),
     history_dropout: float = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
                                           help="share of older history items dropped from each training text"),
-    frozen_layers: int = typer.Option(TrainConfig.frozen_layers, min=0, max=5,
+    frozen_layers: int = typer.Option(TrainConfig.frozen_layers, min=0, max=5,  # of 6: the top layer always trains
                                       help="bottom encoder layers (and embeddings) kept frozen"),
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from export.bundle import build_bundle
 from export.validate import QualityCheckFailed, compare
@@ -14,8 +15,8 @@ from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, render_item
 from training.config import TrainConfig
 from training.data import item_popularity, load_interactions, split_examples, user_text
-from training.sequence_model import load_sequence_model, sequence_vectors
 from training.model import pretrained_encoder_path
+from training.sequence_model import load_sequence_model, sequence_vectors
 from training.train import train
 from server.bundle import LoadedBundle
 
@@ -57,8 +58,6 @@ def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run
 
 
 def test_training_keeps_the_frozen_bottom_of_the_encoder_pretrained(trained_run):
-    from safetensors.numpy import load_file
-
     _, out, metrics = trained_run
     frozen = metrics["config"]["frozen_layers"]
     pretrained = load_file(pretrained_encoder_path() / "model.safetensors")
@@ -69,7 +68,7 @@ def test_training_keeps_the_frozen_bottom_of_the_encoder_pretrained(trained_run)
         assert names, prefix
         return all(np.array_equal(pretrained[name], trained[name]) for name in names)
 
-    assert 0 < frozen < 6
+    assert 0 < frozen < 6  # all-MiniLM-L6-v2: 6 layers
     assert unchanged("embeddings.") and all(unchanged(f"encoder.layer.{i}.") for i in range(frozen))
     assert not any(unchanged(f"encoder.layer.{i}.") for i in range(frozen, 6))
 
