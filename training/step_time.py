@@ -17,7 +17,7 @@ from training.config import TrainConfig
 from training.data import load_interactions
 from training.losses import FullSoftmaxLoss
 from training.model import TextRecommender, pretrained_encoder_path
-from training.train import seed_everything, training_examples, training_user_texts
+from training.train import build_optimizer, seed_everything, training_examples, training_step, training_user_texts
 
 
 def main(
@@ -35,7 +35,7 @@ def main(
         model = TextRecommender(pretrained_encoder_path(), interactions.num_items, id_dropout=config.id_dropout)
         model.freeze_bottom(frozen)
         model.train()
-        models[frozen] = model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        models[frozen] = model, build_optimizer(model, config)
     # The catalogue matrix is cached between refreshes in training; its cost is not per step.
     items = torch.nn.functional.normalize(torch.randn(interactions.num_items, models[settings[0]][0].dimension), dim=1)
     loss_fn = FullSoftmaxLoss(config.temperature)
@@ -47,12 +47,7 @@ def main(
         targets = torch.tensor([interactions.sequences[e.user][e.target_position] for e in batch])
         for frozen, (model, optimizer) in models.items():
             started = time.perf_counter()
-            tokens = model.tokenize(texts, config.max_user_tokens)
-            users, item_vectors, bias = model(tokens["input_ids"], tokens["attention_mask"], items)
-            loss = loss_fn(users, item_vectors, bias, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            training_step(model, model, optimizer, loss_fn, texts, items, targets, config, bf16=False)
             if step:
                 seconds[frozen].append(time.perf_counter() - started)
     base = np.median(seconds[settings[0]])

@@ -158,6 +158,35 @@ class _Distributed:
             dist.destroy_process_group()
 
 
+def build_optimizer(model: TextRecommender, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one learning rate each for the trainable encoder layers, the item-ID table and the item bias;
+    the encoder's group comes first, as training_step clips it."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in model.encoder.parameters() if p.requires_grad],
+             "lr": config.encoder_lr, "weight_decay": config.weight_decay},
+            {"params": [model.id_embedding.weight], "lr": config.id_lr, "weight_decay": 0.0},
+            {"params": [model.item_bias], "lr": config.bias_lr, "weight_decay": 0.0},
+        ]
+    )
+
+
+def training_step(trainer: torch.nn.Module, model: TextRecommender, optimizer: torch.optim.Optimizer,
+                  loss_fn: FullSoftmaxLoss, user_texts: list[str], cached_items: torch.Tensor,
+                  targets: torch.Tensor, config: TrainConfig, bf16: bool) -> torch.Tensor:
+    """One optimizer step on a batch of user texts against the cached catalogue; returns the loss.
+    trainer is the model itself or its DDP wrapper."""
+    with torch.autocast(cached_items.device.type, dtype=torch.bfloat16, enabled=bf16):
+        tokens = model.tokenize(user_texts, config.max_user_tokens)
+        users, items, bias = trainer(tokens["input_ids"], tokens["attention_mask"], cached_items)
+    loss = loss_fn(users.float(), items, bias, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+    optimizer.step()
+    return loss
+
+
 def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path | None = None,
           sequence_config: SequenceModelConfig = SequenceModelConfig()) -> dict:
     """Train, checkpoint to out/checkpoint, evaluate, and write out/metrics.json. Returns the metrics.
@@ -173,14 +202,7 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     model.init_bias(item_popularity(data))
     trainer = distributed.wrap(model)
     loss_fn = FullSoftmaxLoss(config.temperature)
-    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": encoder_params, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
-            {"params": [model.id_embedding.weight], "lr": config.id_lr, "weight_decay": 0.0},
-            {"params": [model.item_bias], "lr": config.bias_lr, "weight_decay": 0.0},
-        ]
-    )
+    optimizer = build_optimizer(model, config)
     started = time.monotonic()
 
     def progress_fraction(step: int) -> float:
@@ -203,16 +225,11 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     for step in progress:
         batch = [examples[i] for i in rng.integers(0, len(examples), config.batch_size)]
         targets = torch.tensor([data.sequences[e.user][e.target_position] for e in batch], device=distributed.device)
-        with torch.autocast(distributed.device.type, dtype=torch.bfloat16, enabled=bf16):
-            if step % config.refresh_items_every == 0:
+        if step % config.refresh_items_every == 0:
+            with torch.autocast(distributed.device.type, dtype=torch.bfloat16, enabled=bf16):
                 cached_items = model.encode_all(item_texts, config.max_item_tokens).float()  # catalogue, no grad
-            tokens = model.tokenize(training_user_texts(data, batch, config, rng), config.max_user_tokens)
-            users, items, bias = trainer(tokens["input_ids"], tokens["attention_mask"], cached_items)
-        loss = loss_fn(users.float(), items, bias, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder_params, 1.0)
-        optimizer.step()
+        texts = training_user_texts(data, batch, config, rng)
+        loss = training_step(trainer, model, optimizer, loss_fn, texts, cached_items, targets, config, bf16)
         schedule.step()
         elapsed = time.monotonic() - started
         curve.append({"step": step + 1, "loss": loss.item(), "seconds": round(elapsed, 2)})
