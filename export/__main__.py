@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import typer
 
 from export.bundle import build_bundle
+from training.cli_options import configure_logging
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 
@@ -21,8 +21,7 @@ def main(
     out: Path = typer.Option(Path("bundles"), help="bundles are written to OUT/<bundle_version>/"),
     check_quality: bool = typer.Option(True, help="fail if INT8 drifts from PyTorch beyond the thresholds"),
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llmrec").setLevel(logging.INFO)
+    configure_logging()
     config_path = checkpoint / "train_config.json"
     config = TrainConfig.load(config_path) if config_path.is_file() else TrainConfig()
     interactions = load_interactions(data)

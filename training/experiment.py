@@ -19,6 +19,7 @@ from export.bundle import build_bundle
 from export.evaluate import evaluate_bundle
 from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
 from training.calibration import calibration_search, cooccurrence_before, cooccurrence_only_scores
+from training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
 from training.config import TrainConfig
 from training.data import load_interactions, split_examples, user_text
 from training.evaluation import evaluate
@@ -137,13 +138,10 @@ def main(
     sequence_minutes: float = typer.Option(SequenceModelConfig.time_budget_minutes,
                                            help="training time of the sequence model per seed"),
     eval_users: int = typer.Option(0, help="evaluate on the first N test users (0 = all)"),
-    history_dropout: float = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
-                                          help="share of older history items dropped from each training text"),
-    frozen_layers: int = typer.Option(TrainConfig.frozen_layers, min=0, max=5,  # of 6: the top layer always trains
-                                      help="bottom encoder layers (and embeddings) kept frozen"),
+    history_dropout: float = HISTORY_DROPOUT,
+    frozen_layers: int = FROZEN_LAYERS,
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llmrec").setLevel(logging.INFO)
+    configure_logging()
     config = TrainConfig(time_budget_minutes=time_budget_minutes, max_steps=max_steps, eval_users=eval_users,
                          history_dropout=history_dropout, frozen_layers=frozen_layers)
     summary = run_experiment(data, runs, bundles, report, seeds, config, SASRecConfig(time_budget_minutes=sasrec_minutes),

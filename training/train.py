@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.template import render_item, render_user
 from training.augment import with_history_dropout, with_synthetic_query
+from training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
 from training.config import TrainConfig
 from training.data import (
     Example,
@@ -339,13 +340,10 @@ def main(
     eval_users: int = typer.Option(TrainConfig.eval_users, help="evaluate on the first N users (0 = all)"),
     eval_split: str = typer.Option(TrainConfig.eval_split, help="'valid' to choose hyperparameters, 'test' to report"),
     max_user_tokens: int = typer.Option(TrainConfig.max_user_tokens, help="token window of the user text"),
-    history_dropout: float = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
-                                          help="share of older history items dropped from each training text"),
-    frozen_layers: int = typer.Option(TrainConfig.frozen_layers, min=0, max=5,  # of 6: the top layer always trains
-                                      help="bottom encoder layers (and embeddings) kept frozen"),
+    history_dropout: float = HISTORY_DROPOUT,
+    frozen_layers: int = FROZEN_LAYERS,
 ) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llmrec").setLevel(logging.INFO)
+    configure_logging()
     config = TrainConfig(
         max_steps=max_steps,
         time_budget_minutes=time_budget_minutes,
