@@ -33,7 +33,7 @@ from training.data import (
 )
 from training.evaluation import ScoreFn, evaluate, popularity_scores
 from training.losses import FullSoftmaxLoss
-from training.model import TextRecommender, pretrained_encoder_path
+from training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
 from training.calibration import (
     CALIBRATION_METRIC, Adjustments, adjust, calibration_search, choose_adjustments, cooccurrence_before,
 )
@@ -217,7 +217,7 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     )
     examples = training_examples(data)
     rng = np.random.default_rng([config.seed, distributed.rank])  # each rank draws its own batches
-    item_texts = [render_item(i) for i in data.items]
+    catalogue = CatalogueEncoder(model, [render_item(i) for i in data.items], config.max_item_tokens)
     bf16 = config.bf16 and bf16_is_fast(distributed.device)
     log.info("training steps in %s", "bfloat16 autocast" if bf16 else "float32")
     curve: list[dict] = []
@@ -228,7 +228,7 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         targets = torch.tensor([data.sequences[e.user][e.target_position] for e in batch], device=distributed.device)
         if step % config.refresh_items_every == 0:
             with torch.autocast(distributed.device.type, dtype=torch.bfloat16, enabled=bf16):
-                cached_items = model.encode_all(item_texts, config.max_item_tokens).float()  # catalogue, no grad
+                cached_items = catalogue.encode().float()  # no grad: the catalogue is a fixed target matrix
         texts = training_user_texts(data, batch, config, rng)
         loss = training_step(trainer, model, optimizer, loss_fn, texts, cached_items, targets, config, bf16)
         schedule.step()
