@@ -54,7 +54,7 @@ def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, ru
                 return metrics
             log.info("reusing the text model in %s (trained with this exact config); finishing it again", run_dir)
             model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
-            training = {key: metrics[key] for key in ("world_size", "bf16", "train_seconds", "steps", "curve")
+            training = {key: metrics[key] for key in ("world_size", "device", "bf16", "train_seconds", "steps", "curve")
                         if key in metrics}
             return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training, sequence)
     return train(data, config, run_dir, sequence_config=sequence)
@@ -67,7 +67,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
     test = split_examples(data, "test")
     if config.eval_users:
         test = test[: config.eval_users]
-    per_seed, curves, train_seconds, sequence_seconds, adjustments = [], [], [], [], []
+    per_seed, curves, train_seconds, train_devices, sequence_seconds, adjustments = [], [], [], [], [], []
     for seed in range(seeds):
         seed_config = dataclasses.replace(config, seed=seed)
         run_dir = run_root if seed == 0 else run_root.with_name(f"{run_root.name}-seed{seed}")
@@ -84,6 +84,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         per_seed.append(rows)
         curves.append(metrics["curve"])
         train_seconds.append(metrics["train_seconds"])
+        train_devices.append(metrics.get("device"))  # absent from runs trained before it was recorded
         sequence_seconds.append(metrics["sequence_model"]["seconds"])
         adjustments.append({"chosen": metrics["adjustments"], "metric": metrics["calibration_metric"],
                             "validation": metrics["adjustments_validation"]})
@@ -110,6 +111,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         "sasrec": sasrec_info,
         "adjustments": adjustments,
         "train_seconds": train_seconds,  # per seed: the text model
+        "train_devices": train_devices,  # per seed: where the text model trained
         "sequence_model_seconds": sequence_seconds,  # per seed: the sequence model, trained after it
         "steps": [len(curve) for curve in curves],  # per seed
         "curve": curves[0],

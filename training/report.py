@@ -40,7 +40,7 @@ def write_report(metrics: dict, out: Path) -> Path:
 
 Leave-one-out, full ranking over all items, history items kept in the ranking; test split,
 {int(any_model['examples'])} users ({int(any_model['cold_examples'])} with a cold target: never a training target).
-Training per seed: {', '.join(f"{steps} steps in {seconds:.0f} s, then the sequence model in {extra:.0f} s" for steps, seconds, extra in zip(metrics['steps'], metrics['train_seconds'], metrics['sequence_model_seconds']))}.
+Training per seed: {_training_note(metrics)}.
 
 {chr(10).join(rows)}
 
@@ -50,6 +50,13 @@ Training per seed: {', '.join(f"{steps} steps in {seconds:.0f} s, then the seque
 """
     (out / "report.md").write_text(text)
     return out / "report.md"
+
+
+def _training_note(metrics: dict) -> str:
+    devices = metrics.get("train_devices") or [None] * len(metrics["steps"])
+    return ", ".join(f"{steps} steps in {seconds:.0f} s{f' on {device}' if device else ''}, then the sequence model "
+                     f"in {extra:.0f} s" for steps, seconds, device, extra in
+                     zip(metrics["steps"], metrics["train_seconds"], devices, metrics["sequence_model_seconds"]))
 
 
 def _calibration_note(seed: int, chosen: dict) -> str:

@@ -59,6 +59,14 @@ def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def device_description(device: torch.device) -> str:
+    """Where training ran, for reports: the GPU's name, or the CPU's vector extension and threads (which set
+    bf16 or float32 and most of the step time)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+
+
 def training_examples(data: Interactions) -> list[Example]:
     """Every position of every training sequence after the first is a target (all positions supervised)."""
     return [Example(u, t) for u, seq in enumerate(train_sequences(data)) for t in range(1, len(seq))]
@@ -243,8 +251,8 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
     if not distributed.is_main:
         distributed.close()
         return {}
-    training = {"world_size": distributed.world_size, "bf16": bf16, "train_seconds": round(train_seconds, 1),
-                "steps": len(curve), "curve": curve}
+    training = {"world_size": distributed.world_size, "device": device_description(distributed.device), "bf16": bf16,
+                "train_seconds": round(train_seconds, 1), "steps": len(curve), "curve": curve}
     metrics = finish_run(model, data, config, out, encoder_path, training, sequence_config)
     distributed.close()
     return metrics

@@ -39,10 +39,11 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     assert manifest["sequence_model"]["weight"] == chosen["sequence_weight"]
     assert (next((tmp_path / "bundles" / "seed0").glob("*/model/sequence_model.onnx"))).stat().st_size > 0
     assert summary["sequence_model_seconds"][0] > 0 and "then the sequence model in" in report
+    assert summary["train_devices"][0] and f"s on {summary['train_devices'][0]}, then" in report
     for png in ("training_curve.png", "metrics.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"
     # A second run with the same config reuses the trained seed instead of training again.
     again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 1, config,
                            SASRecConfig(time_budget_minutes=0.01, eval_every=1))
-    assert again["curve"] == summary["curve"]
+    assert again["curve"] == summary["curve"] and again["train_devices"] == summary["train_devices"]
