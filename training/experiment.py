@@ -34,13 +34,16 @@ log = logging.getLogger("llmrec.experiment")
 # budget allows on the 2-core CPU machine (90 min): ~4 epochs of Amazon Scientific.
 EVAL_TIME_BUDGET_MINUTES = 80.0
 EVAL_MAX_STEPS = 100_000
+# rows that depend on neither the trained model nor its seed: evaluated once, with seed 0
+MODEL_FREE_ROWS = ("popularity", "zero_shot")
 
 
 def _as_json(value) -> object:
     return json.loads(json.dumps(value))
 
 
-def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, run_dir: Path) -> dict:
+def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, run_dir: Path,
+                    model_free_baselines: bool) -> dict:
     """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`);
     one whose sequence model was trained otherwise, or whose adjustments were chosen by another search, keeps its
     text model and is finished again (sequence model, adjustments, evaluation), not retrained."""
@@ -56,8 +59,9 @@ def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, ru
             model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
             training = {key: metrics[key] for key in ("world_size", "device", "bf16", "train_seconds", "steps", "curve")
                         if key in metrics}
-            return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training, sequence)
-    return train(data, config, run_dir, sequence_config=sequence)
+            return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training, sequence,
+                              model_free_baselines)
+    return train(data, config, run_dir, sequence_config=sequence, model_free_baselines=model_free_baselines)
 
 
 def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_dir: Path, seeds: int,
@@ -71,7 +75,10 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
     for seed in range(seeds):
         seed_config = dataclasses.replace(config, seed=seed)
         run_dir = run_root if seed == 0 else run_root.with_name(f"{run_root.name}-seed{seed}")
-        metrics = _train_or_reuse(data, seed_config, dataclasses.replace(sequence, seed=seed), run_dir)
+        metrics = _train_or_reuse(data, seed_config, dataclasses.replace(sequence, seed=seed), run_dir,
+                                  model_free_baselines=seed == 0)
+        if seed == 0:
+            model_free = {name: metrics["evaluation"][name] for name in MODEL_FREE_ROWS}
         validation = [user_text(data, e, seed_config.use_context) for e in split_examples(data, "valid")[:300]]
         bundle = build_bundle(
             run_dir / "checkpoint", list(zip(data.item_ids, data.items)), bundle_root / f"seed{seed}",
@@ -79,7 +86,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
             max_history_items=seed_config.max_history_items, validation_users=validation,
             training_info={"dataset": data.name, "seed": seed},
         )
-        rows = dict(metrics["evaluation"])
+        rows = {name: row for name, row in metrics["evaluation"].items() if name not in MODEL_FREE_ROWS}
         rows.update(evaluate_bundle(bundle, data, test, seed_config.use_context, seed_config.ks))
         per_seed.append(rows)
         curves.append(metrics["curve"])
@@ -94,7 +101,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
     cooccurrence_metrics = evaluate(cooccurrence, data, test, config.ks)
 
     names = list(per_seed[0])
-    evaluation = {name: _mean(per_seed, name) for name in names}
+    evaluation = {name: _mean(per_seed, name) for name in names} | model_free
     evaluation["sasrec"] = sasrec_metrics
     evaluation["cooccurrence_only"] = cooccurrence_metrics
     order = ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "sequence_model_alone", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]

@@ -197,8 +197,9 @@ def training_step(trainer: torch.nn.Module, model: TextRecommender, optimizer: t
 
 
 def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path | None = None,
-          sequence_config: SequenceModelConfig = SequenceModelConfig()) -> dict:
+          sequence_config: SequenceModelConfig = SequenceModelConfig(), model_free_baselines: bool = True) -> dict:
     """Train, checkpoint to out/checkpoint, evaluate, and write out/metrics.json. Returns the metrics.
+    model_free_baselines: also evaluate popularity and the zero-shot encoder (see evaluate_against_baselines).
 
     Under torchrun every rank trains on its own batches (batch_size each) with gradients averaged by DDP;
     rank 0 alone saves, evaluates and returns the metrics (other ranks return {}).
@@ -253,13 +254,14 @@ def train(data: Interactions, config: TrainConfig, out: Path, encoder_path: Path
         return {}
     training = {"world_size": distributed.world_size, "device": device_description(distributed.device), "bf16": bf16,
                 "train_seconds": round(train_seconds, 1), "steps": len(curve), "curve": curve}
-    metrics = finish_run(model, data, config, out, encoder_path, training, sequence_config)
+    metrics = finish_run(model, data, config, out, encoder_path, training, sequence_config, model_free_baselines)
     distributed.close()
     return metrics
 
 
 def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, out: Path, encoder_path: Path,
-               training: dict, sequence_config: SequenceModelConfig = SequenceModelConfig()) -> dict:
+               training: dict, sequence_config: SequenceModelConfig = SequenceModelConfig(),
+               model_free_baselines: bool = True) -> dict:
     """After training: train the sequence model over the trained item vectors, choose the adjustments on
     validation users, save the checkpoint, evaluate against the baselines and write out/metrics.json
     (`training`: how the text model was trained). Returns the metrics."""
@@ -285,7 +287,8 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     save_sequence_model(sequence_model, out / "checkpoint" / SEQUENCE_MODEL_FILE)
 
     evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments,
-                                            cooccurrence[config.eval_split], sequence_model, items)
+                                            cooccurrence[config.eval_split], sequence_model, items,
+                                            model_free_baselines)
     metrics = {
         "dataset": data.name,
         "config": dataclasses.asdict(config),
@@ -304,17 +307,23 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
 def evaluate_against_baselines(
     model: TextRecommender, data: Interactions, config: TrainConfig, encoder_path: Path, adjustments: Adjustments,
     cooccurrence: CooccurrenceTable, sequence_model: SequenceModel, item_tensor: torch.Tensor,
+    model_free_baselines: bool = True,
 ) -> dict[str, dict]:
     """Metrics on config.eval_split (test unless tuning) for popularity, the zero-shot encoder, the sequence model
-    alone and the trained model with its adjustments, in one run. item_tensor: the model's catalogue_vectors."""
+    alone and the trained model with its adjustments, in one run. item_tensor: the model's catalogue_vectors.
+    Popularity and the zero-shot encoder do not depend on the trained model or its seed: without
+    model_free_baselines they are left out (`make eval` evaluates them with seed 0 only)."""
     examples = split_examples(data, config.eval_split)
     if config.eval_users:
         examples = examples[: config.eval_users]
     items = item_tensor.cpu().numpy()
-    zero_shot = TextRecommender(encoder_path, data.num_items).to(model.item_bias.device).eval()
-    results = {
-        "popularity": evaluate(popularity_scores(data), data, examples, config.ks),
-        "zero_shot": evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples, config.ks),
+    results = {}
+    if model_free_baselines:
+        zero_shot = TextRecommender(encoder_path, data.num_items).to(model.item_bias.device).eval()
+        results["popularity"] = evaluate(popularity_scores(data), data, examples, config.ks)
+        results["zero_shot"] = evaluate(model_scores(zero_shot, data, config, config.temperature), data, examples,
+                                        config.ks)
+    results |= {
         "sequence_model_alone": evaluate(sequence_model_scores(
             sequence_model, data, items, model.item_bias.detach().cpu().numpy(), config.temperature),
             data, examples, config.ks),

@@ -15,7 +15,7 @@ TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
 def test_experiment_reports_every_model_side_by_side(tmp_path):
     config = TrainConfig(max_steps=2, batch_size=8)
-    summary = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report", 1, config,
+    summary = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report", 2, config,
                              SASRecConfig(time_budget_minutes=0.01, eval_every=1))
     rows = summary["evaluation"]
     assert list(rows) == ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "sequence_model_alone", "llmrec",
@@ -23,6 +23,12 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     # 42 items: HNSW is exact here, so the server path must reproduce INT8 exact search.
     assert rows["int8_hnsw_server"]["ndcg@10"] == rows["int8_exact"]["ndcg@10"]
     assert abs(summary["int8_hnsw_relative_ndcg10_loss"]) < 0.2
+    # Two seeds: our model's rows carry a spread; popularity and zero-shot are evaluated with seed 0 alone.
+    assert len(summary["per_seed"]) == 2 and summary["steps"] == [2, 2]
+    assert set(summary["spread"]) == set(summary["per_seed"][0]) and "llmrec" in summary["spread"]
+    assert "popularity" not in summary["spread"] and "zero_shot" not in summary["spread"]
+    seed1 = json.loads((tmp_path / "runs" / "tiny-seed1" / "metrics.json").read_text())
+    assert "llmrec" in seed1["evaluation"] and "zero_shot" not in seed1["evaluation"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| sasrec |" in report and "| int8_hnsw_server |" in report
     # The adjustments chosen on validation travel to the bundle, and the server path applies them
@@ -44,6 +50,6 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"
     # A second run with the same config reuses the trained seed instead of training again.
-    again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 1, config,
+    again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 2, config,
                            SASRecConfig(time_budget_minutes=0.01, eval_every=1))
     assert again["curve"] == summary["curve"] and again["train_devices"] == summary["train_devices"]
