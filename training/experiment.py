@@ -45,17 +45,19 @@ def _as_json(value) -> object:
 def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, run_dir: Path,
                     model_free_baselines: bool) -> dict:
     """A run directory whose metrics.json was made with exactly this config is reused (e.g. after `make train`);
-    one whose sequence model was trained otherwise, or whose adjustments were chosen by another search, keeps its
-    text model and is finished again (sequence model, adjustments, evaluation), not retrained."""
+    one that differs only in how it is finished (TrainConfig.FINISHING_FIELDS, the sequence model, the adjustments'
+    search) keeps its text model and is finished again (sequence model, adjustments, evaluation), not retrained."""
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
-        if metrics["config"] == _as_json(dataclasses.asdict(config)):
-            if (metrics.get("calibration_search") == _as_json(calibration_search())
+        trained = {name: value for name, value in metrics["config"].items() if name not in config.FINISHING_FIELDS}
+        if trained == config.training_fields():
+            if (metrics["config"] == _as_json(dataclasses.asdict(config))
+                    and metrics.get("calibration_search") == _as_json(calibration_search())
                     and metrics.get("sequence_model", {}).get("config") == _as_json(dataclasses.asdict(sequence))):
-                log.info("reusing %s (trained with this exact config)", run_dir)
+                log.info("reusing %s (trained and finished with this exact config)", run_dir)
                 return metrics
-            log.info("reusing the text model in %s (trained with this exact config); finishing it again", run_dir)
+            log.info("reusing the text model in %s (trained with these settings); finishing it again", run_dir)
             model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
             training = {key: metrics[key] for key in ("world_size", "device", "bf16", "train_seconds", "steps", "curve")
                         if key in metrics}

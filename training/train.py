@@ -265,7 +265,9 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     """After training: train the sequence model over the trained item vectors, choose the adjustments on
     validation users, save the checkpoint, evaluate against the baselines and write out/metrics.json
     (`training`: how the text model was trained). Returns the metrics."""
-    valid = split_examples(data, "valid")[: config.calibration_users]
+    valid = split_examples(data, "valid")
+    if config.calibration_users:
+        valid = valid[: config.calibration_users]
     cooccurrence = {split: cooccurrence_before(data, split) for split in ("valid", "test")}
     items = catalogue_vectors(model, data, config)
     item_array = items.cpu().numpy()
