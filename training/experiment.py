@@ -91,9 +91,9 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
         rows = {name: row for name, row in metrics["evaluation"].items() if name not in MODEL_FREE_ROWS}
         rows.update(evaluate_bundle(bundle, data, test, seed_config.use_context, seed_config.ks))
         # a multi-seed run takes hours on a CPU: each seed's results are worth having before the report
+        logged = [f"{metric}@{k}" for k in seed_config.ks for metric in ("recall", "ndcg")]
         for name in ("llmrec", "int8_exact", "int8_hnsw_server"):
-            log.info("seed %d %s: %s", seed, name,
-                     " ".join(f"{k}={rows[name][k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@50", "ndcg@50")))
+            log.info("seed %d %s: %s", seed, name, " ".join(f"{key}={rows[name][key]:.4f}" for key in logged))
         per_seed.append(rows)
         curves.append(metrics["curve"])
         train_seconds.append(metrics["train_seconds"])
