@@ -6,7 +6,8 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
     model/model_fp32.onnx   encoder, FP32 (served on CUDA, where dynamic INT8 has no fast path)
     tokenizer/tokenizer.json
     items/items.jsonl       one catalogue item a line: {"id", "title", "categories", "brand", "description"}
-    items/vectors.npy       float32 (item_count, index_dimension): unit text+id vector, then the bias column
+    items/vectors.npy       float32 (item_count, index_dimension): unit text+id vector, then the bias column;
+                            text vectors by model_fp32.onnx (the catalogue is encoded once, offline)
     items/index.hnsw        hnswlib index over vectors.npy, inner-product space, labels = row numbers
     items/cooccurrence.npz  item co-occurrence table over row numbers (llmrec.cooccurrence; empty if untrained)
     model/sequence_model.onnx  the sequence model over item vectors (llmrec.sequence_runner), if the checkpoint

@@ -85,17 +85,20 @@ def test_bundle_is_complete_verified_and_self_describing(trained_bundle):
     assert "llmrec" in manifest.training["evaluation"]
 
 
-def test_served_item_vectors_are_the_int8_encoder_plus_the_trained_head(trained_bundle, trained_run):
+def test_served_item_vectors_are_the_fp32_encoder_plus_the_trained_head(trained_bundle, trained_run):
     data, out, _ = trained_run
     manifest = read_manifest(trained_bundle)
-    encoder = OnnxEncoder(trained_bundle / layout.MODEL_INT8_FILE, trained_bundle / layout.TOKENIZER_FILE)
+    encoder = OnnxEncoder(trained_bundle / layout.MODEL_FP32_FILE, trained_bundle / layout.TOKENIZER_FILE)
     text = encoder.encode([render_item(data.items[0])], manifest.max_item_tokens)[0]
     head = np.load(out / "checkpoint" / "item_head.npz")
     expected = text + head["id_embedding"][0]
     expected /= np.linalg.norm(expected)
     row = np.load(trained_bundle / layout.VECTORS_FILE)[0]
-    # Items are encoded one per run, exactly as the server encodes an upserted item.
+    # The catalogue is encoded in batches: at FP32 an item's vector does not depend on the texts beside it.
     np.testing.assert_allclose(row[:-1], expected, atol=1e-5)
+    int8 = OnnxEncoder(trained_bundle / layout.MODEL_INT8_FILE, trained_bundle / layout.TOKENIZER_FILE)
+    int8_text = int8.encode([render_item(data.items[0])], manifest.max_item_tokens)[0]
+    assert np.abs(int8_text - text).max() > 1e-4  # not the INT8 encoder: the check above can tell them apart
     assert row[-1] == pytest.approx(0.05 * head["item_bias"][0], rel=1e-5)
 
 
