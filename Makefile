@@ -41,15 +41,15 @@ $(PROTO_OUT): protos/llmrec/v1/recommender.proto $(STAMP)
 proto: $(PROTO_OUT)  ## generate the Python stubs from protos/
 
 data/ml-100k/ml-100k.inter: requirements/movielens.txt | $(STAMP)
-	$(PY) -m training.fetch_movielens --requirements $< --out data/ml-100k
+	$(PY) -m llmrec.training.fetch_movielens --requirements $< --out data/ml-100k
 
 data: data/ml-100k/ml-100k.inter  ## fetch MovieLens-100K from the recbole wheel (hash-pinned)
 
 train: setup data  ## fine-tune the encoder on DATA, then evaluate it beside the baselines
-	$(PY) -m training.train --data $(DATA) --out $(RUN_DIR) $(TRAIN_ARGS)
+	$(PY) -m llmrec.training.train --data $(DATA) --out $(RUN_DIR) $(TRAIN_ARGS)
 
 export: setup  ## ONNX + INT8 export, quality check, item index: a new bundle under BUNDLES
-	$(PY) -m export --checkpoint $(RUN_DIR)/checkpoint --data $(DATA) --out $(BUNDLES)
+	$(PY) -m llmrec.export --checkpoint $(RUN_DIR)/checkpoint --data $(DATA) --out $(BUNDLES)
 
 serve: setup  ## serve the newest bundle under BUNDLES on HOST:PORT
 	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE)
@@ -64,15 +64,15 @@ run: setup data  ## train and export once (a later run reuses the bundle), then 
 SEEDS ?= 1
 EVAL_ARGS ?=
 eval: setup data  ## train SEEDS seeds on DATA, export, evaluate all baselines side by side; report in reports/<data>/
-	$(PY) -m training.experiment --data $(DATA) --runs $(RUN_DIR) --bundles build/eval-bundles/$(notdir $(DATA)) \
+	$(PY) -m experiments.experiment --data $(DATA) --runs $(RUN_DIR) --bundles build/eval-bundles/$(notdir $(DATA)) \
 		--report reports/$(notdir $(DATA)) --seeds $(SEEDS) $(EVAL_ARGS)
 
 eval-cold: setup data  ## hold 10% of items out of training, upsert them into a live server, rank cold targets
-	$(PY) -m training.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA))
+	$(PY) -m experiments.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA))
 
 bench: setup data  ## load-test the server beside the raw runtime and a PyTorch server; report in reports/bench/
 	@if ! ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then $(MAKE) --no-print-directory train export; fi
-	$(PY) -m clients.bench run --bundle-root $(BUNDLES) --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint \
+	$(PY) -m bench.bench run --bundle-root $(BUNDLES) --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint \
 		--out reports/bench
 
 test: setup  ## install what the tests need and run them

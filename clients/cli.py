@@ -14,7 +14,7 @@ from typing import Annotated, TextIO
 import typer
 from google.protobuf.json_format import MessageToDict
 
-from clients.client import CatalogueItem, Recommendation, RecommenderClient, RecommenderError, SessionUpdate
+from llmrec.clients.client import CatalogueItem, Recommendation, RecommenderClient, RecommenderError, SessionUpdate
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 

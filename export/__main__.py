@@ -1,4 +1,4 @@
-"""`python -m export`: turn a training checkpoint into a served bundle."""
+"""`python -m llmrec.export`: turn a training checkpoint into a served bundle."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from export.bundle import build_bundle
-from training.cli_options import configure_logging
-from training.config import TrainConfig
-from training.data import load_interactions, split_examples, user_text
+from llmrec.export.bundle import build_bundle
+from llmrec.training.cli_options import configure_logging
+from llmrec.training.config import TrainConfig
+from llmrec.training.data import load_interactions, split_examples, user_text
 
 _VALIDATION_USERS = 300
 

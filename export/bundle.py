@@ -17,18 +17,18 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
-from export.onnx import export_fp32, export_sequence_model, quantize_int8
-from export.validate import QualityThresholds, compare
+from llmrec.export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
+from llmrec.export.onnx import export_fp32, export_sequence_model, quantize_int8
+from llmrec.export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
-from training.calibration import Adjustments
-from training.model import encoder_dir, load_item_head, mean_pool
-from training.sequence_model import CHECKPOINT_FILE as SEQUENCE_MODEL_CHECKPOINT, load_sequence_model
+from llmrec.training.calibration import Adjustments
+from llmrec.training.model import encoder_dir, load_item_head, mean_pool
+from llmrec.training.sequence_model import CHECKPOINT_FILE as SEQUENCE_MODEL_CHECKPOINT, load_sequence_model
 
 log = logging.getLogger("llmrec.export")
 

@@ -13,7 +13,7 @@ from optimum.onnxruntime import ORTQuantizer
 from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
 from llmrec.sequence_runner import OUTPUT, VALID_INPUT, VECTORS_INPUT
-from training.sequence_model import SequenceModel
+from llmrec.training.sequence_model import SequenceModel
 
 log = logging.getLogger("llmrec.export")
 

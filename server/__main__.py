@@ -1,5 +1,5 @@
 """`python -m server`: the same as the `llmrec-server` console script."""
 
-from server.cli import app
+from llmrec.server.cli import app
 
 app(prog_name="llmrec-server")

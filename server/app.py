@@ -20,14 +20,14 @@ from grpc_reflection.v1alpha import reflection
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
-from server import metrics
-from server.bundle import LoadedBundle
-from server.catalogue import open_catalogue
-from server.encoding import AsyncEncoder, BatchPolicy
-from server.recommender import Recommender
-from server.servicer import RecommenderServicer
-from server.settings import ServerSettings
-from server.validation import Limits
+from llmrec.server import metrics
+from llmrec.server.bundle import LoadedBundle
+from llmrec.server.catalogue import open_catalogue
+from llmrec.server.encoding import AsyncEncoder, BatchPolicy
+from llmrec.server.recommender import Recommender
+from llmrec.server.servicer import RecommenderServicer
+from llmrec.server.settings import ServerSettings
+from llmrec.server.validation import Limits
 
 logger = logging.getLogger(__name__)
 

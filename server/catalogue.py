@@ -28,10 +28,10 @@ import numpy as np
 
 from llmrec.template import ItemFields
 
-from server.bundle import LoadedBundle
-from server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from server.state import CatalogueStore, Delete, Upsert
+from llmrec.server.bundle import LoadedBundle
+from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
+from llmrec.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from llmrec.server.state import CatalogueStore, Delete, Upsert
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import typer
 
 from llmrec.manifest import BundleError
 
-from server.settings import MIB, ServerSettings
-from server.state import StateError
+from llmrec.server.settings import MIB, ServerSettings
+from llmrec.server.state import StateError
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -85,7 +85,7 @@ def main(
     # Library loggers (grpc, asyncio) stay at INFO or quieter; --log-level debug is for this server's own logs.
     logging.basicConfig(level=max(level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("server").setLevel(level)
+    logging.getLogger("llmrec.server").setLevel(level)
     if bundle is None and bundle_root is None:
         _fail("give --bundle-root DIR or --bundle DIR (or set LLMREC_BUNDLE_ROOT / LLMREC_BUNDLE)")
     try:
@@ -105,7 +105,7 @@ def main(
     except (ValueError, BundleError) as error:
         _fail(str(error))
 
-    from server.app import serve  # imported late: `--help` should not load ONNX Runtime
+    from llmrec.server.app import serve  # imported late: `--help` should not load ONNX Runtime
 
     try:
         asyncio.run(serve(settings))

@@ -9,10 +9,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmrec.template import ItemFields, RequestContext
 from llmrec.v1 import recommender_pb2 as pb
 
-from server.domain import (
+from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, Explanation, HistoryRef, RecommendQuery, ScoredItem, UserInput,
 )
-from server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent, SessionEvent
+from llmrec.server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent, SessionEvent
 
 
 def timestamp_seconds(timestamp: Timestamp) -> float:

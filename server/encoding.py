@@ -45,8 +45,8 @@ import numpy as np
 
 from llmrec.onnx_encoder import LENGTH_BUCKET, OnnxEncoder
 
-from server import metrics
-from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from llmrec.server import metrics
+from llmrec.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
 

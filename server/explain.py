@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server.domain import Explanation, Reason
+from llmrec.server.domain import Explanation, Reason
 
 HISTORY = "history"
 QUERY_TERM = "query_term"

@@ -14,15 +14,15 @@ import numpy as np
 from llmrec.history_vector import history_vector
 from llmrec.template import ItemFields, UserText, render_item, render_user
 
-from server import explain as explaining
-from server import validation
-from server.bundle import LoadedBundle
-from server.catalogue import Catalogue, ResolvedItem
-from server.domain import (
+from llmrec.server import explain as explaining
+from llmrec.server import validation
+from llmrec.server.bundle import LoadedBundle
+from llmrec.server.catalogue import Catalogue, ResolvedItem
+from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, ScoredItem, UserInput, WriteResult,
 )
-from server.encoding import AsyncEncoder
-from server.errors import InvalidArgument
+from llmrec.server.encoding import AsyncEncoder
+from llmrec.server.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import grpc
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
-from server import convert, metrics
-from server.encoding import set_request_deadline
-from server.errors import Unavailable, abort_with, code_number, status_for
-from server.recommender import Recommender
-from server.session import SessionRegistry
-from server.settings import ServerSettings
-from server.validation import check_item_id, check_list_page_size, check_page_size
+from llmrec.server import convert, metrics
+from llmrec.server.encoding import set_request_deadline
+from llmrec.server.errors import Unavailable, abort_with, code_number, status_for
+from llmrec.server.recommender import Recommender
+from llmrec.server.session import SessionRegistry
+from llmrec.server.settings import ServerSettings
+from llmrec.server.validation import check_item_id, check_list_page_size, check_page_size
 
 logger = logging.getLogger(__name__)
 

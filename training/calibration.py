@@ -27,8 +27,8 @@ from llmrec import cooccurrence as cooccurrence_defaults
 from llmrec import history_vector as history_vector_defaults
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import history_vector
-from training.data import Example, Interactions, item_popularity, sequences_before
-from training.evaluation import ScoreFn, ranking_metrics, target_ranks
+from llmrec.training.data import Example, Interactions, item_popularity, sequences_before
+from llmrec.training.evaluation import ScoreFn, ranking_metrics, target_ranks
 
 # 0 keeps the text model's ranking; -4 puts every history item below every other item (scores span ~[-1.5, 1.5]).
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)

@@ -7,7 +7,7 @@ import logging
 
 import typer
 
-from training.config import TrainConfig
+from llmrec.training.config import TrainConfig
 
 HISTORY_DROPOUT = typer.Option(TrainConfig.history_dropout, min=0.0, max=1.0,
                                help="share of older history items dropped from each training text")

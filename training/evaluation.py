@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from training.data import Example, Interactions, item_popularity, train_sequences
+from llmrec.training.data import Example, Interactions, item_popularity, train_sequences
 
 ScoreFn = Callable[[Sequence[Example]], np.ndarray]  # examples -> (len(examples), num_items) scores
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from llmrec.cooccurrence import CooccurrenceTable
-from training.calibration import Adjustments
+from llmrec.training.calibration import Adjustments
 
 HEAD_FILE = "item_head.npz"
 ENCODER_DIR = "encoder"

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data import Interactions, split_examples, train_sequences
-from training.early_stopping import EarlyStopping
-from training.evaluation import ranking_metrics, target_ranks
+from llmrec.training.data import Interactions, split_examples, train_sequences
+from llmrec.training.early_stopping import EarlyStopping
+from llmrec.training.evaluation import ranking_metrics, target_ranks
 
 log = logging.getLogger("llmrec.sequence_model")
 

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.template import render_item, render_user
-from training.augment import with_history_dropout, with_synthetic_query
-from training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
-from training.config import TrainConfig
-from training.data import (
+from llmrec.training.augment import with_history_dropout, with_synthetic_query
+from llmrec.training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
+from llmrec.training.config import TrainConfig
+from llmrec.training.data import (
     Example,
     Interactions,
     item_popularity,
@@ -31,13 +31,13 @@ from training.data import (
     train_sequences,
     user_text,
 )
-from training.evaluation import ScoreFn, evaluate, popularity_scores
-from training.losses import FullSoftmaxLoss
-from training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
-from training.calibration import (
+from llmrec.training.evaluation import ScoreFn, evaluate, popularity_scores
+from llmrec.training.losses import FullSoftmaxLoss
+from llmrec.training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
+from llmrec.training.calibration import (
     CALIBRATION_METRIC, Adjustments, adjust, calibration_search, choose_adjustments, cooccurrence_before,
 )
-from training.sequence_model import (
+from llmrec.training.sequence_model import (
     CHECKPOINT_FILE as SEQUENCE_MODEL_FILE, SequenceModel, SequenceModelConfig, save_sequence_model, sequence_vectors,
     train_sequence_model,
 )

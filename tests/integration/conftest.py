@@ -14,8 +14,8 @@ import pytest
 
 from llmrec import manifest as mf
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
-from server.app import RecommenderServer
-from server.settings import ServerSettings
+from llmrec.server.app import RecommenderServer
+from llmrec.server.settings import ServerSettings
 
 
 @dataclasses.dataclass

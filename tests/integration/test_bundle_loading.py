@@ -7,7 +7,7 @@ import pytest
 
 from llmrec import manifest as mf
 from llmrec.template import TEMPLATE_VERSION
-from server.bundle import LoadedBundle
+from llmrec.server.bundle import LoadedBundle
 
 
 def test_loads_the_tiny_bundle(tiny_bundle, tiny_catalogue):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmrec.template import render_item
-from training.data import load_interactions
-from training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
+from llmrec.training.data import load_interactions
+from llmrec.training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from clients.cli import app
-from clients.client import RecommenderClient, RecommenderError
+from llmrec.clients.cli import app
+from llmrec.clients.client import RecommenderClient, RecommenderError
 
 runner = CliRunner()
 

@@ -8,9 +8,9 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from clients import session_bench
-from clients.cli import app
-from clients.client import RecommenderClient, RecommenderError
+from llmrec.clients import session_bench
+from llmrec.clients.cli import app
+from llmrec.clients.client import RecommenderClient, RecommenderError
 
 runner = CliRunner()
 

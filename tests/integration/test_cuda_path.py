@@ -10,8 +10,8 @@ import pytest
 
 from llmrec import manifest as mf
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
-from server.bundle import LoadedBundle
-from server.encoding import AsyncEncoder, BatchPolicy
+from llmrec.server.bundle import LoadedBundle
+from llmrec.server.encoding import AsyncEncoder, BatchPolicy
 
 TEXTS = ["Star Wars (1977) (Action, Sci-Fi)", "recently: Notting Hill (1999) (Comedy, Romance); Sleepless in Seattle",
          "looking for: space adventure. time: friday evening. recently: Alien (1979) (Horror, Sci-Fi)"]

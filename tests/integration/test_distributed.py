@@ -11,7 +11,7 @@ TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
 def test_two_cpu_processes_train_in_lockstep_and_rank0_writes_the_checkpoint(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training.train", "--data", str(TINY), "--out", str(tmp_path), "--max-steps", "3",
+               "-m", "llmrec.training.train", "--data", str(TINY), "--out", str(tmp_path), "--max-steps", "3",
                "--batch-size", "4", "--eval-users", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

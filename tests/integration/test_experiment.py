@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-from training.baselines.sasrec import SASRecConfig
-from training.config import TrainConfig
-from training.experiment import run_experiment
-from training.calibration import (
+from experiments.baselines.sasrec import SASRecConfig
+from llmrec.training.config import TrainConfig
+from experiments.experiment import run_experiment
+from llmrec.training.calibration import (
     COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID, SEQUENCE_WEIGHT_GRID,
 )
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clients.client import RecommenderClient
-from server.cli import app as server_app
+from llmrec.clients.client import RecommenderClient
+from llmrec.server.cli import app as server_app
 
 REPO = Path(__file__).parents[2]
 SECRET_QUERY = "zanzibar-private-query"
@@ -32,7 +32,7 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
     with log_path.open("w") as log:
         process = subprocess.Popen(
             # The Makefile's form: the newest bundle under a root.
-            [sys.executable, "-m", "server", "--bundle-root", str(tiny_bundle.parent), "--host", "127.0.0.1",
+            [sys.executable, "-m", "llmrec.server", "--bundle-root", str(tiny_bundle.parent), "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "debug", "--cpu-only", "--state-dir", str(tmp_path / "state")],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )

@@ -15,7 +15,7 @@ from llmrec.manifest import VECTORS_FILE, read_manifest
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 from rpc_helpers import call_error, ids_of
-from server.validation import EMPTY_USER_MESSAGE
+from llmrec.server.validation import EMPTY_USER_MESSAGE
 
 STAR_WARS = ["m1", "m2", "m3"]
 

@@ -9,12 +9,12 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import loadgen
+from llmrec.clients import loadgen
 from llmrec import manifest as mf
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
-from server import metrics
+from llmrec.server import metrics
 from tests.conftest import FIXTURES
 
 

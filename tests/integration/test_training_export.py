@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from export.bundle import build_bundle
-from export.validate import QualityCheckFailed, compare
+from llmrec.export.bundle import build_bundle
+from llmrec.export.validate import QualityCheckFailed, compare
 from llmrec import manifest as layout
 from llmrec.manifest import BundleError, read_manifest
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, render_item
-from training.config import TrainConfig
-from training.data import item_popularity, load_interactions, split_examples, user_text
-from training.model import pretrained_encoder_path
-from training.sequence_model import load_sequence_model, sequence_vectors
-from training.train import train
-from server.bundle import LoadedBundle
+from llmrec.training.config import TrainConfig
+from llmrec.training.data import item_popularity, load_interactions, split_examples, user_text
+from llmrec.training.model import pretrained_encoder_path
+from llmrec.training.sequence_model import load_sequence_model, sequence_vectors
+from llmrec.training.train import train
+from llmrec.server.bundle import LoadedBundle
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 

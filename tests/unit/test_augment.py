@@ -1,7 +1,7 @@
 import numpy as np
 
 from llmrec.template import ItemFields, UserText, render_user
-from training.augment import synthetic_query, with_history_dropout, with_synthetic_query
+from llmrec.training.augment import synthetic_query, with_history_dropout, with_synthetic_query
 
 FILM = ItemFields("Toy Story (1995)", ("Animation", "Comedy"))
 TOOL = ItemFields("Porter-Cable 80 Grit Adhesive-Backed Sanding Roll")

@@ -4,10 +4,10 @@ weight, the history vector weight and the sequence model weight, chosen by valid
 import numpy as np
 
 from llmrec.template import ItemFields
-from training.data import Example, Interactions
+from llmrec.training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
-from training.calibration import (
+from llmrec.training.calibration import (
     HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_before,
     cooccurrence_only_scores, history_vector_scores, sequence_scores,
 )

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from clients.client import RecommenderClient, history_item, item_text, timestamp
+from llmrec.clients.client import RecommenderClient, history_item, item_text, timestamp
 from llmrec.v1 import recommender_pb2 as pb
 
 

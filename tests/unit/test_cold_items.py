@@ -2,8 +2,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.cold_items import hold_out
-from training.data import load_interactions, split_examples, train_sequences
+from experiments.cold_items import hold_out
+from llmrec.training.data import load_interactions, split_examples, train_sequences
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 

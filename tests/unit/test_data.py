@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import (
+from llmrec.training.data import (
     item_popularity, load_interactions, sequences_before, split_examples, train_sequences, user_text,
 )
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from training.early_stopping import EarlyStopping
+from llmrec.training.early_stopping import EarlyStopping
 
 
 def test_it_stops_after_patience_checks_without_improvement_and_restores_the_best_state():

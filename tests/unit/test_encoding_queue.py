@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from server import metrics
-from server.encoding import REQUEST_DEADLINE, AsyncEncoder, BatchPolicy
-from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from llmrec.server import metrics
+from llmrec.server.encoding import REQUEST_DEADLINE, AsyncEncoder, BatchPolicy
+from llmrec.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
 class FakeEncoder:

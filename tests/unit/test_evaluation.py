@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from training.evaluation import ranking_metrics, target_ranks
+from llmrec.training.evaluation import ranking_metrics, target_ranks
 
 
 def slow_metrics(scores, targets, k):

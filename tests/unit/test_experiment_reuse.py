@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from training import experiment
-from training.calibration import calibration_search
-from training.config import TrainConfig
-from training.sequence_model import SequenceModelConfig
+from llmrec.training import experiment
+from llmrec.training.calibration import calibration_search
+from llmrec.training.config import TrainConfig
+from llmrec.training.sequence_model import SequenceModelConfig
 
 TRAINED = TrainConfig(max_steps=7)
 

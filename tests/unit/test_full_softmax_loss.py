@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from training.losses import FullSoftmaxLoss
+from llmrec.training.losses import FullSoftmaxLoss
 
 
 def reference_loss(users, items, bias, targets, temperature):

@@ -1,11 +1,11 @@
-"""clients.loadgen without a server: the workload, arrival schedules and result statistics."""
+"""bench.loadgen without a server: the workload, arrival schedules and result statistics."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from clients import loadgen
+from llmrec.clients import loadgen
 from tests.conftest import FIXTURES
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.onnx import export_sequence_model
+from llmrec.export.onnx import export_sequence_model
 from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import ItemFields
-from training.data import Interactions, split_examples
-from training.evaluation import ranking_metrics, target_ranks
-from training.sequence_model import (
+from llmrec.training.data import Interactions, split_examples
+from llmrec.training.evaluation import ranking_metrics, target_ranks
+from llmrec.training.sequence_model import (
     SequenceModel, SequenceModelConfig, load_sequence_model, save_sequence_model, sequence_vectors,
     train_sequence_model,
 )

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from llmrec.template import ItemFields
-from server import catalogue as catalogue_module
-from server.catalogue import Catalogue
-from server.domain import AttributeFilter, CatalogueItem
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
-from server.state import CatalogueStore
+from llmrec.server import catalogue as catalogue_module
+from llmrec.server.catalogue import Catalogue
+from llmrec.server.domain import AttributeFilter, CatalogueItem
+from llmrec.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmrec.server.state import CatalogueStore
 
 DIM = 8
 COUNT = 60

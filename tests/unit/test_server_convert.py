@@ -6,9 +6,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmrec.template import ItemFields, RequestContext
 from llmrec.v1 import recommender_pb2 as pb
-from server import convert
-from server.domain import HistoryRef
-from server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent
+from llmrec.server import convert
+from llmrec.server.domain import HistoryRef
+from llmrec.server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent
 
 
 def test_recommend_request():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.explain import HISTORY, QUERY_TERM, explain, query_terms, summary
+from llmrec.server.explain import HISTORY, QUERY_TERM, explain, query_terms, summary
 
 
 @pytest.mark.parametrize("query, terms", [
@@ -63,7 +63,7 @@ def test_at_most_three_history_items_and_three_terms_are_shown():
 
 
 def test_summaries():
-    from server.domain import Reason
+    from llmrec.server.domain import Reason
     star, alien = Reason(HISTORY, "1", "Star Wars (1977)", 0.5, 0.9), Reason(HISTORY, "2", "Alien (1979)", 0.46, 0.8)
     assert summary([star, alien], "", 0.0) == "Because you liked Star Wars (1977) and Alien (1979)"
     assert summary([star], "space adventure", 0.3) == \

@@ -15,11 +15,11 @@ from llmrec.history_vector import history_vector
 from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, SequenceModelSpec
 from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import ItemFields
-from server.catalogue import Catalogue
-from server.domain import CatalogueItem
-from server.recommender import Recommender
-from server.state import CatalogueStore
-from server.validation import Limits
+from llmrec.server.catalogue import Catalogue
+from llmrec.server.domain import CatalogueItem
+from llmrec.server.recommender import Recommender
+from llmrec.server.state import CatalogueStore
+from llmrec.server.validation import Limits
 
 DIM = 8
 COUNT = 50
@@ -171,8 +171,8 @@ def sequence_model(tmp_path_factory):
     """A small random sequence model exported as a bundle holds it, and its PyTorch original."""
     import torch
 
-    from export.onnx import export_sequence_model
-    from training.sequence_model import SequenceModel, SequenceModelConfig
+    from llmrec.export.onnx import export_sequence_model
+    from llmrec.training.sequence_model import SequenceModel, SequenceModelConfig
 
     torch.manual_seed(0)
     model = SequenceModel(DIM, SequenceModelConfig(max_items=4, hidden=16, heads=2, layers=1)).eval()

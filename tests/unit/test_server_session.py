@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from llmrec.template import ItemFields, RequestContext, UserText, render_user
-from server.catalogue import ResolvedItem
-from server.domain import AttributeFilter, HistoryRef, ScoredItem
-from server.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
-from server.session import (
+from llmrec.server.catalogue import ResolvedItem
+from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
+from llmrec.server.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
+from llmrec.server.session import (
     NOTHING_YET_MESSAGE, ContextEvent, InteractionEvent, QueryEvent, Session, SessionConfigEvent, SessionRegistry,
 )
-from server.validation import Limits
+from llmrec.server.validation import Limits
 
 
 class FakeRecommender:
@@ -204,7 +204,7 @@ def test_next_request_times_out_ends_and_is_woken_by_forget(session):
 
         assert await session.next_request(aiter(requests(["x"])), 1.0) == "x"
         assert await session.next_request(aiter(requests([])), 1.0) is None
-        from server.errors import DeadlineExceeded
+        from llmrec.server.errors import DeadlineExceeded
         with pytest.raises(DeadlineExceeded, match="0.05 s"):
             await session.next_request(aiter(requests(["late"], delay=1.0)), 0.05)
         asyncio.get_running_loop().call_later(0.05, session.forget)

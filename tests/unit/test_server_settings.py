@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from llmrec.manifest import MANIFEST_FILE, BundleError
-from server.encoding import AsyncEncoder
-from server.settings import ServerSettings
+from llmrec.server.encoding import AsyncEncoder
+from llmrec.server.settings import ServerSettings
 
 
 def test_exactly_one_bundle_source():

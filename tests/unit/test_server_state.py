@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from llmrec.template import ItemFields
-from server.domain import CatalogueItem
-from server.state import JOURNAL_FILE, SNAPSHOT_FILE, STATE_FILE, CatalogueStore, Delete, StateError, Upsert
+from llmrec.server.domain import CatalogueItem
+from llmrec.server.state import JOURNAL_FILE, SNAPSHOT_FILE, STATE_FILE, CatalogueStore, Delete, StateError, Upsert
 
 VERSION = "20250101T000000Z-abc"
 DIM = 5

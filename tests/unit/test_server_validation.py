@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from llmrec.template import ItemFields, RequestContext
-from server import validation
-from server.domain import HistoryRef, RecommendQuery, UserInput
-from server.errors import INTERNAL_MESSAGE, InvalidArgument, NotFound, Unavailable, code_number, status_for
+from llmrec.server import validation
+from llmrec.server.domain import HistoryRef, RecommendQuery, UserInput
+from llmrec.server.errors import INTERNAL_MESSAGE, InvalidArgument, NotFound, Unavailable, code_number, status_for
 
 LIMITS = validation.Limits(max_k=10, max_request_history=3, max_text_chars=20)
 

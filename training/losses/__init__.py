@@ -1,3 +1,3 @@
-from training.losses.full_softmax import FullSoftmaxLoss
+from llmrec.training.losses.full_softmax import FullSoftmaxLoss
 
 __all__ = ["FullSoftmaxLoss"]

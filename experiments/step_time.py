@@ -2,7 +2,7 @@
 settings alternated step by step so a noisy machine slows them all alike. Then the catalogue refresh (every
 refresh_items_every steps): the whole encoder against CatalogueEncoder's trained top layers, alternated too.
 
-    python -m training.step_time --data ../shared/data/amazon-scientific --frozen-layers 2,4,5
+    python -m experiments.step_time --data ../shared/data/amazon-scientific --frozen-layers 2,4,5
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 import typer
 
 from llmrec.template import render_item
-from training.config import TrainConfig
-from training.data import Interactions, load_interactions
-from training.losses import FullSoftmaxLoss
-from training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
-from training.train import build_optimizer, seed_everything, training_examples, training_step, training_user_texts
+from llmrec.training.config import TrainConfig
+from llmrec.training.data import Interactions, load_interactions
+from llmrec.training.losses import FullSoftmaxLoss
+from llmrec.training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
+from llmrec.training.train import build_optimizer, seed_everything, training_examples, training_step, training_user_texts
 
 
 def main(

@@ -1,7 +1,7 @@
 """Load generator for an llmrec server over real gRPC (grpc.aio): closed loop and open loop.
 
-    python -m clients.loadgen --target 127.0.0.1:50051 --data data/ml-100k --method recommend --concurrency 16
-    python -m clients.loadgen --target 127.0.0.1:50051 --data data/ml-100k --rate 50 --arrivals poisson
+    python -m bench.loadgen --target 127.0.0.1:50051 --data data/ml-100k --method recommend --concurrency 16
+    python -m bench.loadgen --target 127.0.0.1:50051 --data data/ml-100k --rate 50 --arrivals poisson
 
 Requests are drawn from real interaction data (training.data loaders): a user's 20 consecutive items, oldest
 first, with the timestamp of the next interaction as context (about 128 model tokens once rendered).
@@ -96,7 +96,7 @@ def build_workload(data: Path, count: int = 512, history_items: int = 20, follow
                    seed: int = 0, k: int = 10) -> Workload:
     """`count` user cases drawn from a data set: users with at least history_items + 1 interactions, each
     at a random point of their sequence."""
-    from training.data import load_interactions  # torch-free loader of every supported format
+    from llmrec.training.data import load_interactions  # torch-free loader of every supported format
 
     interactions = load_interactions(data)
     rng = random.Random(seed)

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from export.bundle import build_bundle
-from export.evaluate import evaluate_bundle
-from training.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
-from training.calibration import calibration_search, cooccurrence_before, cooccurrence_only_scores
-from training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
-from training.config import TrainConfig
-from training.data import load_interactions, split_examples, user_text
-from training.evaluation import evaluate
-from training.report import write_report
-from training.model import TextRecommender, pretrained_encoder_path
-from training.sequence_model import SequenceModelConfig
-from training.train import finish_run, train
+from llmrec.export.bundle import build_bundle
+from experiments.evaluate_bundle import evaluate_bundle
+from experiments.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
+from llmrec.training.calibration import calibration_search, cooccurrence_before, cooccurrence_only_scores
+from llmrec.training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
+from llmrec.training.config import TrainConfig
+from llmrec.training.data import load_interactions, split_examples, user_text
+from llmrec.training.evaluation import evaluate
+from experiments.report import write_report
+from llmrec.training.model import TextRecommender, pretrained_encoder_path
+from llmrec.training.sequence_model import SequenceModelConfig
+from llmrec.training.train import finish_run, train
 
 log = logging.getLogger("llmrec.experiment")
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export.index import user_queries
+from llmrec.export.index import user_queries
 from llmrec.template import render_user
-from server.bundle import LoadedBundle
-from server.domain import HistoryRef, RecommendQuery, UserInput
-from server.encoding import AsyncEncoder
-from server.recommender import Recommender
-from server.validation import Limits
-from training.data import Example, Interactions, user_text
-from training.evaluation import evaluate
-from training.calibration import Adjustments, Recency, adjust
+from llmrec.server.bundle import LoadedBundle
+from llmrec.server.domain import HistoryRef, RecommendQuery, UserInput
+from llmrec.server.encoding import AsyncEncoder
+from llmrec.server.recommender import Recommender
+from llmrec.server.validation import Limits
+from llmrec.training.data import Example, Interactions, user_text
+from llmrec.training.evaluation import evaluate
+from llmrec.training.calibration import Adjustments, Recency, adjust
 
 _UNRANKED = -1e9  # score for items HNSW did not return: below every returned one
 

@@ -1,6 +1,6 @@
 """Are explanations faithful? Remove the top-attributed history item and see whether the score drops more.
 
-    python -m clients.explain_eval --target 127.0.0.1:50051 --interactions data/ml-100k/ml-100k.inter \\
+    python -m experiments.explain_eval --target 127.0.0.1:50051 --interactions data/ml-100k/ml-100k.inter \\
         --users 200 --out explain_eval.json
 
 For each sampled user with history H (the most recent --history-length distinct catalogued items):
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.client import RecommenderClient
+from llmrec.clients.client import RecommenderClient
 
 
 def read_interactions(path: Path) -> dict[str, list[str]]:
@@ -87,7 +87,7 @@ def sample_histories(args, catalogue_ids: list[str], rng: random.Random) -> list
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m clients.explain_eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.explain_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     source = parser.add_mutually_exclusive_group()

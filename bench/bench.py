@@ -1,15 +1,15 @@
 """`make bench`: llmrec end to end against the raw runtime (the floor) and a tutorial PyTorch server.
 
-    python -m clients.bench run --bundle-root bundles/ml-100k --data data/ml-100k --out reports/bench
+    python -m bench.bench run --bundle-root bundles/ml-100k --data data/ml-100k --out reports/bench
 
 One run measures, side by side (key comparisons interleaved over several rounds, so background load on a
 shared machine hits both sides of every ratio alike):
 1. the floor: ONNX Runtime INT8 `session.run` on pre-tokenised inputs plus the HNSW search, in-process, per
    request and at its best batch size and thread setting; and the same floor fed the Poisson arrival
    schedule used against the server (what queueing alone costs);
-2. the baseline (clients.baseline): PyTorch FP32 + exact numpy search behind the same gRPC interface;
+2. the baseline (bench.baseline): PyTorch FP32 + exact numpy search behind the same gRPC interface;
 3. the llmrec server (a subprocess, as deployed): Recommend, RecommendStream and Session, closed loop at
-   several concurrencies and open loop at constant and Poisson rates (clients.loadgen);
+   several concurrencies and open loop at constant and Poisson rates (bench.loadgen);
 4. start-up and memory on a 20,000-item bundle (built once from derived item texts, cached under build/),
    and HNSW recall@10 against exact search with its search time, on both bundles.
 It writes bench.json, bench.md (the tables in README "Benchmarks") and latency_throughput.png under --out.
@@ -40,7 +40,7 @@ import numpy as np
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import loadgen
+from llmrec.clients import loadgen
 from llmrec import manifest as mf
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import ItemFields, RequestContext, UserText, render_user
@@ -341,7 +341,7 @@ def _serving(target: str) -> bool:
 def start_llmrec(bundle: Path, log_path: Path, extra: list[str] | None = None) -> Process:
     """`llmrec-server --bundle ...` with default settings plus a metrics port; ready_s = spawn to SERVING."""
     port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "server", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port),
                "--metrics-port", str(metrics_port), "--cpu-only", "--log-level", "warning", *(extra or [])]
     return _spawn("llmrec-server", command, log_path, _serving, metrics_port=metrics_port,
                   target=f"127.0.0.1:{port}")
@@ -361,7 +361,7 @@ def start_baseline(bundle: Path, encoder: Path, log_path: Path, probe: Any) -> P
             except grpc.RpcError:
                 return False
 
-    command = [sys.executable, "-m", "clients.baseline", "--bundle", str(bundle), "--encoder", str(encoder),
+    command = [sys.executable, "-m", "bench.baseline", "--bundle", str(bundle), "--encoder", str(encoder),
                "--port", str(port)]
     return _spawn("baseline", command, log_path, answers, target=target)
 
@@ -423,7 +423,7 @@ def render_workload(workload: loadgen.Workload, bundle: Path) -> list[str]:
 def derived_catalogue(data_sets: list[Path], count: int = SYNTHETIC_ITEMS) -> list[tuple[str, ItemFields]]:
     """`count` distinct items derived from real catalogues: real items first, then recombinations of one
     item's title with another's categories and description (deterministic)."""
-    from training.data import load_interactions
+    from llmrec.training.data import load_interactions
 
     pool: list[ItemFields] = []
     for path in data_sets:
@@ -469,8 +469,8 @@ def build_synthetic(
     if existing is not None:
         log(f"reusing {existing}")
         return
-    from export.bundle import build_bundle  # torch: only in this subprocess
-    from training.model import pretrained_encoder_path
+    from llmrec.export.bundle import build_bundle  # torch: only in this subprocess
+    from llmrec.training.model import pretrained_encoder_path
 
     sources = data or [Path("data/ml-100k"), Path("../shared/data/amazon-scientific")]
     catalogue = derived_catalogue([p for p in sources if p.exists()])
@@ -581,7 +581,7 @@ def run(
     # The 20k bundle is built first (a subprocess: torch stays out of this process), so it is cached.
     if synthetic_bundle(synthetic_root) is None:
         log("building the 20k-item bundle (once; cached under build/)")
-        subprocess.run([sys.executable, "-m", "clients.bench", "build-synthetic", "--out", str(synthetic_root),
+        subprocess.run([sys.executable, "-m", "bench.bench", "build-synthetic", "--out", str(synthetic_root),
                         "--checkpoint", str(checkpoint), "--data", str(data), "--data",
                         "../shared/data/amazon-scientific"], check=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})

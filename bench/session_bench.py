@@ -1,6 +1,6 @@
 """Session latency: the time from sending one event to receiving the updated list, at several concurrencies.
 
-    python -m clients.session_bench --target 127.0.0.1:50051 --sessions 1,16 --events 100 --out session_bench.json
+    python -m bench.session_bench --target 127.0.0.1:50051 --sessions 1,16 --events 100 --out session_bench.json
 
 For each concurrency level, that many sessions (one channel each, like separate users) run at once. Each
 session configures k and a random history of catalogue ids (untimed), sends a few untimed warm-up events,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.client import RecommenderClient
+from llmrec.clients.client import RecommenderClient
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -98,7 +98,7 @@ def run_level(target: str, sessions: int, events: int, reuse_events: int, warmup
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m clients.session_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.session_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
     parser.add_argument("--sessions", default="1,16", help="comma-separated concurrency levels")

@@ -24,13 +24,13 @@ import typer
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from export.bundle import build_bundle
+from llmrec.export.bundle import build_bundle
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
-from training.config import TrainConfig
-from training.data import Interactions, load_interactions, split_examples
-from training.evaluation import ranking_metrics
-from training.train import train
+from llmrec.training.config import TrainConfig
+from llmrec.training.data import Interactions, load_interactions, split_examples
+from llmrec.training.evaluation import ranking_metrics
+from llmrec.training.train import train
 
 log = logging.getLogger("llmrec.cold_items")
 
@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 
 def _serve(bundle: Path, state_dir: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server", "--bundle", str(bundle), "--port", str(port), "--state-dir", str(state_dir)]
+    command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port), "--state-dir", str(state_dir)]
     return subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
 
 

@@ -8,7 +8,7 @@ bundle's item rows. No micro-batching, no thread tuning, no INT8, no ANN index.
 
 It lives in clients/ because it imports torch; the server never does.
 
-    python -m clients.baseline --bundle bundles/ml-100k/<version> --encoder runs/ml-100k/checkpoint/encoder
+    python -m bench.baseline --bundle bundles/ml-100k/<version> --encoder runs/ml-100k/checkpoint/encoder
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data import Example, Interactions, split_examples, train_sequences
-from training.early_stopping import EarlyStopping
-from training.evaluation import ScoreFn, evaluate
+from llmrec.training.data import Example, Interactions, split_examples, train_sequences
+from llmrec.training.early_stopping import EarlyStopping
+from llmrec.training.evaluation import ScoreFn, evaluate
 
 log = logging.getLogger("llmrec.sasrec")
 
