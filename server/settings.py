@@ -1,109 +1,145 @@
-"""Server settings: one typed object built by the CLI (or by tests) and read everywhere else."""
+"""Server settings: one typed model, read from code, flags, LLMREC_* variables or a TOML file.
+
+ServerSettings built in code takes its keywords and defaults only, so tests never pick up a developer's
+environment or command line. parse_settings() reads what `llmrec-server` is told, strongest first: flags,
+LLMREC_* environment variables, the TOML file named by --config (LLMREC_CONFIG), defaults.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from llmrec.manifest import BundleError, latest_bundle
 
 MIB = 1 << 20
+ENV_PREFIX = "LLMREC_"
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Positive = Annotated[int, Field(ge=1)]
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerSettings:
-    """Everything the server can be told. Exactly one of `bundle` and `bundle_root` must be set.
+class ServerSettings(BaseSettings):
+    """Everything the server can be told. Exactly one of bundle and bundle_root must be set."""
 
-    Attributes:
-        bundle: serve this exact bundle directory.
-        bundle_root: serve the newest bundle under this directory (llmrec.manifest.latest_bundle).
-        host: interface to listen on.
-        port: TCP port; 0 lets the OS pick one (the bound port is logged and returned by start()).
-        max_k: the largest k a request may ask for.
-        max_request_history: the most history items one request (or one session) may carry.
-        max_text_chars: the longest any single text field (title, category, query, ...) may be.
-        max_embed_inputs: the most items plus users one Embed call may carry.
-        intra_op_threads: ONNX Runtime threads per inference; 0 means the cores this process may use.
-        encoder_workers: threads that run inference; 0 = auto: one per core on CPU (a request alone uses every
-            core, concurrent ones run side by side, one core each; server.encoding), 1 on CUDA.
-        prefer_gpu: serve the FP32 model on CUDA when a GPU is present (INT8 on CPU otherwise).
-        grace_seconds: how long in-flight RPCs may run on after SIGTERM/SIGINT.
-        max_message_bytes: gRPC send and receive limit, set explicitly rather than trusting defaults.
-        max_concurrent_rpcs: RPCs admitted at once (further ones get RESOURCE_EXHAUSTED); None = no cap.
-        session_idle_timeout_s: a Session stream with no event for this long is closed (DEADLINE_EXCEEDED).
-        default_page_size: RecommendStream page size when the request says 0.
-        default_session_k: k for a Session until a config event sets one.
-        verify_hashes: check every bundle file's sha256 against the manifest at load time.
-        state_dir: where catalogue changes are journaled and snapshotted (server.state); None = the catalogue
-            is read-only (UpsertItems/DeleteItems get FAILED_PRECONDITION).
-        snapshot_every: catalogue changes between snapshots (each snapshot empties the journal).
-        max_sessions: live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED).
-        ort_spinning: when idle ONNX Runtime threads busy-wait: "during-runs" (between the parallel sections of
-            a run, never between runs), "always" (ONNX Runtime's default: also between runs, taking the cores
-            gRPC and Python need) or "never" (llmrec.onnx_encoder.SPINNING; measured: README "Benchmarks").
-        max_queue: requests that may wait for the encoder; one more gets RESOURCE_EXHAUSTED at once.
-        batch_max_requests: requests one encoder micro-batch takes at most.
-        batch_max_tokens: padded tokens one ONNX Runtime run holds at most when batching across requests.
-        batch_max_delay_ms: how long a worker waits for more requests when batching across requests.
-        batch_across_requests: run several requests' texts in one run; None = on CUDA (FP32) only. On CPU
-            dynamic INT8 would make one user's vector depend on other traffic (server.encoding).
-        metrics_port: serve Prometheus metrics on this port (0 = any free one); None = no metrics server.
-    """
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_prefix_target="all",  # alias names (LLMREC_SESSION_IDLE_TIMEOUT) take the prefix too
+        cli_prog_name="llmrec-server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,  # booleans get --flag and --no-flag
+        cli_hide_none_type=True,
+        cli_show_env_vars=True,
+    )
 
-    bundle: Path | None = None
-    bundle_root: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    max_k: int = 100
-    max_request_history: int = 500
-    max_text_chars: int = 2000
-    max_embed_inputs: int = 256
-    intra_op_threads: int = 0
-    encoder_workers: int = 0
-    prefer_gpu: bool = True
-    grace_seconds: float = 5.0
-    max_message_bytes: int = 16 * MIB
-    max_concurrent_rpcs: int | None = None
-    session_idle_timeout_s: float = 300.0
-    default_page_size: int = 10
-    default_session_k: int = 10
-    verify_hashes: bool = True
-    state_dir: Path | None = None
-    snapshot_every: int = 1000
-    max_sessions: int = 1000
-    ort_spinning: str = "during-runs"
-    max_queue: int = 128
-    batch_max_requests: int = 32
-    batch_max_tokens: int = 4096
-    batch_max_delay_ms: float = 2.0
-    batch_across_requests: bool | None = None
-    metrics_port: int | None = None
+    bundle: Path | None = Field(None, description=(
+        "Serve exactly this bundle directory. On the command line it wins over a bundle_root from the same or a "
+        "weaker source (flags > LLMREC_* > --config)."))
+    bundle_root: Path | None = Field(None, description=(
+        "Serve the newest complete bundle under this directory (llmrec.manifest.latest_bundle)."))
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for all).")
+    port: Port = Field(50051, description=(
+        "TCP port; 0 lets the OS pick a free one (the bound port is logged and returned by start())."))
+    max_k: Positive = Field(100, description="The largest k a request may ask for.")
+    max_request_history: Positive = Field(500, description=(
+        "The most history items one request (or one session) may carry."))
+    max_text_chars: Positive = Field(2000, description=(
+        "The longest any single text field (title, category, query, ...) may be, in characters."))
+    max_embed_inputs: Positive = Field(256, description="The most items plus users one Embed call may carry.")
+    intra_op_threads: int = Field(0, ge=0, description=(
+        "ONNX Runtime threads per inference; 0 means the cores this process may use."))
+    encoder_workers: int = Field(0, ge=0, description=(
+        "Threads that run inference; 0 = auto: one per core on CPU (a request alone uses every core, concurrent "
+        "ones run side by side, one core each; server.encoding), 1 on CUDA."))
+    # Declared before prefer_gpu: its validator reads this one.
+    cpu_only: bool = Field(False, description=(
+        "Never use a GPU: the same as --no-prefer-gpu, kept for existing scripts. Wins over --prefer-gpu."))
+    prefer_gpu: bool = Field(True, validate_default=True, description=(
+        "Serve the FP32 model on CUDA when a GPU is present (the INT8 model on CPU otherwise)."))
+    grace_seconds: float = Field(5.0, ge=0, description=(
+        "How long in-flight RPCs may run on after SIGTERM/SIGINT, in seconds."))
+    max_message_mib: Positive = Field(16, description=(
+        "gRPC send and receive limit in MiB, set explicitly rather than trusting gRPC's defaults."))
+    max_concurrent_rpcs: Positive | None = Field(None, description=(
+        "RPCs admitted at once (further ones get RESOURCE_EXHAUSTED); unset = no cap."))
+    session_idle_timeout_s: float = Field(
+        300.0, gt=0, validation_alias=AliasChoices("session_idle_timeout_s", "session_idle_timeout"),
+        description="Seconds a Session stream may go without an event before it is closed (DEADLINE_EXCEEDED).")
+    default_page_size: Positive = Field(10, description="RecommendStream page size when the request says 0.")
+    default_session_k: Positive = Field(10, description=(
+        "k for a Session until a config event sets one; at most max_k."))
+    verify_hashes: bool = Field(True, description=(
+        "Check every bundle file's sha256 against the manifest at load time."))
+    state_dir: Path | None = Field(None, description=(
+        "Where catalogue changes are journaled and snapshotted (server.state; one subdirectory per bundle "
+        "version). Unset = the catalogue is read-only: UpsertItems/DeleteItems get FAILED_PRECONDITION."))
+    snapshot_every: Positive = Field(1000, description=(
+        "Catalogue changes between snapshots (each snapshot empties the journal)."))
+    max_sessions: Positive = Field(1000, description=(
+        "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
+    ort_spinning: Literal["during-runs", "always", "never"] = Field("during-runs", description=(
+        "When idle ONNX Runtime threads busy-wait: during-runs (between the parallel sections of a run, never "
+        "between runs), always (ONNX Runtime's default: also between runs, taking the cores gRPC and Python "
+        "need) or never (llmrec.onnx_encoder.SPINNING; measured in docs/benchmarks.md)."))
+    max_queue: Positive = Field(128, description=(
+        "Requests that may wait for the encoder; one more gets RESOURCE_EXHAUSTED at once."))
+    batch_max_requests: Positive = Field(32, description="Requests one encoder micro-batch takes at most.")
+    batch_max_tokens: Positive = Field(4096, description=(
+        "Padded tokens one ONNX Runtime run holds at most when batching across requests."))
+    batch_max_delay_ms: float = Field(2.0, ge=0, description=(
+        "How long a worker waits for more requests when batching across requests, in milliseconds."))
+    batch_across_requests: bool | None = Field(None, description=(
+        "Run several requests' texts in one inference run; unset = on CUDA (FP32) only, because on CPU dynamic "
+        "INT8 would make one user's vector depend on other traffic (server.encoding)."))
+    metrics_port: Port | None = Field(None, description=(
+        "Serve Prometheus metrics on this port (0 = any free one); unset = no metrics server."))
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=(
+        "This server's log level; library loggers (grpc, asyncio) stay at info or quieter."))
 
-    def __post_init__(self) -> None:
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keywords only: settings built in code say everything they mean."""
+        return (init_settings,)
+
+    @field_validator("prefer_gpu")
+    @classmethod
+    def _cpu_only_wins(cls, prefer_gpu: bool, info: ValidationInfo) -> bool:
+        return prefer_gpu and not info.data.get("cpu_only", False)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, level: Any) -> Any:
+        return level.lower() if isinstance(level, str) else level
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSettings:
         if (self.bundle is None) == (self.bundle_root is None):
-            raise ValueError("set exactly one of bundle and bundle_root")
-        for name in ("max_k", "max_request_history", "max_text_chars", "max_embed_inputs",
-                     "max_message_bytes", "default_page_size", "default_session_k", "snapshot_every", "max_sessions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.intra_op_threads < 0 or self.grace_seconds < 0 or self.session_idle_timeout_s <= 0:
-            raise ValueError("intra_op_threads and grace_seconds must be >= 0, session_idle_timeout_s > 0")
-        if self.encoder_workers < 0:
-            raise ValueError(f"encoder_workers must be >= 0 (0 = auto), got {self.encoder_workers}")
-        for name in ("max_queue", "batch_max_requests", "batch_max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.ort_spinning not in ("during-runs", "always", "never"):
-            raise ValueError(f"ort_spinning must be during-runs, always or never, got {self.ort_spinning!r}")
-        if self.batch_max_delay_ms < 0:
-            raise ValueError("batch_max_delay_ms must be >= 0")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+            raise ValueError("set exactly one of --bundle-root DIR and --bundle DIR "
+                             f"(or {ENV_PREFIX}BUNDLE_ROOT / {ENV_PREFIX}BUNDLE, or bundle_root / bundle in --config)")
         if self.default_session_k > self.max_k:
-            raise ValueError("default_session_k must not exceed max_k")
+            raise ValueError(f"default_session_k ({self.default_session_k}) must not exceed max_k ({self.max_k})")
+        return self
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The gRPC message limit in bytes."""
+        return self.max_message_mib * MIB
 
     @property
     def threads(self) -> int:
@@ -118,3 +154,85 @@ class ServerSettings:
         if not Path(self.bundle_root).is_dir():
             raise BundleError(f"bundle root {self.bundle_root} does not exist; run `make export` first")
         return latest_bundle(Path(self.bundle_root))
+
+
+class CommandLineSettings(ServerSettings):
+    """Serve a model bundle over gRPC. Each setting comes from its flag, else LLMREC_*, else the --config file."""
+
+    config: Path | None = Field(None, description=(
+        "TOML file of settings, keyed by field name (max_k = 50); flags and LLMREC_* variables override it."))
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (added by CliApp, strongest), then the environment, then the config file."""
+        return (init_settings, _WeakerSource(settings_cls, lambda _: env_settings()),
+                _WeakerSource(settings_cls, _read_config_file))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bundle_beats_bundle_root(cls, data: Any) -> Any:
+        # Both are left only when one source names both (stronger sources already won in _WeakerSource): as
+        # `llmrec-server` always did, the pinned bundle wins over the root it would otherwise search.
+        if isinstance(data, dict) and data.get("bundle") is not None:
+            return {key: value for key, value in data.items() if key != "bundle_root"}
+        return data
+
+
+class _WeakerSource(PydanticBaseSettingsSource):
+    """A source below the flags whose bundle choice counts only when no stronger source made one.
+
+    bundle and bundle_root are one choice made two ways: without this, a bundle in the config file would beat
+    --bundle-root on the command line (CommandLineSettings lets bundle win when both are left).
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], read: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        super().__init__(settings_cls)
+        self._read = read
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not used: __call__ reads the whole source at once
+
+    def __call__(self) -> dict[str, Any]:
+        values = self._read(self.current_state)
+        if self.current_state.keys() & {"bundle", "bundle_root"}:
+            return {key: value for key, value in values.items() if key not in ("bundle", "bundle_root")}
+        return values
+
+
+def _read_config_file(stronger: dict[str, Any]) -> dict[str, Any]:
+    """The TOML file that the flags or the environment name as config, or nothing."""
+    path = stronger.get("config")
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise SettingsError(f"config file {path} does not exist")
+    try:
+        return TomlConfigSettingsSource(CommandLineSettings, toml_file=Path(path))()
+    except ValueError as error:  # tomllib.TOMLDecodeError
+        raise SettingsError(f"config file {path}: {error}") from None
+
+
+def parse_settings(args: Sequence[str] | None = None) -> CommandLineSettings:
+    """Settings from flags (`args`, default sys.argv[1:]), LLMREC_* variables and the config file.
+
+    Raises:
+        SettingsError: a bad or contradictory value, one line per problem naming its flag and variable.
+        SystemExit: --help, or arguments argparse cannot parse (an unknown flag, a flag without its value).
+    """
+    try:
+        return CliApp.run(CommandLineSettings, cli_args=None if args is None else list(args))
+    except ValidationError as error:
+        raise SettingsError("\n".join(_explain(problem) for problem in error.errors())) from None
+
+
+def _explain(problem: Any) -> str:
+    """One validation problem as `name (--flag, LLMREC_VAR): message (got value)`."""
+    message = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+    if not problem["loc"]:
+        return message
+    name = str(problem["loc"][0])
+    if problem["type"] == "extra_forbidden":  # only a config file can name a setting that does not exist
+        return f"unknown setting {name!r} in the config file"
+    return f"{name} (--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()}): {message} (got {problem['input']!r})"
