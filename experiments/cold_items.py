@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrec.export.bundle import build_bundle
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+from llmrec.training.checkpoint import checkpoint_dir
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import Interactions, load_interactions, split_examples
 from llmrec.training.evaluation import ranking_metrics
@@ -91,7 +92,7 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, k: in
     warm, cold = hold_out(data, share, config.seed)
     run = train(warm, config, out / "run")
     validation = []  # random catalogue histories are enough for the export quality gate here
-    bundle = build_bundle(out / "run" / "checkpoint", list(zip(warm.item_ids, warm.items)), out / "bundles",
+    bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
                           max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
                           max_history_items=config.max_history_items, validation_users=validation)
     test = split_examples(data, "test")

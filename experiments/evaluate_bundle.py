@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from llmrec.export.index import user_queries
 from llmrec.template import render_user
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.domain import HistoryRef, RecommendQuery, UserInput
@@ -17,7 +16,7 @@ from llmrec.server.recommender import Recommender
 from llmrec.server.validation import Limits
 from llmrec.training.data import Example, Interactions, user_text
 from llmrec.training.evaluation import evaluate
-from llmrec.training.calibration import Adjustments, Recency, adjust
+from llmrec.training.calibration import histories
 
 _UNRANKED = -1e9  # score for items HNSW did not return: below every returned one
 
@@ -42,26 +41,30 @@ def evaluate_bundle(
     row_to_item = {row: i for i, row in enumerate(columns)}
     data_item_of_row = np.full(len(bundle.item_ids), -1, dtype=np.int64)
     data_item_of_row[columns] = np.arange(len(columns))
-    sequence_weight = manifest.sequence_model.weight if manifest.sequence_model is not None else 0.0
-    adjustments = Adjustments(manifest.history_item_score, manifest.cooccurrence.weight, manifest.history_vector.weight,
-                              sequence_weight)
+    rule = manifest.scoring_rule()
     cooccurrence = bundle.cooccurrence.renumber(data_item_of_row, data.num_items)
     unit_vectors = vectors[:, : manifest.dimension]
-    sequence_vectors = bundle.sequence_model.vectors(
-        [unit_vectors[data.sequences[e.user][: e.target_position]] for e in examples]) if sequence_weight else None
-    exact = adjust(user_queries(user_vectors) @ vectors.T, data, examples, adjustments, cooccurrence, unit_vectors,
-                   Recency(manifest.cooccurrence.recent_items, manifest.cooccurrence.recency_decay),
-                   Recency(manifest.history_vector.recent_items, manifest.history_vector.recency_decay),
-                   sequence_vectors)
-    served = np.full((len(examples), data.num_items), _UNRANKED)
-    for n, items in enumerate(asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))):
-        for item in items:
-            served[n, row_to_item[bundle.row_of[item.item_id]]] = -item.rank
+    history = histories(data, examples)
+    sequence_vectors = bundle.sequence_model.vectors([unit_vectors[h] for h in history]) \
+        if rule.adjustments.sequence_weight else None
+    served = [[row_to_item[bundle.row_of[item.item_id]] for item in items]
+              for items in asyncio.run(_recommend_all(bundle, data, examples, users, max(ks)))]
     by_position = {id(e): n for n, e in enumerate(examples)}
-    return {
-        "int8_exact": evaluate(lambda batch: exact[[by_position[id(e)] for e in batch]], data, examples, ks),
-        "int8_hnsw_server": evaluate(lambda batch: served[[by_position[id(e)] for e in batch]], data, examples, ks),
-    }
+
+    def exact(batch: Sequence[Example]) -> np.ndarray:
+        rows = [by_position[id(e)] for e in batch]
+        return rule.dense_scores(user_vectors[rows], vectors, [history[r] for r in rows], cooccurrence,
+                                 None if sequence_vectors is None else sequence_vectors[rows])
+
+    def server_ranks(batch: Sequence[Example]) -> np.ndarray:
+        scores = np.full((len(batch), data.num_items), _UNRANKED)
+        for n, e in enumerate(batch):
+            ranked = served[by_position[id(e)]]
+            scores[n, ranked] = -np.arange(1, len(ranked) + 1)
+        return scores
+
+    return {"int8_exact": evaluate(exact, data, examples, ks),
+            "int8_hnsw_server": evaluate(server_ranks, data, examples, ks)}
 
 
 async def _recommend_all(bundle: LoadedBundle, data: Interactions, examples, users, k: int) -> list:

@@ -19,6 +19,7 @@ from llmrec.export.bundle import build_bundle
 from experiments.evaluate_bundle import evaluate_bundle
 from experiments.baselines.sasrec import SASRecConfig, sasrec_scores, train_sasrec
 from llmrec.training.calibration import calibration_search, cooccurrence_before, cooccurrence_only_scores
+from llmrec.training.checkpoint import checkpoint_dir
 from llmrec.training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import load_interactions, split_examples, user_text
@@ -30,8 +31,8 @@ from llmrec.training.train import finish_run, train
 
 log = logging.getLogger("llmrec.experiment")
 
-# Unlike the 300-step demo of `make train`, an evaluation trains each seed for as long as the issue's
-# budget allows on the 2-core CPU machine (90 min): ~4 epochs of Amazon Scientific.
+# Unlike the short demo of `make run`, an evaluation trains each seed for up to 80 minutes, so that a seed fits
+# the 90 minutes a 2-core CPU machine may spend on it: ~4 epochs of Amazon Scientific.
 EVAL_TIME_BUDGET_MINUTES = 80.0
 EVAL_MAX_STEPS = 100_000
 # rows that depend on neither the trained model nor its seed: evaluated once, with seed 0
@@ -58,7 +59,7 @@ def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, ru
                 log.info("reusing %s (trained and finished with this exact config)", run_dir)
                 return metrics
             log.info("reusing the text model in %s (trained with these settings); finishing it again", run_dir)
-            model = TextRecommender.from_checkpoint(run_dir / "checkpoint")
+            model = TextRecommender.from_checkpoint(checkpoint_dir(run_dir))
             training = {key: metrics[key] for key in ("world_size", "device", "bf16", "train_seconds", "steps", "curve")
                         if key in metrics}
             return finish_run(model, data, config, run_dir, pretrained_encoder_path(), training, sequence,
@@ -83,7 +84,7 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
             model_free = {name: metrics["evaluation"][name] for name in MODEL_FREE_ROWS}
         validation = [user_text(data, e, seed_config.use_context) for e in split_examples(data, "valid")[:300]]
         bundle = build_bundle(
-            run_dir / "checkpoint", list(zip(data.item_ids, data.items)), bundle_root / f"seed{seed}",
+            checkpoint_dir(run_dir), list(zip(data.item_ids, data.items)), bundle_root / f"seed{seed}",
             max_user_tokens=seed_config.max_user_tokens, max_item_tokens=seed_config.max_item_tokens,
             max_history_items=seed_config.max_history_items, validation_users=validation,
             training_info={"dataset": data.name, "seed": seed},

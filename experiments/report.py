@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import typer  # noqa: E402
 
-from llmrec.training.calibration import Adjustments  # noqa: E402
+from llmrec.scoring import Adjustments  # noqa: E402
 
 _COLUMNS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50", "cold_recall@10", "cold_ndcg@10", "coverage@10", "popular_share@10")
 

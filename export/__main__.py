@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from llmrec.export.bundle import build_bundle
+from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.cli_options import configure_logging
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import load_interactions, split_examples, user_text
@@ -22,7 +23,7 @@ def main(
     check_quality: bool = typer.Option(True, help="fail if INT8 drifts from PyTorch beyond the thresholds"),
 ) -> None:
     configure_logging()
-    config_path = checkpoint / "train_config.json"
+    config_path = CheckpointLayout(checkpoint).config
     config = TrainConfig.load(config_path) if config_path.is_file() else TrainConfig()
     interactions = load_interactions(data)
     validation = [user_text(interactions, e, config.use_context) for e in split_examples(interactions, "valid")]

@@ -17,22 +17,23 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from llmrec.export.index import build_hnsw, hnsw_recall, item_matrix, user_queries
+from llmrec.export.index import build_hnsw, hnsw_recall
 from llmrec.export.onnx import export_fp32, export_sequence_model, quantize_int8
 from llmrec.export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
 from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.item_record import write_items
 from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
-from llmrec.training.calibration import Adjustments
-from llmrec.training.model import encoder_dir, load_item_head, mean_pool
-from llmrec.training.sequence_model import CHECKPOINT_FILE as SEQUENCE_MODEL_CHECKPOINT, load_sequence_model
+from llmrec.scoring import DEFAULT_TEMPERATURE, Adjustments, item_rows, query_rows
+from llmrec.training.checkpoint import CheckpointLayout, encoder_dir
+from llmrec.training.model import load_item_head, mean_pool
+from llmrec.training.sequence_model import load_sequence_model
 
 log = logging.getLogger("llmrec.export")
 
-DEFAULT_TEMPERATURE = 0.05
 _VERSIONED_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnxruntime-gpu", "tokenizers", "hnswlib", "numpy")
 
 
@@ -77,14 +78,14 @@ def build_bundle(
         encoder = OnnxEncoder(staging / layout.MODEL_INT8_FILE, staging / layout.TOKENIZER_FILE)
         item_texts = [render_item(fields) for _, fields in catalogue]
         # The catalogue is encoded here once, off the request path, so at full precision: INT8 would buy no
-        # latency, and its error in the item vectors cost 0.0013 of validation Recall@50 (README, "Catalogue
-        # vectors"). The FP32 model is the bundle's own: the CUDA server encodes with it too.
+        # latency, and its error in the item vectors cost 0.0013 of validation Recall@50 (docs/results.md,
+        # "Catalogue vectors at full precision"). The FP32 model is the bundle's own: the CUDA server encodes with it too.
         text_vectors = OnnxEncoder(staging / layout.MODEL_FP32_FILE, staging / layout.TOKENIZER_FILE).encode(
             item_texts, max_item_tokens)
         head = _served_head(checkpoint, [i for i, _ in catalogue], encoder.dimension)
         id_vectors, biases, temperature = head.id_vectors, head.biases, head.temperature
-        vectors = item_matrix(text_vectors, id_vectors, biases, temperature)
-        score = lambda users, items: user_queries(users) @ item_matrix(items, id_vectors, biases, temperature).T  # noqa: E731
+        vectors = item_rows(text_vectors + id_vectors, biases, temperature)
+        score = lambda users, items: query_rows(users) @ item_rows(items + id_vectors, biases, temperature).T  # noqa: E731
 
         users = [render_user(u, max_history_items) for u in validation_users] or _random_users(catalogue, max_history_items)
         user_vectors = encoder.encode(users, max_user_tokens)
@@ -102,9 +103,9 @@ def build_bundle(
                 thresholds,
             )
         index = build_hnsw(vectors, index_m, index_ef_construction, index_ef_search)
-        quality["hnsw_recall@10"] = hnsw_recall(index, vectors, user_queries(user_vectors), k=10)
+        quality["hnsw_recall@10"] = hnsw_recall(index, vectors, query_rows(user_vectors), k=10)
         index.save_index(str(staging / layout.INDEX_FILE))
-        sequence_model = load_sequence_model(Path(checkpoint) / SEQUENCE_MODEL_CHECKPOINT)
+        sequence_model = load_sequence_model(CheckpointLayout(checkpoint).sequence_model)
         sequence_spec = None
         if sequence_model is not None:
             export_sequence_model(sequence_model, staging / layout.SEQUENCE_MODEL_FILE)
@@ -112,11 +113,7 @@ def build_bundle(
                                               max_items=sequence_model.config.max_items)
         np.save(staging / layout.VECTORS_FILE, vectors)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
-        with (staging / layout.ITEMS_FILE).open("w", encoding="utf-8") as handle:
-            for item_id, fields in catalogue:
-                record = {"id": item_id, "title": fields.title, "categories": list(fields.categories),
-                          "brand": fields.brand, "description": fields.description}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        write_items(staging / layout.ITEMS_FILE, catalogue)
 
         files = {relative: sha256_file(staging / relative)
                  for relative in layout.bundle_files(sequence_spec is not None)}
@@ -189,7 +186,7 @@ def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _Serv
             id_vectors[row] = head.id_embedding[trained_row]
             biases[row] = head.item_bias[trained_row]
             new_row[trained_row] = row
-    config_path = Path(checkpoint) / "train_config.json"
+    config_path = CheckpointLayout(checkpoint).config
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
     return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.adjustments,
                        head.cooccurrence.renumber(new_row, len(item_ids)))

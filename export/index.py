@@ -1,21 +1,9 @@
-"""Item vectors as served and the hnswlib index over them."""
+"""The hnswlib index over the bundle's item rows (llmrec.scoring.item_rows)."""
 
 from __future__ import annotations
 
 import hnswlib
 import numpy as np
-
-
-def item_matrix(text_vectors: np.ndarray, id_vectors: np.ndarray, biases: np.ndarray, temperature: float) -> np.ndarray:
-    """Rows [normalize(text + id), temperature * bias]: inner product with [user, 1] ranks exactly like the
-    training logits <user, item> / temperature + bias."""
-    combined = text_vectors + id_vectors
-    combined /= np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
-    return np.hstack([combined, (temperature * biases)[:, None]]).astype(np.float32)
-
-
-def user_queries(user_vectors: np.ndarray) -> np.ndarray:
-    return np.hstack([user_vectors, np.ones((len(user_vectors), 1), dtype=np.float32)]).astype(np.float32)
 
 
 def build_hnsw(vectors: np.ndarray, m: int, ef_construction: int, ef_search: int) -> hnswlib.Index:

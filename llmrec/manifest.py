@@ -5,7 +5,8 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
     model/model_int8.onnx   encoder, dynamic INT8 (served on CPU)
     model/model_fp32.onnx   encoder, FP32 (served on CUDA, where dynamic INT8 has no fast path)
     tokenizer/tokenizer.json
-    items/items.jsonl       one catalogue item a line: {"id", "title", "categories", "brand", "description"}
+    items/items.jsonl       one item record a line (llmrec.item_record): {"id", "title", "categories", "brand",
+                            "description"}
     items/vectors.npy       float32 (item_count, index_dimension): unit text+id vector, then the bias column;
                             text vectors by model_fp32.onnx (the catalogue is encoded once, offline)
     items/index.hnsw        hnswlib index over vectors.npy, inner-product space, labels = row numbers
@@ -13,13 +14,8 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
     model/sequence_model.onnx  the sequence model over item vectors (llmrec.sequence_runner), if the checkpoint
                             has one (manifest sequence_model not null)
 
-Scoring: score(user, item) = dot(user_vector, item_vector) + item_bias, computed in one inner product by
-querying with [user_vector, 1.0] against rows [item_vector, item_bias]. user_vector is the mean-pooled,
-L2-normalised encoder output for the rendered user text (llmrec.template), plus history_vector.weight times
-the history vector (llmrec.history_vector: the decayed sum of the recent history's item vectors, bias column
-excluded), plus sequence_model.weight times the sequence model's vector of the recent history's item vectors.
-Served rankings then add history_item_score to items in the user's history and cooccurrence.weight
-times the co-occurrence score.
+Scoring: vectors.npy rows are llmrec.scoring.item_rows; history_item_score and the cooccurrence, history_vector
+and sequence_model weights and recencies are the scoring rule the server applies (Manifest.scoring_rule).
 """
 
 from __future__ import annotations
@@ -29,6 +25,8 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from llmrec.scoring import Adjustments, Recency, ScoringRule
 
 FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
@@ -121,6 +119,14 @@ class Manifest:
                       "history_vector": HistoryVectorSpec(**data["history_vector"]),
                       "sequence_model": SequenceModelSpec(**data["sequence_model"]) if data.get("sequence_model")
                       else None})
+
+    def scoring_rule(self) -> ScoringRule:
+        """The scoring rule this bundle is served with (llmrec.scoring)."""
+        sequence_weight = self.sequence_model.weight if self.sequence_model is not None else 0.0
+        return ScoringRule(
+            Adjustments(self.history_item_score, self.cooccurrence.weight, self.history_vector.weight, sequence_weight),
+            cooccurrence_recency=Recency(self.cooccurrence.recent_items, self.cooccurrence.recency_decay),
+            history_vector_recency=Recency(self.history_vector.recent_items, self.history_vector.recency_decay))
 
     @property
     def required_files(self) -> tuple[str, ...]:

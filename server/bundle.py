@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from llmrec import manifest as mf
 from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.item_record import read_items
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
 from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import TEMPLATE_VERSION, ItemFields
@@ -150,21 +150,8 @@ class LoadedBundle:
 
 
 def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:
-    ids: list[str] = []
-    items: list[ItemFields] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                ids.append(str(row["id"]))
-                items.append(ItemFields(
-                    title=row["title"],
-                    categories=tuple(row.get("categories") or ()),
-                    brand=row.get("brand") or "",
-                    description=row.get("description") or "",
-                ))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise mf.BundleError(f"{path}:{number}: not a valid item row ({error})") from error
-    return ids, items
+    try:
+        catalogue = read_items(path)
+    except ValueError as error:  # "<path>:<line>: not a valid item record (...)"
+        raise mf.BundleError(str(error)) from error
+    return [item_id for item_id, _ in catalogue], [fields for _, fields in catalogue]

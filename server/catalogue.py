@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.scoring import ScoringRule
 from llmrec.template import ItemFields
 
 from llmrec.server.bundle import LoadedBundle
@@ -41,6 +43,7 @@ CATEGORY_KEY = "category"
 EXACT_SEARCH_MAX_CANDIDATES = 2048
 WRITE_CHUNK = 64
 _PAGE_TOKEN_PREFIX = "after:"
+_BARE_MODEL = ScoringRule()
 
 
 def normalize_attribute(text: str) -> str:
@@ -244,28 +247,35 @@ class Catalogue:
         self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = (),
         filters: Sequence[AttributeFilter] = (),
     ) -> list[ScoredItem]:
-        """Top-k live items by [user_vector, 1] . row, exclusions and filters applied inside the search.
+        """Top-k live items by [user_vector, 1] . row alone (no adjustments); see top_k."""
+        return self.top_k(_BARE_MODEL, np.asarray(user_vector, dtype=np.float32), k, (), None, exclude_ids, filters)
+
+    def top_k(
+        self, rule: ScoringRule, query: np.ndarray, k: int, history_ids: Sequence[str],
+        cooccurrence: CooccurrenceTable | None, exclude_ids: Iterable[str] = (),
+        filters: Sequence[AttributeFilter] = (),
+    ) -> list[ScoredItem]:
+        """The k best live items for a query under the scoring rule's top-k view (llmrec.scoring), exclusions
+        and filters applied inside the search.
+
+        Args:
+            rule: the scoring rule (its adjustments read the history and the co-occurrence table).
+            query: (dim,) the user's query, ScoringRule.query.
+            history_ids: the user's catalogued history, oldest first.
+            cooccurrence: the bundle's table, over bundle rows.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items.
         """
-        query = np.append(np.asarray(user_vector, dtype=np.float32), np.float32(1.0))
         with self._lock.read():
             excluded = {self._label_of[i] for i in exclude_ids if i in self._label_of}
-            if filters:
-                candidates = self._candidates(filters) - excluded
-                k = min(k, len(candidates))
-                if k <= 0:
-                    return []
-                if len(candidates) <= EXACT_SEARCH_MAX_CANDIDATES:
-                    labels, scores = self._exact(query, k, candidates=candidates)
-                else:
-                    labels, scores = self._approximate(query, k, candidates.__contains__, candidates=candidates)
-            else:
-                k = min(k, self.count - len(excluded))
-                if k <= 0:
-                    return []
-                allowed = (lambda label: label not in excluded) if excluded else None
-                labels, scores = self._approximate(query, k, allowed, excluded=excluded)
+            candidates = self._candidates(filters) - excluded if filters else None
+            history = [self._label_of[i] for i in history_ids if i in self._label_of]
+            table_history = [self._bundle_row_of[i] for i in history_ids if i in self._bundle_row_of]
+            adjustments = rule.adjustments_of(history, cooccurrence, table_history, self._label_of_bundle_row)
+            labels, scores = rule.top_k(
+                np.asarray(query, dtype=np.float32), k, adjustments,
+                search=lambda row, n: self._search(row, n, excluded, candidates),
+                score_items=lambda items, row: self._score(items, row, excluded, candidates))
             items = [self._items[label] for label in labels]
         return [
             ScoredItem(item_id=item.item_id, score=float(score), title=item.fields.title, rank=rank)
@@ -273,32 +283,35 @@ class Catalogue:
             if item is not None
         ]
 
-    def top_of_bundle_rows(
-        self, user_vector: np.ndarray, rows: np.ndarray, adjustments: np.ndarray, k: int,
-        exclude_ids: Iterable[str] = (), filters: Sequence[AttributeFilter] = (),
-    ) -> list[ScoredItem]:
-        """The k best of the bundle's items at `rows` by exact [user_vector, 1] . row + adjustment, skipping items
-        deleted since the bundle, excluded or filtered out (rank 0: the caller ranks). Vectorised: a history's
-        co-occurring items can number in the thousands."""
-        query = np.append(np.asarray(user_vector, dtype=np.float32), np.float32(1.0))
-        with self._lock.read():
-            labels = self._label_of_bundle_row[rows]
-            keep = labels >= 0
-            excluded = [self._label_of[i] for i in exclude_ids if i in self._label_of]
-            if excluded:
-                keep &= ~np.isin(labels, excluded)
-            if filters:
-                allowed = self._candidates(filters)
-                keep &= np.isin(labels, np.fromiter(allowed, np.int64, len(allowed)))
-            labels = labels[keep]
-            if not len(labels) or k <= 0:
-                return []
-            scores = self._vectors[labels] @ query + adjustments[keep]
-            top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
-            top = top[np.argsort(-scores[top], kind="stable")]
-            items = [self._items[labels[i]] for i in top]
-        return [ScoredItem(item_id=item.item_id, score=float(scores[i]), title=item.fields.title, rank=0)
-                for item, i in zip(items, top) if item is not None]
+    def _search(self, query: np.ndarray, k: int, excluded: set[int],
+                candidates: set[int] | None) -> tuple[list[int], list[float]]:
+        """The approximate top k live labels for a query row (hold the read lock)."""
+        if candidates is not None:
+            k = min(k, len(candidates))
+            if k <= 0:
+                return [], []
+            if len(candidates) <= EXACT_SEARCH_MAX_CANDIDATES:
+                return self._exact(query, k, candidates=candidates)
+            return self._approximate(query, k, candidates.__contains__, candidates=candidates)
+        k = min(k, self.count - len(excluded))
+        if k <= 0:
+            return [], []
+        allowed = (lambda label: label not in excluded) if excluded else None
+        return self._approximate(query, k, allowed, excluded=excluded)
+
+    def _score(self, labels: np.ndarray, query: np.ndarray, excluded: set[int],
+               candidates: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(the live, allowed labels among `labels`, their exact scores) for a query row (hold the read lock).
+        Vectorised: a history's co-occurring items can number in the thousands."""
+        labels = np.asarray(labels, dtype=np.int64)
+        keep = (labels >= 0) & (labels < self._size)
+        keep[keep] = self._live[labels[keep]]
+        if excluded:
+            keep &= ~np.isin(labels, np.fromiter(excluded, np.int64, len(excluded)))
+        if candidates is not None:
+            keep &= np.isin(labels, np.fromiter(candidates, np.int64, len(candidates)))
+        labels = labels[keep]
+        return labels, self._vectors[labels] @ query
 
     def _candidates(self, filters: Sequence[AttributeFilter]) -> set[int]:
         """Live labels that pass every filter (each: any of its values)."""

@@ -15,8 +15,8 @@ What happens to a request:
    * per text (the default on CPU): every text is its own session.run at its own padded width.
      Dynamic INT8 quantises activations per tensor, i.e. per run, with the padding included: a text's
      vector would otherwise depend on which other texts share its run (cosine ~0.99 batched vs alone, and
-     results shift with other users' traffic). On these 2-core CPUs batching also buys little (see README
-     "Benchmarks", measured by `make bench`), so determinism wins: a user's result never depends on load.
+     results shift with other users' traffic). On these 2-core CPUs batching also buys little (docs/benchmarks.md,
+     measured by `make bench`), so determinism wins: a user's result never depends on load.
      Micro-batching then only amortises hand-offs (one queue lock and one worker wake-up per batch).
      Two lanes, one per kind of load: a request that finds the encoder otherwise idle runs on the wide
      session (intra-op threads = cores: the lowest latency); while several are in flight, each worker (one

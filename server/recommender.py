@@ -11,7 +11,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llmrec.history_vector import history_vector
 from llmrec.template import ItemFields, UserText, render_item, render_user
 
 from llmrec.server import explain as explaining
@@ -46,6 +45,7 @@ class Recommender:
         self.limits = limits
         self.catalogue = catalogue if catalogue is not None else Catalogue(bundle)
         self.max_history_items = bundle.manifest.max_history_items
+        self.rule = bundle.manifest.scoring_rule()
 
     @property
     def model_version(self) -> str:
@@ -117,73 +117,30 @@ class Recommender:
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
                filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = ()) -> list[ScoredItem]:
-        """Top-k items by inner product of [query, 1.0] with the rows [item_vector, item_bias], plus the bundle's
-        adjustments for a user with history_ids (oldest first), as training/calibration.py applies them: the query
-        is user_vector plus the weighted history vector, items in the history get the history item score, and
-        the weighted co-occurrence score of the history is added.
+        """Top-k items for a user with history_ids (oldest first; None for items given as text) under the
+        bundle's scoring rule (llmrec.scoring), the same rule evaluation applies.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
-        exclude_ids = frozenset(exclude_ids)
-        user_vector = self.query_vector(user_vector, history_ids)
-        history = {i for i in history_ids if i is not None}
-        history_score = self.bundle.manifest.history_item_score if history else 0.0
-        rows, boosts = self.cooccurrence_boosts(history_ids)  # bundle rows (sorted) and weighted scores
-        if not history_score and not len(rows):
-            return self.catalogue.search(user_vector, k, exclude_ids, filters)
-
-        def adjustment(item_id: str) -> float:
-            value = history_score if item_id in history else 0.0
-            row = self.bundle.row_of.get(item_id)
-            at = int(np.searchsorted(rows, row)) if row is not None else len(rows)
-            return value + (float(boosts[at]) if at < len(rows) and rows[at] == row else 0.0)
-
-        # Lowered items can only leave the index's top k + (lowered items); raised ones are scored exactly and
-        # join the candidates, so the result is the top k of the whole adjusted catalogue.
-        lowered = sum(1 for item_id in history if adjustment(item_id) < 0)
-        found = self.catalogue.search(user_vector, k + lowered, exclude_ids, filters)
-        candidates = [dataclasses.replace(item, score=item.score + adjustment(item.item_id)) for item in found]
-        if len(rows):
-            history_rows = [self.bundle.row_of[i] for i in history if i in self.bundle.row_of]
-            net = boosts + history_score * np.isin(rows, history_rows)
-            raised = net > 0
-            found_ids = {item.item_id for item in found}
-            extra = self.catalogue.top_of_bundle_rows(user_vector, rows[raised], net[raised], k, exclude_ids, filters)
-            candidates += [item for item in extra if item.item_id not in found_ids]
-        rescored = sorted(candidates, key=lambda item: -item.score)  # stable: equal scores keep the index's order
-        return [dataclasses.replace(item, rank=rank) for rank, item in enumerate(rescored[:k], 1)]
+        catalogued = [i for i in history_ids if i is not None]
+        return self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued), k, catalogued,
+                                    self.bundle.cooccurrence, frozenset(exclude_ids), filters)
 
     def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None]) -> np.ndarray:
-        """user_vector plus the weighted history vector (llmrec.history_vector) and the weighted sequence model
-        vector (llmrec.sequence_runner) of the catalogued history, oldest first; items given as text, or deleted
-        since, add nothing."""
-        spec = self.bundle.manifest.history_vector
+        """The scoring rule's query for a user vector and catalogued history, oldest first; items given as text,
+        or deleted since, add nothing."""
         sequence_spec = self.bundle.manifest.sequence_model
         sequence_items = sequence_spec.max_items if sequence_spec is not None and sequence_spec.weight else 0
-        history_items = max(spec.recent_items, 0) if spec.weight else 0
         ids = [i for i in history_ids if i is not None]
-        needed = max(history_items, sequence_items)
+        needed = max(self.rule.history_items_read, sequence_items)
         if not needed or not ids:
             return user_vector
         recent = self.catalogue.unit_vectors(ids[-needed:])  # one read of the catalogue for both
-        query = user_vector
-        if history_items:
-            query = query + np.float32(spec.weight) * history_vector(recent, spec.recent_items, spec.recency_decay)
+        sequence = None
         if sequence_items:
             window = recent[-sequence_items:]
-            sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]])[0]  # deleted: zero rows
-            query = query + np.float32(sequence_spec.weight) * sequence
-        return query
-
-    def cooccurrence_boosts(self, history_ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-        """(bundle rows ascending, weight * co-occurrence score) for a history, oldest first (llmrec.cooccurrence);
-        items given as text or unknown to the bundle have no co-occurrences."""
-        spec = self.bundle.manifest.cooccurrence
-        if not spec.weight:
-            return np.zeros(0, np.int64), np.zeros(0)
-        rows = [self.bundle.row_of[i] for i in history_ids if i is not None and i in self.bundle.row_of]
-        neighbours, values = self.bundle.cooccurrence.scores(rows, spec.recent_items, spec.recency_decay)
-        return neighbours, spec.weight * values
+            sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]])  # deleted: zero rows
+        return self.rule.query(user_vector[None, :], [recent], sequence)[0]
 
     async def explain(self, items: list[ScoredItem], window: Sequence[ResolvedItem], query: str,
                       text_cache: dict[str, np.ndarray] | None = None) -> list[ScoredItem]:

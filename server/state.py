@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.template import ItemFields
+from llmrec.item_record import attributes_from_record, item_from_record, item_id_from_record, item_to_record
 
 from llmrec.server.domain import CatalogueItem
 
@@ -275,21 +275,17 @@ class CatalogueStore:
     # --- encoding -------------------------------------------------------------------------------------
 
     def _item_to_json(self, item: CatalogueItem, row: np.ndarray) -> dict[str, Any]:
-        return {
-            "id": item.item_id, "title": item.fields.title, "categories": list(item.fields.categories),
-            "brand": item.fields.brand, "description": item.fields.description,
-            "attributes": dict(item.attributes),
-            "vector": base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode(),
-        }
+        """The item record (llmrec.item_record) with its attributes, plus the base64 little-endian index row."""
+        return {**item_to_record(item.item_id, item.fields, item.attributes),
+                "vector": base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode()}
 
     def _item_from_json(self, data: dict[str, Any]) -> tuple[CatalogueItem, np.ndarray]:
+        item_id = item_id_from_record(data)
         row = np.frombuffer(base64.b64decode(data["vector"], validate=True), dtype="<f4").astype(np.float32)
         if row.shape != (self.index_dimension,):
-            raise ValueError(f"item {data['id']!r} has a vector of {row.size} values, want {self.index_dimension}")
-        fields = ItemFields(title=str(data["title"]), categories=tuple(data.get("categories") or ()),
-                            brand=data.get("brand") or "", description=data.get("description") or "")
-        attributes = tuple(sorted((str(k), str(v)) for k, v in (data.get("attributes") or {}).items()))
-        return CatalogueItem(str(data["id"]), fields, attributes, upserted=True), row
+            raise ValueError(f"item {item_id!r} has a vector of {row.size} values, want {self.index_dimension}")
+        item = CatalogueItem(item_id, item_from_record(data), attributes_from_record(data), upserted=True)
+        return item, row
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
+from llmrec.item_record import read_items
 from llmrec.template import ItemFields
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,15 +19,7 @@ TINY_ITEMS = FIXTURES / "tiny" / "items.jsonl"
 
 def load_catalogue(path: Path) -> list[tuple[str, ItemFields]]:
     """items.jsonl rows -> [(id, ItemFields)] in file order."""
-    catalogue = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            catalogue.append((row["id"], ItemFields(
-                title=row["title"], categories=tuple(row.get("categories", ())),
-                brand=row.get("brand", ""), description=row.get("description", ""),
-            )))
-    return catalogue
+    return read_items(path)
 
 
 @pytest.fixture(scope="session")

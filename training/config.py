@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
+from llmrec.scoring import DEFAULT_TEMPERATURE
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -21,7 +23,7 @@ class TrainConfig:
     query_probability: float = 0.2  # share of training examples given a synthetic query (training/augment.py)
     query_only_probability: float = 0.25  # of those, the share whose history is dropped (query-only users)
     # share of older history items dropped from each training text (augment.py); off until an equal-step
-    # validation ablation shows it helps (README, Amazon Scientific)
+    # validation ablation shows it helps (docs/results.md, "Ablations on validation")
     history_dropout: float = 0.0
     # Optimisation
     batch_size: int = 32
@@ -33,7 +35,7 @@ class TrainConfig:
     # coordinates are ~0.05, so a larger rate lets random id vectors drown the text signal
     weight_decay: float = 0.01
     warmup_steps: int = 20
-    temperature: float = 0.05  # cosine / temperature: the recipe that works for text retrieval
+    temperature: float = DEFAULT_TEMPERATURE  # cosine / temperature: the recipe that works for text retrieval
     id_dropout: float = 0.2  # drop the item-id part so pure text (cold items) stays a good item vector
     refresh_items_every: int = 100  # steps between re-encodings of the catalogue (4k items: 65 s on 2 AVX2 cores)
     bf16: bool = True  # bfloat16 autocast for training steps where it is fast (train.bf16_is_fast); evaluation stays FP32

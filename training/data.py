@@ -5,20 +5,20 @@ chronological sequence of internal item numbers. The split is leave-one-out on t
 test target = last item, valid target = second to last, train = everything before.
 
 Our own format (a directory):
-    items.jsonl         {"id": "...", "title": "...", "categories": [...], "brand": "...", "description": "..."}
+    items.jsonl         item records, one a line (llmrec.item_record): {"id", "title", "categories", ...}
     interactions.csv    user_id,item_id[,timestamp]   (timestamp in Unix seconds; rows in any order)
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from llmrec.item_record import read_items
 from llmrec.template import ItemFields, RequestContext, UserText
 
 
@@ -164,20 +164,9 @@ def _load_recbole_benchmark(path: Path) -> Interactions:
 
 
 def _load_simple(path: Path) -> Interactions:
-    item_ids, items = [], []
-    with (path / "items.jsonl").open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                record = json.loads(line)
-                item_ids.append(str(record["id"]))
-                items.append(
-                    ItemFields(
-                        title=record.get("title", ""),
-                        categories=tuple(record.get("categories", ())),
-                        brand=record.get("brand", ""),
-                        description=record.get("description", ""),
-                    )
-                )
+    catalogue = read_items(path / "items.jsonl")
+    item_ids = [item_id for item_id, _ in catalogue]
+    items = [fields for _, fields in catalogue]
     index = {item: i for i, item in enumerate(item_ids)}
     with (path / "interactions.csv").open(encoding="utf-8", newline="") as handle:
         rows = [

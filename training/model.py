@@ -14,10 +14,8 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.training.calibration import Adjustments
-
-HEAD_FILE = "item_head.npz"
-ENCODER_DIR = "encoder"
+from llmrec.scoring import Adjustments
+from llmrec.training.checkpoint import ITEM_HEAD_FILE, CheckpointLayout, encoder_dir
 
 
 def pretrained_encoder_path() -> Path:
@@ -131,12 +129,13 @@ class TextRecommender(nn.Module):
 
     def save(self, directory: Path, item_ids: Sequence[str], adjustments: Adjustments = Adjustments(),
              cooccurrence: CooccurrenceTable | None = None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(directory / ENCODER_DIR)
-        self.tokenizer.save_pretrained(directory / ENCODER_DIR)
+        layout = CheckpointLayout(directory)
+        layout.root.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(layout.encoder)
+        self.tokenizer.save_pretrained(layout.encoder)
         table = CooccurrenceTable.empty(len(item_ids)) if cooccurrence is None else cooccurrence
         np.savez(
-            directory / HEAD_FILE,
+            layout.item_head,
             item_ids=np.asarray(item_ids, dtype=str),
             id_embedding=self.id_embedding.weight.detach().cpu().numpy(),
             item_bias=self.item_bias.detach().cpu().numpy(),
@@ -151,7 +150,7 @@ class TextRecommender(nn.Module):
         """A trained model back from its checkpoint (encoder and item head)."""
         head = load_item_head(checkpoint)
         if head is None:
-            raise FileNotFoundError(f"{checkpoint} has no {HEAD_FILE}: not a training checkpoint")
+            raise FileNotFoundError(f"{checkpoint} has no {ITEM_HEAD_FILE}: not a training checkpoint")
         model = cls(encoder_dir(checkpoint), len(head.item_ids))
         with torch.no_grad():
             model.id_embedding.weight.copy_(torch.as_tensor(head.id_embedding))
@@ -220,13 +219,13 @@ class ItemHead:
     id_embedding: np.ndarray
     item_bias: np.ndarray
     adjustments: Adjustments
-    calibrated: bool  # False: saved before today's adjustments existed (choose them again before serving)
+    calibrated: bool  # False: saved without some adjustments (choose them again before serving)
     cooccurrence: CooccurrenceTable
 
 
 def load_item_head(checkpoint: Path) -> ItemHead | None:
     """The item head of a trained checkpoint, or None for a bare pretrained encoder."""
-    path = Path(checkpoint) / HEAD_FILE
+    path = CheckpointLayout(checkpoint).item_head
     if not path.is_file():
         return None
     with np.load(path) as head:
@@ -240,9 +239,3 @@ def load_item_head(checkpoint: Path) -> ItemHead | None:
             table = CooccurrenceTable.empty(len(item_ids))
         return ItemHead(item_ids, head["id_embedding"], head["item_bias"], adjustments,
                         all(name in head for name in names), table)
-
-
-def encoder_dir(checkpoint: Path) -> Path:
-    """A checkpoint keeps its encoder in encoder/; a bare pretrained model directory is the encoder itself."""
-    checkpoint = Path(checkpoint)
-    return checkpoint / ENCODER_DIR if (checkpoint / ENCODER_DIR).is_dir() else checkpoint

@@ -33,8 +33,6 @@ from llmrec.training.evaluation import ranking_metrics, target_ranks
 
 log = logging.getLogger("llmrec.sequence_model")
 
-CHECKPOINT_FILE = "sequence_model.pt"
-
 
 @dataclasses.dataclass
 class SequenceModelConfig:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.template import render_item, render_user
 from llmrec.training.augment import with_history_dropout, with_synthetic_query
+from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import (
@@ -34,12 +35,12 @@ from llmrec.training.data import (
 from llmrec.training.evaluation import ScoreFn, evaluate, popularity_scores
 from llmrec.training.losses import FullSoftmaxLoss
 from llmrec.training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
+from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, item_rows, query_rows
 from llmrec.training.calibration import (
-    CALIBRATION_METRIC, Adjustments, adjust, calibration_search, choose_adjustments, cooccurrence_before,
+    CALIBRATION_METRIC, calibration_search, choose_adjustments, cooccurrence_before, histories,
 )
 from llmrec.training.sequence_model import (
-    CHECKPOINT_FILE as SEQUENCE_MODEL_FILE, SequenceModel, SequenceModelConfig, save_sequence_model, sequence_vectors,
-    train_sequence_model,
+    SequenceModel, SequenceModelConfig, save_sequence_model, sequence_vectors, train_sequence_model,
 )
 
 log = logging.getLogger("llmrec.train")
@@ -91,25 +92,30 @@ def training_user_texts(data: Interactions, examples: list[Example], config: Tra
 
 def model_scores(
     model: TextRecommender, data: Interactions, config: TrainConfig, temperature: float,
-    use_context: bool | None = None, adjustments: Adjustments = Adjustments(),
+    use_context: bool | None = None, rule: ScoringRule = ScoringRule(),
     cooccurrence: CooccurrenceTable | None = None, items: torch.Tensor | None = None,
     sequence_model: SequenceModel | None = None,
 ) -> ScoreFn:
-    """Scores as served: <user, item> + temperature * bias (the same ranking as the training logits), plus
-    the post-training adjustments (training/calibration.py). items: the catalogue_vectors, if already encoded."""
+    """Scores as served: the scoring rule (llmrec.scoring) over the model's user and item vectors.
+    items: the catalogue_vectors, if already encoded."""
     items = catalogue_vectors(model, data, config) if items is None else items
     item_array = items.cpu().numpy()
-    with torch.no_grad():
-        bias = temperature * model.item_bias
+    rows = item_rows(item_array, model.item_bias.detach().cpu().numpy(), temperature)
 
     def score(examples: list[Example]) -> np.ndarray:
-        users = model.encode_all(user_texts(data, list(examples), config, use_context), config.max_user_tokens)
+        users = user_vectors(model, data, list(examples), config, use_context)
         sequences = histories_sequence_vectors(sequence_model, data, examples, item_array) \
-            if adjustments.sequence_weight else None
-        return adjust((users @ items.T + bias).cpu().numpy(), data, examples, adjustments, cooccurrence, item_array,
-                      sequence_vectors=sequences)
+            if rule.adjustments.sequence_weight else None
+        return rule.dense_scores(users, rows, histories(data, examples), cooccurrence, sequences)
 
     return score
+
+
+def user_vectors(model: TextRecommender, data: Interactions, examples: list[Example], config: TrainConfig,
+                 use_context: bool | None = None) -> np.ndarray:
+    """(len(examples), dim) unit user vectors of the examples' rendered histories."""
+    with torch.no_grad():
+        return model.encode_all(user_texts(data, examples, config, use_context), config.max_user_tokens).cpu().numpy()
 
 
 def histories_sequence_vectors(sequence_model: SequenceModel | None, data: Interactions, examples: list[Example],
@@ -274,19 +280,23 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     item_bias = model.item_bias.detach().cpu().numpy()
     sequence_model, sequence_training = train_sequence_model(
         data, item_array, item_bias, config.temperature, dataclasses.replace(sequence_config, seed=config.seed))
+    rows = item_rows(item_array, item_bias, config.temperature)
+    valid_users = user_vectors(model, data, valid, config)
+    valid_sequences = histories_sequence_vectors(sequence_model, data, valid, item_array)
     adjustments, calibration = choose_adjustments(
-        model_scores(model, data, config, config.temperature, items=items)(valid), data, valid,
-        cooccurrence["valid"], item_array,
-        histories_sequence_vectors(sequence_model, data, valid, item_array))
+        lambda chunk: ScoreTerms.of(ScoringRule(), query_rows(valid_users[chunk]) @ rows.T, item_array,
+                                    histories(data, valid[chunk]), cooccurrence["valid"], valid_sequences[chunk]),
+        data, valid, with_sequence=True)
     log.info("adjustments %s chosen on %d validation users: %s %.4f (%.4f with none)", adjustments, len(valid),
              CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
              calibration[Adjustments().key][CALIBRATION_METRIC])
     device = model.item_bias.device
     # the bundle serves test histories, so it counts every event before the test targets
-    model.cpu().save(out / "checkpoint", data.item_ids, adjustments, cooccurrence["test"])
+    checkpoint = CheckpointLayout.of_run(out)
+    model.cpu().save(checkpoint.root, data.item_ids, adjustments, cooccurrence["test"])
     model.to(device)
-    config.save(out / "checkpoint" / "train_config.json")
-    save_sequence_model(sequence_model, out / "checkpoint" / SEQUENCE_MODEL_FILE)
+    config.save(checkpoint.config)
+    save_sequence_model(sequence_model, checkpoint.sequence_model)
 
     evaluation = evaluate_against_baselines(model, data, config, encoder_path, adjustments,
                                             cooccurrence[config.eval_split], sequence_model, items,
@@ -329,12 +339,12 @@ def evaluate_against_baselines(
         "sequence_model_alone": evaluate(sequence_model_scores(
             sequence_model, data, items, model.item_bias.detach().cpu().numpy(), config.temperature),
             data, examples, config.ks),
-        "llmrec": evaluate(model_scores(model, data, config, config.temperature, adjustments=adjustments,
+        "llmrec": evaluate(model_scores(model, data, config, config.temperature, rule=ScoringRule(adjustments),
                                         cooccurrence=cooccurrence, items=item_tensor,
                                         sequence_model=sequence_model), data, examples, config.ks),
     }
     if data.timestamps and config.use_context:  # the same model, its context (time of day, weekday) withheld
-        scores = model_scores(model, data, config, config.temperature, False, adjustments, cooccurrence,
+        scores = model_scores(model, data, config, config.temperature, False, ScoringRule(adjustments), cooccurrence,
                               item_tensor, sequence_model)
         results["llmrec_without_context"] = evaluate(scores, data, examples, config.ks)
     return results

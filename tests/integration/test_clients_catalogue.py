@@ -8,7 +8,7 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from llmrec.clients import session_bench
+from bench import session_bench
 from llmrec.clients.cli import app
 from llmrec.clients.client import RecommenderClient, RecommenderError
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llmrec.training.checkpoint import CheckpointLayout
+
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
 
@@ -18,5 +20,5 @@ def test_two_cpu_processes_train_in_lockstep_and_rank0_writes_the_checkpoint(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    assert (tmp_path / "checkpoint" / "encoder" / "model.safetensors").is_file()
+    assert (CheckpointLayout.of_run(tmp_path).encoder / "model.safetensors").is_file()
     assert result.stdout.count("test split, full ranking") == 1  # only rank 0 evaluates and reports

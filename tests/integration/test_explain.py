@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llmrec.clients import explain_eval
+from experiments import explain_eval
 from llmrec.v1 import recommender_pb2 as pb
 from tests.conftest import FIXTURES
 

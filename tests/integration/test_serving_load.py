@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from llmrec.clients import loadgen
+from bench import loadgen
 from llmrec import manifest as mf
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.v1 import recommender_pb2 as pb

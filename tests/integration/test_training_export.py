@@ -12,7 +12,9 @@ from llmrec.export.validate import QualityCheckFailed, compare
 from llmrec import manifest as layout
 from llmrec.manifest import BundleError, read_manifest
 from llmrec.onnx_encoder import OnnxEncoder
+from llmrec.scoring import DEFAULT_TEMPERATURE
 from llmrec.template import TEMPLATE_VERSION, render_item
+from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import item_popularity, load_interactions, split_examples, user_text
 from llmrec.training.model import pretrained_encoder_path
@@ -35,14 +37,15 @@ def trained_run(tmp_path_factory):
 def trained_bundle(trained_run, tmp_path_factory):
     data, out, metrics = trained_run
     validation = [user_text(data, e) for e in split_examples(data, "valid")]
-    return build_bundle(out / "checkpoint", list(zip(data.item_ids, data.items)), tmp_path_factory.mktemp("bundles"),
+    return build_bundle(CheckpointLayout.of_run(out).root, list(zip(data.item_ids, data.items)), tmp_path_factory.mktemp("bundles"),
                         validation_users=validation, training_info={"evaluation": metrics["evaluation"]})
 
 
 def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run):
     data, out, metrics = trained_run
-    assert (out / "checkpoint" / "encoder" / "model.safetensors").is_file()
-    head = np.load(out / "checkpoint" / "item_head.npz")
+    checkpoint = CheckpointLayout.of_run(out)
+    assert (checkpoint.encoder / "model.safetensors").is_file()
+    head = np.load(checkpoint.item_head)
     assert head["id_embedding"].shape == (data.num_items, 384)
     assert np.abs(head["id_embedding"]).sum() > 0  # id vectors start at zero: the head was trained
     popularity = np.log(item_popularity(data) + 1.0)
@@ -50,7 +53,7 @@ def test_training_writes_a_checkpoint_and_evaluates_beside_baselines(trained_run
     assert [m["step"] for m in metrics["curve"]] == [1, 2, 3, 4]
     assert set(metrics["evaluation"]) == {"popularity", "zero_shot", "sequence_model_alone", "llmrec",
                                           "llmrec_without_context"}
-    assert (out / "checkpoint" / "sequence_model.pt").is_file() and metrics["sequence_model"]["epochs"] >= 1
+    assert checkpoint.sequence_model.is_file() and metrics["sequence_model"]["epochs"] >= 1
     for result in metrics["evaluation"].values():
         assert 0 <= result["ndcg@10"] <= result["recall@10"] <= result["recall@50"] <= 1
         assert result["examples"] == 20
@@ -61,7 +64,7 @@ def test_training_keeps_the_frozen_bottom_of_the_encoder_pretrained(trained_run)
     _, out, metrics = trained_run
     frozen = metrics["config"]["frozen_layers"]
     pretrained = load_file(pretrained_encoder_path() / "model.safetensors")
-    trained = load_file(out / "checkpoint" / "encoder" / "model.safetensors")
+    trained = load_file(CheckpointLayout.of_run(out).encoder / "model.safetensors")
 
     def unchanged(prefix: str) -> bool:
         names = [name for name in trained if name.startswith(prefix)]  # weights; buffers are not saved
@@ -90,7 +93,7 @@ def test_served_item_vectors_are_the_fp32_encoder_plus_the_trained_head(trained_
     manifest = read_manifest(trained_bundle)
     encoder = OnnxEncoder(trained_bundle / layout.MODEL_FP32_FILE, trained_bundle / layout.TOKENIZER_FILE)
     text = encoder.encode([render_item(data.items[0])], manifest.max_item_tokens)[0]
-    head = np.load(out / "checkpoint" / "item_head.npz")
+    head = np.load(CheckpointLayout.of_run(out).item_head)
     expected = text + head["id_embedding"][0]
     expected /= np.linalg.norm(expected)
     row = np.load(trained_bundle / layout.VECTORS_FILE)[0]
@@ -99,7 +102,7 @@ def test_served_item_vectors_are_the_fp32_encoder_plus_the_trained_head(trained_
     int8 = OnnxEncoder(trained_bundle / layout.MODEL_INT8_FILE, trained_bundle / layout.TOKENIZER_FILE)
     int8_text = int8.encode([render_item(data.items[0])], manifest.max_item_tokens)[0]
     assert np.abs(int8_text - text).max() > 1e-4  # not the INT8 encoder: the check above can tell them apart
-    assert row[-1] == pytest.approx(0.05 * head["item_bias"][0], rel=1e-5)
+    assert row[-1] == pytest.approx(DEFAULT_TEMPERATURE * head["item_bias"][0], rel=1e-5)
 
 
 def test_a_tampered_bundle_is_refused(trained_bundle, tmp_path):
@@ -124,7 +127,7 @@ def test_a_tampered_bundle_is_refused(trained_bundle, tmp_path):
 def test_the_bundle_serves_the_checkpoints_sequence_model(trained_bundle, trained_run):
     data, out, _ = trained_run
     bundle = LoadedBundle.load(trained_bundle, prefer_gpu=False)
-    model = load_sequence_model(out / "checkpoint" / "sequence_model.pt")
+    model = load_sequence_model(CheckpointLayout.of_run(out).sequence_model)
     items = np.asarray(bundle.vectors)[:, : bundle.manifest.dimension]  # bundle rows are the data's items here
     histories = [data.sequences[user][:-2] for user in range(6)]
     np.testing.assert_allclose(bundle.sequence_model.vectors([items[h] for h in histories]),

@@ -7,9 +7,9 @@ from llmrec.template import ItemFields
 from llmrec.training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
+from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule
 from llmrec.training.calibration import (
-    HISTORY_SCORE_GRID, Adjustments, Recency, add_history_score, adjust, choose_adjustments, cooccurrence_before,
-    cooccurrence_only_scores, history_vector_scores, sequence_scores,
+    HISTORY_SCORE_GRID, choose_adjustments, cooccurrence_before, cooccurrence_only_scores, histories,
 )
 
 ITEMS = 12
@@ -22,10 +22,22 @@ def interactions(sequences):
                         [str(u) for u in range(len(sequences))], sequences)
 
 
+def terms(scores, data, examples, table, vectors, sequence=None, rule=ScoringRule()):
+    return ScoreTerms.of(rule, scores, vectors, histories(data, examples), table, sequence)
+
+
+def choose_adjustments_of(scores, data, examples, table, vectors, sequence=None):
+    """choose_adjustments over model scores, in chunks of 7 users (the chunks must not change the choice)."""
+    return choose_adjustments(
+        lambda chunk: terms(scores[chunk], data, examples[chunk], table, vectors,
+                            None if sequence is None else sequence[chunk]),
+        data, examples, with_sequence=sequence is not None, chunk_users=7)
+
+
 def test_adds_the_value_once_to_each_distinct_earlier_item():
     data = interactions([[1, 2, 1, 5, 7]])
-    scores = add_history_score(np.zeros((1, ITEMS)), data, [Example(0, 3)], -0.5)
-    assert scores[0].tolist() == [0, -0.5, -0.5] + [0] * (ITEMS - 3)  # 5 (the target) and 7 (later) untouched
+    combined = terms(np.zeros((1, ITEMS)), data, [Example(0, 3)], None, AXES).combine(Adjustments(-0.5))
+    assert combined[0].tolist() == [0, -0.5, -0.5] + [0] * (ITEMS - 3)  # 5 (the target) and 7 (later) untouched
 
 
 def test_never_repeating_users_get_their_history_pushed_down():
@@ -37,7 +49,7 @@ def test_never_repeating_users_get_their_history_pushed_down():
         seq = data.sequences[e.user]
         scores[row, seq[:3]] = 0.9
         scores[row, seq[3]] = 0.8
-    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
+    best, table = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
     assert best.history_item_score < -0.1  # the history must fall below the target
     assert best.cooccurrence_weight == 0.0 and best.history_vector_weight == 0.0  # no help: the milder choice
     assert table[f"{best.history_item_score},0.0,0.0,0.0"]["ndcg@10"] == 1.0 and table["0.0,0.0,0.0,0.0"]["ndcg@10"] < 0.6
@@ -49,7 +61,7 @@ def test_users_who_repeat_keep_their_history():
     scores = np.zeros((20, ITEMS))
     for row, e in enumerate(examples):
         scores[row, data.sequences[e.user][0]] = 0.9
-    best, table = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
+    best, table = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
     assert best.history_item_score == 0.0 and table["0.0,0.0,0.0,0.0"]["ndcg@10"] == 1.0
     assert table[f"{min(HISTORY_SCORE_GRID)},0.0,0.0,0.0"]["ndcg@10"] < 1.0
 
@@ -61,7 +73,7 @@ def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
     examples = [Example(u, 2) for u in range(40)]
     table = CooccurrenceTable.from_sequences([s[:2] for s in sequences], ITEMS, window=1)  # pairs (a, a+1) only
     scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
-    best, ndcg = choose_adjustments(scores, data, examples, table, AXES)
+    best, ndcg = choose_adjustments_of(scores, data, examples, table, AXES)
     assert best.cooccurrence_weight > 0 and ndcg[best.key]["ndcg@10"] > 0.5
 
 
@@ -87,36 +99,33 @@ def test_the_history_vector_is_chosen_when_targets_resemble_history_items():
     data = interactions(sequences)
     examples = [Example(u, 1) for u in range(40)]
     scores = np.random.default_rng(0).normal(scale=1e-3, size=(40, ITEMS))
-    best, ndcg = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), pairs)
+    best, ndcg = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), pairs)
     assert best.history_vector_weight > 0 and best.history_item_score < 0  # the history itself falls below
     assert ndcg[best.key]["ndcg@10"] == 1.0 and ndcg[Adjustments().key]["ndcg@10"] < 0.5
 
 
-def test_adjust_adds_the_weighted_history_vector_scores_as_chosen():
+def test_the_history_vector_term_is_the_decayed_sum_of_recent_item_vectors():
     data = interactions([[1, 2, 3, 4]])
     examples = [Example(0, 3)]
     vectors = similar_pairs_vectors(1)
-    raw = history_vector_scores(data, examples, vectors)
+    split = terms(np.zeros((1, ITEMS)), data, examples, None, vectors)
     # History [1, 2, 3], oldest first: the latest item weighs most.
     expected = (vectors[3] + RECENCY_DECAY * vectors[2] + RECENCY_DECAY**2 * vectors[1]) @ vectors.T
-    np.testing.assert_allclose(raw[0], expected, rtol=1e-5)
-    adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 0.0, 0.5), None, vectors)
-    np.testing.assert_allclose(adjusted, 0.5 * raw, rtol=1e-6)
+    np.testing.assert_allclose(split.history_vector[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(split.combine(Adjustments(0.0, 0.0, 0.5)), 0.5 * split.history_vector, rtol=1e-6)
 
 
-def test_adjust_reads_the_recency_it_is_given_not_the_training_defaults():
+def test_the_terms_read_the_recency_they_are_given_not_the_training_defaults():
     # A bundle whose manifest says "latest item only" must be evaluated that way, as its server scores.
     data = interactions([[1, 2, 3, 4]])
     examples = [Example(0, 3)]
     vectors = similar_pairs_vectors(1)
     latest_only = Recency(recent_items=1, decay=0.5)
-    adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 0.0, 1.0), None, vectors,
-                      history_vector_recency=latest_only)
-    np.testing.assert_allclose(adjusted[0], vectors[3] @ vectors.T, rtol=1e-6)
+    rule = ScoringRule(cooccurrence_recency=latest_only, history_vector_recency=latest_only)
     table = CooccurrenceTable.from_sequences([[1, 5], [3, 6]], ITEMS)
-    cooccurrence = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(0.0, 1.0, 0.0), table,
-                          cooccurrence_recency=latest_only)
-    assert cooccurrence[0, 6] > 0 and cooccurrence[0, 5] == 0  # item 1 is not the latest: its neighbour scores 0
+    split = terms(np.zeros((1, ITEMS)), data, examples, table, vectors, rule=rule)
+    np.testing.assert_allclose(split.history_vector[0], vectors[3] @ vectors.T, rtol=1e-6)
+    assert split.cooccurrence[0, 6] > 0 and split.cooccurrence[0, 5] == 0  # item 1 is not the latest: 0
 
 
 def test_the_choice_weighs_the_top_50_not_only_the_top_10():
@@ -132,7 +141,7 @@ def test_the_choice_weighs_the_top_50_not_only_the_top_10():
     table = CooccurrenceTable.from_sequences([[0, d] for d in distractors] * 5 + [[20, 21]] * 5, items, window=1)
     scores = np.zeros((len(sequences), items))
     scores[:11, 1], scores[11:, 21] = 0.5, -0.5
-    best, metrics = choose_adjustments(scores, data, examples, table, np.eye(items, dtype=np.float32))
+    best, metrics = choose_adjustments_of(scores, data, examples, table, np.eye(items, dtype=np.float32))
     none = metrics[Adjustments().key]
     assert best.cooccurrence_weight > 0
     assert metrics[best.key]["ndcg@10"] < none["ndcg@10"] and metrics[best.key]["ndcg@50"] > none["ndcg@50"]
@@ -146,9 +155,9 @@ def test_the_sequence_weight_is_chosen_when_the_sequence_vectors_know_the_target
     rng = np.random.default_rng(0)
     scores = rng.normal(0, 0.01, (30, ITEMS))
     sequence = AXES[[s[1] for s in sequences]]
-    best, metrics = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES, sequence)
+    best, metrics = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES, sequence)
     assert best.sequence_weight > 0 and metrics[best.key]["ndcg@10"] == 1.0
-    without, _ = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
+    without, _ = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES)
     assert without.sequence_weight == 0.0  # no sequence model: the weight stays off
 
 
@@ -159,20 +168,19 @@ def test_useless_sequence_vectors_are_left_out():
     scores = np.zeros((30, ITEMS))
     scores[np.arange(30), [s[1] for s in sequences]] = 1.0  # the model alone is perfect
     misleading = AXES[[(s[1] + 1) % ITEMS for s in sequences]]
-    best, _ = choose_adjustments(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES, misleading)
+    best, _ = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), AXES, misleading)
     assert best.sequence_weight < 1.0  # never enough to overturn the model
-    assert np.all(np.argmax(adjust(scores.copy(), data, examples, best, None, AXES, sequence_vectors=misleading), 1)
-                  == [s[1] for s in sequences])
+    combined = terms(scores, data, examples, None, AXES, misleading).combine(best)
+    assert np.all(np.argmax(combined, 1) == [s[1] for s in sequences])
 
 
-def test_adjust_adds_the_weighted_sequence_scores():
+def test_the_sequence_term_is_weighted_as_chosen():
     data = interactions([[1, 2, 3, 4]])
     examples = [Example(0, 3)]
     vectors = similar_pairs_vectors(1)
     sequence = np.random.default_rng(1).normal(size=(1, vectors.shape[1])).astype(np.float32)
-    adjusted = adjust(np.zeros((1, ITEMS)), data, examples, Adjustments(sequence_weight=0.3), None, vectors,
-                      sequence_vectors=sequence)
-    np.testing.assert_allclose(adjusted, 0.3 * sequence_scores(sequence, vectors), rtol=1e-6)
+    adjusted = terms(np.zeros((1, ITEMS)), data, examples, None, vectors, sequence).combine(
+        Adjustments(sequence_weight=0.3))
     np.testing.assert_allclose(adjusted[0], 0.3 * (vectors @ sequence[0]), rtol=1e-5)
 
 

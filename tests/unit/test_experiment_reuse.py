@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llmrec.training import experiment
+from experiments import experiment
 from llmrec.training.calibration import calibration_search
 from llmrec.training.config import TrainConfig
 from llmrec.training.sequence_model import SequenceModelConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmrec.clients import loadgen
+from bench import loadgen
 from tests.conftest import FIXTURES
 
 

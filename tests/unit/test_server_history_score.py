@@ -12,7 +12,7 @@ import pytest
 
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import history_vector
-from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, SequenceModelSpec
+from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, Manifest, SequenceModelSpec
 from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import ItemFields
 from llmrec.server.catalogue import Catalogue
@@ -45,6 +45,7 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
                                      history_vector=HistoryVectorSpec(history_vector_weight, RECENT, DECAY),
                                      sequence_model=SequenceModelSpec(sequence_weight, sequence_model.max_items)
                                      if sequence_model is not None else None)
+    manifest.scoring_rule = types.MethodType(Manifest.scoring_rule, manifest)
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
                                    cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT),
@@ -52,10 +53,14 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
     return Recommender(bundle, encoder=None, limits=Limits(), catalogue=Catalogue(bundle)), rows
 
 
-def reference(rows: np.ndarray, user: np.ndarray, history: set[str], score: float, k: int) -> list[tuple[str, float]]:
-    scored = [(float(rows[n] @ np.append(user, 1.0)) + (score if f"i{n:02d}" in history else 0.0), f"i{n:02d}")
-              for n in range(COUNT)]
-    return [(item_id, s) for s, item_id in sorted(scored, reverse=True)[:k]]
+def reference(rec: Recommender, rows: np.ndarray, user: np.ndarray, history: list[str | None], k: int,
+              sequence_vector: np.ndarray | None = None) -> list[tuple[str, float]]:
+    """The top k by the scoring rule's dense view (what evaluation computes) over every item."""
+    catalogued = [int(i[1:]) for i in history if i is not None]
+    scores = rec.rule.dense_scores(user[None, :], rows, [catalogued], rec.bundle.cooccurrence,
+                                   None if sequence_vector is None else sequence_vector[None, :])[0]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(f"i{n:02d}", float(scores[n])) for n in order]
 
 
 @pytest.mark.parametrize("score", [-0.05, -0.3, -4.0])
@@ -65,7 +70,7 @@ def test_history_items_are_lowered_and_the_ranking_matches_exact_scoring(score):
     plain = [item.item_id for item in rec.search(user, 10)]
     history = plain[:4] + ["i49"]  # the four best items, and one far down
     got = rec.search(user, 10, history_ids=history + [None])  # None: an item given as text
-    want = reference(rows, user, set(history), score, 10)
+    want = reference(rec, rows, user, history + [None], 10)
     assert [item.item_id for item in got] == [item_id for item_id, _ in want]
     assert [item.score for item in got] == pytest.approx([s for _, s in want], abs=1e-5)
     assert [item.rank for item in got] == list(range(1, 11))
@@ -95,11 +100,9 @@ def test_cooccurring_items_are_raised_and_the_ranking_matches_exact_scoring():
     user = rows[20, :DIM]
     history = ["i00", "i01", "i02", "i03"]  # oldest first: i03 is the latest and weighs most
     got = rec.search(user, 10, history_ids=history)
-    boosts = dict(zip(*(a.tolist() for a in table.scores([0, 1, 2, 3], RECENT, DECAY))))
-    scored = sorted(((float(rows[n] @ np.append(user, 1.0)) + weight * boosts.get(n, 0.0)
-                      + (score if f"i{n:02d}" in history else 0.0), f"i{n:02d}") for n in range(COUNT)), reverse=True)
-    assert [item.item_id for item in got] == [item_id for _, item_id in scored[:10]]
-    assert [item.score for item in got] == pytest.approx([s for s, _ in scored[:10]], abs=1e-5)
+    want = reference(rec, rows, user, history, 10)
+    assert [item.item_id for item in got] == [item_id for item_id, _ in want]
+    assert [item.score for item in got] == pytest.approx([s for _, s in want], abs=1e-5)
     assert "i43" in {item.item_id for item in got}  # the latest item's neighbour, out of reach of the index alone
     assert "i43" not in {item.item_id for item in rec.search(user, 10)}
     # Excluded and deleted items stay out however much co-occurrence raises them.
@@ -133,8 +136,7 @@ def test_the_history_vector_joins_the_query_and_the_ranking_matches_exact_scorin
     user = rows[20, :DIM]
     history = ["i00", "i01", "i02", "i03", "i04"]  # oldest first; only the RECENT latest count
     got = rec.search(user, 10, history_ids=[history[0], None, *history[1:]])  # None: text, no vector
-    query = user + weight * (rows[4, :DIM] + DECAY * rows[3, :DIM] + DECAY**2 * rows[2, :DIM])
-    want = reference(rows, query, set(history), score, 10)
+    want = reference(rec, rows, user, history, 10)
     assert [item.item_id for item in got] == [item_id for item_id, _ in want]
     assert [item.score for item in got] == pytest.approx([s for _, s in want], abs=1e-5)
     without = recommender(score)[0].search(user, 10, history_ids=history)
@@ -192,7 +194,8 @@ def test_the_sequence_vector_joins_the_query_and_the_ranking_matches_exact_scori
     expected = user + weight * model.last(latest, torch.ones(1, 4, dtype=torch.bool))[0].detach().numpy()
     np.testing.assert_allclose(rec.query_vector(user, [history[0], None, *history[1:]]), expected, atol=1e-5)
     got = rec.search(user, 10, history_ids=history)
-    want = reference(rows, expected, set(history), score, 10)
+    sequence = runner.vectors([rows[[0, 1, 2, 3, 4, 5], :DIM]])[0]
+    want = reference(rec, rows, user, history, 10, sequence)
     assert [item.item_id for item in got] == [item_id for item_id, _ in want]
     assert [item.item_id for item in got] != [item.item_id for item in recommender(score)[0].search(user, 10, history_ids=history)]
     off, _ = recommender(score, sequence_model=runner, sequence_weight=0.0)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec.scoring import DEFAULT_TEMPERATURE
+
 
 class FullSoftmaxLoss(nn.Module):
     """Cross-entropy over all items, logits = <user, item> / temperature + item_bias.
@@ -18,7 +20,7 @@ class FullSoftmaxLoss(nn.Module):
         targets (batch,) item numbers.
     """
 
-    def __init__(self, temperature: float = 0.05) -> None:
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE) -> None:
         super().__init__()
         self.temperature = temperature
 

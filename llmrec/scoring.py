@@ -1,0 +1,260 @@
+"""The scoring rule: how a user, their history and the catalogue become item scores (numpy only).
+
+    query = user_vector + history_vector_weight * history_vector(recent history) + sequence_weight * sequence_vector
+    score(item) = [query, 1] . [unit item vector, temperature * bias]
+                  + history_item_score * [item in history]
+                  + cooccurrence_weight * cooccurrence_score(recent history, item)
+
+One definition for everyone: evaluation and calibration score every item at once (`dense_scores`,
+`ScoreTerms`); the server searches the index and re-scores exactly (`top_k`). Both views are built from the
+same `query` and `adjustments`, and a unit test holds them to the same ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from llmrec import cooccurrence as cooccurrence_defaults
+from llmrec import history_vector as history_vector_defaults
+from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.history_vector import history_vector
+
+# Logits are cosine / TEMPERATURE + bias: the recipe that works for text retrieval (softmax over the catalogue).
+# Rows carry temperature * bias so that one inner product ranks exactly like the training logits.
+DEFAULT_TEMPERATURE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Adjustments:
+    """The weights chosen on validation after training (training/calibration.py); all zero = the bare model."""
+
+    history_item_score: float = 0.0
+    cooccurrence_weight: float = 0.0
+    history_vector_weight: float = 0.0
+    sequence_weight: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """How the calibration table names this choice: its four values, comma-separated, in field order."""
+        return ",".join(str(value) for value in dataclasses.astuple(self))
+
+    @property
+    def mildness(self) -> tuple[float, ...]:
+        """Larger is milder (closer to the bare model): ties in the search go to the milder choice."""
+        return (self.history_item_score, -self.cooccurrence_weight, -self.history_vector_weight, -self.sequence_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recency:
+    """Which history items a term reads: the recent_items most recent, weighted decay**j (j = 0 for the latest)."""
+
+    recent_items: int
+    decay: float
+
+
+COOCCURRENCE_RECENCY = Recency(cooccurrence_defaults.RECENT_ITEMS, cooccurrence_defaults.RECENCY_DECAY)
+HISTORY_VECTOR_RECENCY = Recency(history_vector_defaults.RECENT_ITEMS, history_vector_defaults.RECENCY_DECAY)
+
+
+def item_rows(unit_vectors: np.ndarray, biases: np.ndarray, temperature: float) -> np.ndarray:
+    """(n, dim + 1) float32 index rows [unit vector, temperature * bias]; unit_vectors are normalised here."""
+    unit = np.asarray(unit_vectors, dtype=np.float32)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=-1, keepdims=True), 1e-12)
+    bias = np.broadcast_to(np.float32(temperature) * np.asarray(biases, dtype=np.float32), unit.shape[:-1])
+    return np.concatenate([unit, bias[..., None]], axis=-1).astype(np.float32)
+
+
+def query_rows(queries: np.ndarray) -> np.ndarray:
+    """(n, dim) queries -> (n, dim + 1) float32 [query, 1]: inner products with item_rows are the model scores."""
+    queries = np.asarray(queries, dtype=np.float32)
+    return np.concatenate([queries, np.ones((*queries.shape[:-1], 1), np.float32)], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringRule:
+    """The adjustments and how far back each history term reads. Histories are item numbers, oldest first."""
+
+    adjustments: Adjustments = Adjustments()
+    cooccurrence_recency: Recency = COOCCURRENCE_RECENCY
+    history_vector_recency: Recency = HISTORY_VECTOR_RECENCY
+
+    @property
+    def history_items_read(self) -> int:
+        """How many of the most recent catalogued history items the query reads (history vector only: the
+        sequence model's window is its own)."""
+        return max(self.history_vector_recency.recent_items, 0) if self.adjustments.history_vector_weight else 0
+
+    # --- the query: vectors ------------------------------------------------------------------------------
+
+    def query(self, user_vectors: np.ndarray, history_item_vectors: Sequence[np.ndarray],
+              sequence_vectors: np.ndarray | None = None) -> np.ndarray:
+        """(n, dim) user vectors -> (n, dim) float32 queries. history_item_vectors[r]: user r's catalogued history
+        item vectors, oldest first (zero rows for items deleted since); sequence_vectors: (n, dim), needed when
+        the sequence weight is set."""
+        weights = self.adjustments
+        queries = np.array(user_vectors, dtype=np.float32, copy=True)
+        if weights.history_vector_weight:
+            queries += np.float32(weights.history_vector_weight) * self.history_vectors(history_item_vectors,
+                                                                                        queries.shape[1])
+        if weights.sequence_weight:
+            if sequence_vectors is None:
+                raise ValueError("a sequence weight needs the sequence model's vectors; this is a bug")
+            queries += np.float32(weights.sequence_weight) * np.asarray(sequence_vectors, dtype=np.float32)
+        return queries
+
+    def history_vectors(self, history_item_vectors: Sequence[np.ndarray], dimension: int) -> np.ndarray:
+        """(n, dim) decayed sums of each history's recent item vectors (llmrec.history_vector), unweighted."""
+        recency = self.history_vector_recency
+        out = np.zeros((len(history_item_vectors), dimension), np.float32)
+        for row, vectors in enumerate(history_item_vectors):
+            if len(vectors):
+                out[row] = history_vector(vectors, recency.recent_items, recency.decay)
+        return out
+
+    # --- the adjustments: items ----------------------------------------------------------------------------
+
+    def adjustments_of(self, history: Sequence[int], table: CooccurrenceTable | None,
+                       table_history: Sequence[int] | None = None,
+                       item_of_table_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(items ascending, values) to add to the model scores of one user.
+
+        Args:
+            history: the user's catalogued items, oldest first, in the numbering of the scores.
+            table: the co-occurrence table (None: no co-occurrence term).
+            table_history: the same history in the table's numbering (default: `history`); items the table
+                does not know are left out.
+            item_of_table_row: table row -> item number in the scores' numbering, -1 for items gone since
+                (default: the same numbering).
+        """
+        weights = self.adjustments
+        items = np.zeros(0, np.int64)
+        values = np.zeros(0, np.float64)
+        if weights.history_item_score:
+            items = np.unique(np.asarray(history, dtype=np.int64))
+            values = np.full(len(items), weights.history_item_score, np.float64)
+        if weights.cooccurrence_weight and table is not None:
+            recency = self.cooccurrence_recency
+            rows, scores = table.scores(history if table_history is None else table_history, recency.recent_items,
+                                        recency.decay)
+            if item_of_table_row is not None:
+                rows = item_of_table_row[rows]
+                rows, scores = rows[rows >= 0], scores[rows >= 0]
+            items = np.concatenate([items, rows.astype(np.int64)])
+            values = np.concatenate([values, weights.cooccurrence_weight * scores])
+        if not len(items):
+            return items, values
+        unique, inverse = np.unique(items, return_inverse=True)
+        return unique, np.bincount(inverse, weights=values, minlength=len(unique))
+
+    # --- the dense view: every item (evaluation, calibration) -----------------------------------------------
+
+    def dense_scores(self, user_vectors: np.ndarray, rows: np.ndarray, histories: Sequence[Sequence[int]],
+                     table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None = None) -> np.ndarray:
+        """(n, num_items) float64 scores of every item in `rows` (item_rows) for n users with these histories
+        (item numbers = row numbers). Memory is n x num_items: callers score users in chunks."""
+        unit = rows[:, :-1]
+        queries = self.query(user_vectors, [unit[np.asarray(h, dtype=np.int64)] for h in histories],
+                             sequence_vectors)
+        scores = query_rows(queries).astype(np.float64) @ rows.T.astype(np.float64)
+        for row, history in enumerate(histories):
+            items, values = self.adjustments_of(history, table)
+            scores[row, items] += values
+        return scores
+
+    # --- the top-k view: an index search plus exact re-scoring (the server) ----------------------------------
+
+    def top_k(self, query: np.ndarray, k: int, adjustments: tuple[np.ndarray, np.ndarray],
+              search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+              score_items: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The k best items by model score + adjustment, as (items, scores) best first.
+
+        Lowered items can only leave the index's top k + (lowered items); raised ones are scored exactly and
+        join the candidates, so the result is the top k of the whole adjusted catalogue, up to the index's own
+        approximation.
+
+        Args:
+            query: (dim,) the user's query (ScoringRule.query).
+            adjustments: (items ascending, values) from adjustments_of.
+            search: (query row, n) -> (items, model scores), the approximate top n best first; exclusions and
+                filters apply inside.
+            score_items: (items, query row) -> (the items still eligible, their exact model scores).
+        """
+        query_row = query_rows(query[None, :])[0]
+        adjusted_items, values = adjustments
+        lowered = int((values < 0).sum())
+        found, scores = search(query_row, k + lowered)
+        found = np.asarray(found, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64) + _lookup(adjusted_items, values, found)
+        raised = adjusted_items[values > 0]
+        if len(raised):
+            extra, extra_scores = score_items(raised, query_row)
+            extra = np.asarray(extra, dtype=np.int64)
+            extra_scores = np.asarray(extra_scores, dtype=np.float64) + _lookup(adjusted_items, values, extra)
+            new = ~np.isin(extra, found)
+            order = np.argsort(-extra_scores[new], kind="stable")
+            found = np.concatenate([found, extra[new][order]])
+            scores = np.concatenate([scores, extra_scores[new][order]])
+        best = np.argsort(-scores, kind="stable")[:k]  # stable: equal scores keep the index's order
+        return found[best], scores[best]
+
+
+def _lookup(items: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """values of `wanted` items in the sorted (items, values) pairs; 0 for items not there."""
+    if not len(items) or not len(wanted):
+        return np.zeros(len(wanted), np.float64)
+    at = np.minimum(np.searchsorted(items, wanted), len(items) - 1)
+    return np.where(items[at] == wanted, values[at], 0.0)
+
+
+@dataclasses.dataclass
+class ScoreTerms:
+    """The dense score of a chunk of users split into its terms, so that calibration can try many weights
+    without scoring again: scores = model + sum of weight * term (`combine`, checked against dense_scores)."""
+
+    model: np.ndarray  # [user, 1] . rows
+    history: np.ndarray  # 1 for history items
+    cooccurrence: np.ndarray  # unweighted co-occurrence scores
+    history_vector: np.ndarray  # history vector . unit item vector
+    sequence: np.ndarray | None  # sequence vector . unit item vector
+
+    @classmethod
+    def of(cls, rule: ScoringRule, model: np.ndarray, unit_vectors: np.ndarray, histories: Sequence[Sequence[int]],
+           table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None = None) -> ScoreTerms:
+        """The terms for n users with these histories (item numbers = rows of unit_vectors).
+
+        Args:
+            rule: gives the recencies; its weights are ignored.
+            model: (n, num_items) model scores, query_rows(user vectors) @ item_rows (dense_scores' first term).
+            unit_vectors: (num_items, dim) unit item vectors (item_rows without the bias column).
+        """
+        unit = np.asarray(unit_vectors, dtype=np.float64)
+        model = np.asarray(model, dtype=np.float64)
+        history = np.zeros_like(model)
+        cooccurrence = np.zeros_like(model)
+        history_only = dataclasses.replace(rule, adjustments=Adjustments(history_item_score=1.0))
+        cooccurrence_only = dataclasses.replace(rule, adjustments=Adjustments(cooccurrence_weight=1.0))
+        for row, items in enumerate(histories):
+            marked, ones = history_only.adjustments_of(items, None)
+            history[row, marked] = ones
+            if table is not None:
+                neighbours, values = cooccurrence_only.adjustments_of(items, table)
+                cooccurrence[row, neighbours] = values
+        vectors = rule.history_vectors([np.asarray(unit_vectors)[np.asarray(h, dtype=np.int64)] for h in histories],
+                                       unit.shape[1])
+        sequence = None if sequence_vectors is None else np.asarray(sequence_vectors, np.float64) @ unit.T
+        return cls(model, history, cooccurrence, vectors.astype(np.float64) @ unit.T, sequence)
+
+    def combine(self, adjustments: Adjustments) -> np.ndarray:
+        """(n, num_items) float64 scores under these weights."""
+        scores = self.model + adjustments.history_item_score * self.history
+        scores += adjustments.cooccurrence_weight * self.cooccurrence
+        scores += adjustments.history_vector_weight * self.history_vector
+        if adjustments.sequence_weight:
+            if self.sequence is None:
+                raise ValueError("a sequence weight needs the sequence model's vectors; this is a bug")
+            scores += adjustments.sequence_weight * self.sequence
+        return scores

@@ -1,0 +1,96 @@
+"""llmrec.scoring: the dense view (evaluation, calibration) and the top-k view (the server's catalogue) rank alike."""
+
+from __future__ import annotations
+
+import types
+
+import hnswlib
+import numpy as np
+import pytest
+
+from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule, item_rows, query_rows
+from llmrec.server.catalogue import Catalogue
+from llmrec.template import ItemFields
+
+DIM, COUNT = 16, 300
+RULE = ScoringRule(Adjustments(history_item_score=-0.3, cooccurrence_weight=0.2, history_vector_weight=0.5,
+                               sequence_weight=0.4), Recency(5, 0.7), Recency(4, 0.8))
+
+
+def catalogue_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = item_rows(rng.normal(size=(COUNT, DIM)), rng.normal(scale=2.0, size=COUNT), 0.05)
+    sequences = [rng.integers(0, COUNT, size=rng.integers(2, 12)).tolist() for _ in range(400)]
+    table = CooccurrenceTable.from_sequences(sequences, COUNT)
+    users = rng.normal(size=(20, DIM)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    histories = [rng.choice(COUNT, size=rng.integers(1, 9), replace=False) for _ in range(20)]
+    sequence_vectors = rng.normal(scale=0.3, size=(20, DIM)).astype(np.float32)
+    return rows, table, users, histories, sequence_vectors
+
+
+def catalogue_of(rows: np.ndarray) -> Catalogue:
+    index = hnswlib.Index(space="ip", dim=DIM + 1)
+    index.init_index(max_elements=COUNT, ef_construction=200, M=32, allow_replace_deleted=True)
+    index.add_items(rows, np.arange(COUNT))
+    index.set_ef(COUNT)  # wide enough to be exact: the views must then agree item for item
+    ids = [f"i{n:03d}" for n in range(COUNT)]
+    manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, new_item_bias=0.0)
+    bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
+                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)})
+    return Catalogue(bundle)
+
+
+@pytest.mark.parametrize("rule", [RULE, ScoringRule(), ScoringRule(Adjustments(history_item_score=2.0))])
+def test_the_top_k_view_ranks_like_the_dense_view(rule):
+    rows, table, users, histories, sequence_vectors = catalogue_inputs()
+    catalogue = catalogue_of(rows)
+    dense = rule.dense_scores(users, rows, histories, table, sequence_vectors)
+    for user in range(len(users)):
+        history = histories[user]
+        query = rule.query(users[user:user + 1], [rows[history, :DIM]], sequence_vectors[user:user + 1])[0]
+        got = catalogue.top_k(rule, query, 10, [f"i{n:03d}" for n in history], table)
+        want = np.argsort(-dense[user], kind="stable")[:10]
+        assert [item.item_id for item in got] == [f"i{n:03d}" for n in want]
+        assert [item.score for item in got] == pytest.approx(dense[user, want].tolist(), abs=1e-5)
+
+
+def test_the_top_k_view_keeps_exclusions_out_however_much_an_item_is_raised():
+    rows, table, users, histories, sequence_vectors = catalogue_inputs(1)
+    rule = ScoringRule(Adjustments(cooccurrence_weight=50.0))
+    catalogue = catalogue_of(rows)
+    history = [f"i{n:03d}" for n in histories[0]]
+    raised = catalogue.top_k(rule, users[0], 5, history, table)
+    excluded = {raised[0].item_id}
+    again = catalogue.top_k(rule, users[0], 5, history, table, exclude_ids=excluded)
+    assert raised[0].item_id not in {item.item_id for item in again} and len(again) == 5
+
+
+@pytest.mark.parametrize("adjustments", [Adjustments(), RULE.adjustments, Adjustments(-4.0, 0.8, 1.6, 1.5)])
+def test_the_terms_combine_to_the_dense_scores(adjustments):
+    rows, table, users, histories, sequence_vectors = catalogue_inputs(2)
+    rule = ScoringRule(adjustments, RULE.cooccurrence_recency, RULE.history_vector_recency)
+    terms = ScoreTerms.of(RULE, query_rows(users) @ rows.T, rows[:, :DIM], histories, table, sequence_vectors)
+    np.testing.assert_allclose(terms.combine(adjustments),
+                               rule.dense_scores(users, rows, histories, table, sequence_vectors), atol=1e-5)
+
+
+def test_adjustments_follow_the_formula():
+    table = CooccurrenceTable.from_sequences([[1, 5], [2, 6], [2, 6]], 10, window=1)
+    rule = ScoringRule(Adjustments(history_item_score=-1.0, cooccurrence_weight=0.5), Recency(2, 0.5))
+    items, values = rule.adjustments_of([1, 2, 1, 3], table)  # oldest first: the latest two are 1 and 3
+    got = dict(zip(items.tolist(), values.tolist()))
+    # 1, 2 and 3 are history items; 5 co-occurs with 1 (the second latest, decay 0.5): 0.5 * 0.5 * log(2);
+    # 2's neighbour 6 is older than the two latest and is not read.
+    assert got == pytest.approx({1: -1.0, 2: -1.0, 3: -1.0, 5: 0.25 * np.log(2.0)})
+
+
+def test_the_query_adds_the_weighted_history_and_sequence_vectors():
+    rng = np.random.default_rng(3)
+    user, history, sequence = rng.normal(size=(1, DIM)), rng.normal(size=(3, DIM)), rng.normal(size=(1, DIM))
+    rule = ScoringRule(Adjustments(history_vector_weight=0.5, sequence_weight=2.0), history_vector_recency=Recency(2, 0.5))
+    expected = user[0] + 0.5 * (history[2] + 0.5 * history[1]) + 2.0 * sequence[0]
+    np.testing.assert_allclose(rule.query(user, [history], sequence)[0], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="sequence"):
+        rule.query(user, [history])
