@@ -76,6 +76,10 @@ bench: setup data  ## load-test the server beside the raw runtime and a PyTorch 
 	$(PY) -m bench.bench run --bundle-root $(BUNDLES) --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint \
 		--out reports/bench
 
+.PHONY: image
+image:  ## build the serving container image with Docker (deploy/Dockerfile; IMAGE=name:tag)
+	docker build -f deploy/Dockerfile -t $(or $(IMAGE),llmrec-server:0.1.0) .
+
 test: setup  ## install what the tests need and run them
 	$(PY) -m pytest -q
 

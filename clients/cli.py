@@ -1,6 +1,16 @@
 """`llmrec`: talk to an llmrec server from the shell (recommend, session, items, upsert, delete, info, ...).
 
-Errors print "error: <CODE>: <message>" on stderr and exit with status 1.
+Errors print "error: <CODE>: <message>" on stderr, then the field at fault or when to retry if the server says.
+
+Exit status:
+  0  success
+  1  health only: the server answered but is not SERVING
+  2  usage error: a bad option, argument or input file; nothing was sent
+  3  permanent failure: the same call fails again until the request, credentials or server change
+     (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED, UNAUTHENTICATED, ALREADY_EXISTS,
+     UNIMPLEMENTED, OUT_OF_RANGE, INTERNAL, UNKNOWN, DATA_LOSS)
+  4  retryable failure: the same call may succeed later, after the delay the server suggests if any
+     (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED, CANCELLED)
 """
 
 from __future__ import annotations
@@ -9,6 +19,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
@@ -29,6 +40,35 @@ Attr = Annotated[list[str] | None, typer.Option(
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
+# Global connection options, before the command: `llmrec --tls-ca ca.pem --token ... recommend --item 50`
+# (or LLMREC_TLS_CA, LLMREC_TOKEN, ... anywhere). Prefer LLMREC_TOKEN: a --token value shows up in `ps`.
+PemFile = dict(exists=True, dir_okay=False, readable=True)
+TlsCa = Annotated[Path | None, typer.Option(
+    envvar="LLMREC_TLS_CA", help="Use TLS, trusting this CA (PEM) for the server's certificate.", **PemFile)]
+TlsCert = Annotated[Path | None, typer.Option(
+    envvar="LLMREC_TLS_CERT", help="Client certificate (PEM) for mutual TLS; implies TLS.", **PemFile)]
+TlsKey = Annotated[Path | None, typer.Option(
+    envvar="LLMREC_TLS_KEY", help="The client certificate's private key (PEM).", **PemFile)]
+Token = Annotated[str | None, typer.Option(
+    envvar="LLMREC_TOKEN", show_default=False, help="Bearer token sent with every call (prefer LLMREC_TOKEN).")]
+
+_connection: dict = {}
+
+
+@app.callback()
+def _connection_options(tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
+                        token: Token = None) -> None:
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert/--tls-key")
+    _connection.clear()
+    _connection.update(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token or None)
+
+
+def _connect(target: str, timeout: float) -> RecommenderClient:
+    """A client for `target` with the global connection options."""
+    return RecommenderClient(target, timeout_s=timeout, **_connection)
+
+
 SESSION_HELP = """\
 session commands, one per line:
   item ID            the user interacted with a catalogue item
@@ -43,9 +83,23 @@ session commands, one per line:
   quit               end the session"""
 
 
+EXIT_NOT_SERVING = 1
+EXIT_PERMANENT = 3
+EXIT_RETRYABLE = 4
+
+
+def exit_code(error: RecommenderError) -> int:
+    """EXIT_RETRYABLE for codes in client.RETRYABLE_CODES, EXIT_PERMANENT for every other failure."""
+    return EXIT_RETRYABLE if error.retryable else EXIT_PERMANENT
+
+
 def _fail(error: RecommenderError) -> None:
     typer.echo(f"error: {error.code.name}: {error.message}", err=True)
-    raise typer.Exit(code=1)
+    for violation in error.field_violations:
+        typer.echo(f"  field: {violation.field}", err=True)
+    if error.retryable and error.retry_after_s is not None:
+        typer.echo(f"  retry after {error.retry_after_s:g} s", err=True)
+    raise typer.Exit(code=exit_code(error))
 
 
 def format_items(items: Sequence[Recommendation]) -> str:
@@ -96,7 +150,7 @@ def recommend(
     history = [*(item or []), *({"title": t} for t in (text or []))]
     filters = parse_filters(attr or [])
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             result = client.recommend(history, k=k, query=query, device=device, locale=locale,
                                       exclude=exclude or [], exclude_history=exclude_history, explain=explain,
                                       filters=filters, category=category or [])
@@ -129,7 +183,7 @@ def session(
         typer.echo(SESSION_HELP)
     filters = parse_filters(attr or [])
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client, client.session() as live:
+        with _connect(target, timeout) as client, client.session() as live:
             state = {"k": k, "exclude": [], "exclude_history": exclude_history, "query": "", "device": "",
                      "locale": "", "explain": explain, "filters": filters, "category": category or []}
             first = live.configure(k=k, exclude_history=exclude_history, explain=explain, filters=filters,
@@ -212,7 +266,7 @@ def _print_update(update: SessionUpdate, show_empty: bool = True) -> None:
 def info(target: Target = DEFAULT_TARGET, json_output: Json = False, timeout: Timeout = 10.0) -> None:
     """Show the served model, index and limits."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             response = client.model_info()
     except RecommenderError as error:
         _fail(error)
@@ -233,13 +287,13 @@ def health(
 ) -> None:
     """Print the health status; exit 0 only when SERVING."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             status = client.health(service)
     except RecommenderError as error:
         _fail(error)
     typer.echo(status)
     if status != "SERVING":
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_NOT_SERVING)
 
 
 @app.command()
@@ -251,7 +305,7 @@ def embed(
 ) -> None:
     """Embed item titles: print each vector's size and first values (all of them with --json)."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             result = client.embed(items=[{"title": t} for t in text])
     except RecommenderError as error:
         _fail(error)
@@ -273,7 +327,7 @@ def forget(
 ) -> None:
     """End a live session and drop everything the server holds for it."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             client.forget_session(session_id)
     except RecommenderError as error:
         _fail(error)
@@ -323,7 +377,7 @@ def upsert(
         raise typer.BadParameter("give --id and --title, or --file", param_hint="--id")
     created = replaced = 0
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             for start in range(0, len(items), max(batch_size, 1)):
                 change = client.upsert_items(items[start : start + max(batch_size, 1)])
                 created, replaced = created + change.created, replaced + change.replaced
@@ -344,7 +398,7 @@ def delete(
 ) -> None:
     """Delete catalogue items; durable once it prints."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             change = client.delete_items(item_ids, allow_missing=allow_missing)
     except RecommenderError as error:
         _fail(error)
@@ -361,7 +415,7 @@ def item(
 ) -> None:
     """Show one catalogue item."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             found = client.get_item(item_id, include_vector=vector)
     except RecommenderError as error:
         _fail(error)
@@ -384,7 +438,7 @@ def items(
 ) -> None:
     """List the live catalogue in id order: one page (its next token goes to stderr) or --all."""
     try:
-        with RecommenderClient(target, timeout_s=timeout) as client:
+        with _connect(target, timeout) as client:
             token = page_token
             while True:
                 page = client.list_items(page_size, token)

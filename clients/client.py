@@ -13,15 +13,23 @@ Failures raise RecommenderError carrying the gRPC status code and the server's m
     client.upsert_items([{"id": "new-1", "title": "Arrival (2016)", "categories": ["Sci-Fi"],
                           "attributes": {"studio": "Paramount"}}])
     for item in client.iter_items(): ...
+
+Secured servers (server.security): TLS with the server's CA, mutual TLS with a client certificate, a token:
+
+    RecommenderClient("recs.internal:50051", tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key", token=TOKEN)
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
+import ipaddress
 import itertools
+import os
 import queue
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
+from llmrec.clients.status_details import FieldViolation, StatusDetails, details_of
+
 HistoryLike = str | Mapping[str, Any] | pb.ItemText | pb.HistoryItem
 # {"category": "Sci-Fi"} or {"category": ["Sci-Fi", "Horror"], "studio": "A24"}: each key must match, any value.
 FiltersLike = Mapping[str, str | Sequence[str]] | Sequence[pb.AttributeFilter]
@@ -41,19 +51,45 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 _ITEM_TEXT_KEYS = {"title", "categories", "brand", "description"}
 
 
-class RecommenderError(Exception):
-    """A call failed. `code` is the gRPC status code, `message` the server's explanation."""
+# Failures worth retrying as they are (after RetryInfo's delay when given): the server is busy, not there yet or
+# any more, or the call was cut short. The others need a different request, credentials or server (`permanent`).
+RETRYABLE_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+})
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class RecommenderError(Exception):
+    """A call failed. `code` is the gRPC status code, `message` the server's explanation.
+
+    The server's rich details (google.rpc.Status), where it sent them:
+        reason: a stable UPPER_SNAKE cause for programs, e.g. "ITEM_NOT_FOUND", "INVALID_FIELD" ("" if none);
+        domain: "llmrec.v1"; metadata: the reason's specifics (e.g. item_ids, a JSON list; unknown_count);
+        field_violations: the bad request fields, e.g. (FieldViolation("history[3].item_id", "..."),);
+        retry_after_s: how long to wait before retrying (RESOURCE_EXHAUSTED, UNAVAILABLE), else None.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, details: StatusDetails | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        details = details or StatusDetails()
+        self.reason = details.reason
+        self.domain = details.domain
+        self.metadata = dict(details.metadata)
+        self.field_violations: tuple[FieldViolation, ...] = details.field_violations
+        self.retry_after_s = details.retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same call may succeed later (RETRYABLE_CODES); the CLI exits 4 for these, 3 otherwise."""
+        return self.code in RETRYABLE_CODES
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> RecommenderError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", details_of(error))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +309,9 @@ def _code_name(code: int) -> str:
 # --- client -----------------------------------------------------------------------------------------------
 
 
+PemLike = str | os.PathLike | bytes  # a PEM file's path, or its contents as bytes
+
+
 class RecommenderClient:
     """Client for one server. Use as a context manager, or call close().
 
@@ -280,15 +319,20 @@ class RecommenderClient:
         target: "host:port".
         timeout_s: deadline for each unary call (and for each RecommendStream as a whole).
         max_message_bytes: gRPC send/receive limit; match the server's.
+        tls_ca: the CA that signed the server's certificate (PEM); None with TLS = the system's roots.
+        tls_cert, tls_key: this client's certificate and key, for servers that require mutual TLS.
+        token: a bearer token, sent as `authorization: Bearer <token>` metadata with every call.
+        tls: use TLS; None (the default) = when any of tls_ca, tls_cert, tls_key is given.
+        tls_server_name: the name to check the server's certificate against, when not the target's host.
     """
 
-    def __init__(self, target: str, timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, target: str, timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 *, tls_ca: PemLike | None = None, tls_cert: PemLike | None = None, tls_key: PemLike | None = None,
+                 token: str | None = None, tls: bool | None = None, tls_server_name: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        self.channel = open_channel(target, max_message_bytes, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                    token=token, tls=tls, tls_server_name=tls_server_name)
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -426,6 +470,89 @@ class RecommenderClient:
             return method(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
             raise RecommenderError.from_rpc_error(error) from None
+
+
+def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, tls_ca: PemLike | None = None,
+                 tls_cert: PemLike | None = None, tls_key: PemLike | None = None, token: str | None = None,
+                 tls: bool | None = None, tls_server_name: str | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS when asked for (or when any tls_* is given), the token on every call.
+
+    The token travels as call metadata added by a client interceptor, not as gRPC call credentials: gRPC
+    refuses call credentials on plaintext channels, and a token over plaintext to a loopback address (tests, a
+    sidecar proxy that terminates TLS) is legitimate, so one mechanism serves both. Over plaintext to any other
+    address the token could be read on the wire: that draws a warning.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("give tls_cert and tls_key together (a client certificate and its key)")
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes)]
+    secure = tls if tls is not None else any(value is not None for value in (tls_ca, tls_cert, tls_key))
+    if secure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert))
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        channel = grpc.secure_channel(target, credentials, options=options)
+    elif tls_ca is not None or tls_cert is not None:
+        raise ValueError("tls=False with TLS files: drop the files or the tls=False")
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if token:
+        if not secure and not _is_local(target):
+            warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it",
+                          stacklevel=3)
+        channel = grpc.intercept_channel(channel, _BearerToken(token))
+    return channel
+
+
+def _pem(value: PemLike | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as file:
+        return file.read()
+
+
+def _is_local(target: str) -> bool:
+    """A unix socket or a loopback host ("127.0.0.1:50051", "localhost:1", "[::1]:2", "dns:///localhost:3")."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.rsplit("/", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to the metadata of every call, streams and health checks too."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._header],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 def _user_input(value: Mapping[str, Any] | pb.UserInput) -> pb.UserInput:

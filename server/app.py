@@ -15,17 +15,17 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from llmrec.v1 import recommender_pb2 as pb
-from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 from llmrec.server import metrics
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.catalogue import open_catalogue
 from llmrec.server.encoding import AsyncEncoder, BatchPolicy
 from llmrec.server.recommender import Recommender
-from llmrec.server.servicer import RecommenderServicer
+from llmrec.server import reflection
+from llmrec.server.servicer import RecommenderServicer, add_to_server
+from llmrec.server import security
 from llmrec.server.settings import ServerSettings
 from llmrec.server.validation import Limits
 
@@ -52,6 +52,7 @@ class RecommenderServer:
         self._encoder: AsyncEncoder | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
+        self.certificates: security.CertificateFiles | None = None  # TLS files, reloaded on change
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING, Recommender UNAVAILABLE). Returns the bound port."""
@@ -62,19 +63,25 @@ class RecommenderServer:
             # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start" and share it.
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs)
+        auth = security.AuthInterceptor.from_settings(self.settings)  # None: every caller may call everything
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+                                 interceptors=None if auth is None else [auth])
         self._health = health.aio.HealthServicer()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        pb_grpc.add_RecommenderServicer_to_server(self._servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        add_to_server(self._servicer, server)  # undecodable requests get INVALID_ARGUMENT (servicer.safe_deserializer)
+        # grpc.reflection.v1 and v1alpha both (server.reflection); they add themselves to the list.
+        reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                                            server)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            tls = security.server_credentials(self.settings)  # OSError for unusable certificate files
+            if tls is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                credentials, self.certificates = tls
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as error:  # grpc reports a busy or invalid address this way
             raise OSError(f"cannot listen on {address}: {error}") from error
         if self.settings.metrics_port is not None:
@@ -86,7 +93,9 @@ class RecommenderServer:
             logger.info("Prometheus metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         await server.start()
         self._server = server
-        logger.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.settings.host, self.port)
+        logger.info("listening on %s:%d, %s (NOT_SERVING until the model is loaded)", self.settings.host, self.port,
+                    security.describe(self.settings))
+        security.warn_if_open(self.settings)
         return self.port
 
     async def load(self) -> None:

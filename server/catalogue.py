@@ -32,7 +32,7 @@ from llmrec.template import ItemFields
 
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
-from llmrec.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from llmrec.server.errors import FailedPrecondition, InvalidArgument, Unavailable, unknown_items
 from llmrec.server.state import CatalogueStore, Delete, Upsert
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Catalogue:
         with self._lock.read():
             label = self._label_of.get(item_id)
             if label is None:
-                raise NotFound(f"unknown item id {item_id!r}: not in the catalogue")
+                raise unknown_items([item_id], "not in the catalogue")
             item = self._items[label]
             assert item is not None
             return item, (self._vectors[label].copy() if include_vector else None)
@@ -214,11 +214,8 @@ class Catalogue:
                 assert item is not None
                 vector = self._vectors[label, : self.dimension].copy() if position >= start else None
                 resolved.append(ResolvedItem(item.item_id, item.fields, vector))
-        if unknown:
-            shown = ", ".join(repr(i) for i in unknown[:5])
-            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-            noun = "item id" if len(unknown) == 1 else "item ids"
-            raise NotFound(f"unknown {noun} {shown}{more}: not in the catalogue of model {self.bundle_version}")
+        if unknown:  # ids are echoed cut to errors.SHOWN_ID_CHARS: a long one must not outgrow the status
+            raise unknown_items(unknown, f"not in the catalogue of model {self.bundle_version}")
         return resolved
 
     def unit_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
@@ -399,10 +396,8 @@ class Catalogue:
         present = list(dict.fromkeys(i for i in item_ids if i in self._label_of))
         missing = [i for i in item_ids if i not in self._label_of]
         if missing and not allow_missing:
-            shown = ", ".join(repr(i) for i in missing[:5])
-            noun = "item id" if len(missing) == 1 else "item ids"
-            raise NotFound(f"unknown {noun} {shown}: not in the catalogue (nothing was deleted; "
-                           f"set allow_missing to skip unknown ids)")
+            raise unknown_items(missing, "not in the catalogue (nothing was deleted; set allow_missing to skip "
+                                         "unknown ids)")
         if present:
             self._commit(Delete(present))
         return WriteResult(deleted=len(present), item_count=self.count, index_version=self.index_version)
@@ -525,6 +520,11 @@ class Catalogue:
         return records
 
 
+def page_token_after(item_id: str) -> str:
+    """The ListItems page token that continues after `item_id` (a page cut short by size ends there)."""
+    return _encode_page_token(item_id)
+
+
 def _encode_page_token(last_id: str) -> str:
     return base64.urlsafe_b64encode((_PAGE_TOKEN_PREFIX + last_id).encode()).decode().rstrip("=")
 
@@ -537,7 +537,8 @@ def _decode_page_token(token: str) -> str | None:
     except (ValueError, UnicodeDecodeError):
         text = ""
     if not text.startswith(_PAGE_TOKEN_PREFIX):
-        raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged")
+        raise InvalidArgument("page_token is not one this server issued; pass next_page_token unchanged",
+                              field="page_token")
     return text[len(_PAGE_TOKEN_PREFIX):]
 
 

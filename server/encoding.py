@@ -10,7 +10,9 @@ What happens to a request:
 2. A free worker takes what is waiting as one micro-batch (at most max_requests; it waits up to max_delay_s
    for more only when batching across requests). Requests whose caller cancelled, or whose gRPC deadline
    (carried in the REQUEST_DEADLINE context variable, set by the servicer) has passed, are dropped here and
-   again right before their own compute: they never cost a model run.
+   again right before their own compute: they never cost a model run. A request already running is checked
+   again between its texts (between runs when batching) and stops there: a 300-text UpsertItems whose caller
+   gave up costs at most one more run, not 300.
 3. Compute, in one of two modes:
    * per text (the default on CPU): every text is its own session.run at its own padded width.
      Dynamic INT8 quantises activations per tensor, i.e. per run, with the padding included: a text's
@@ -46,7 +48,9 @@ import numpy as np
 from llmrec.onnx_encoder import LENGTH_BUCKET, OnnxEncoder
 
 from llmrec.server import metrics
-from llmrec.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from llmrec.server.errors import (
+    REASON_DEADLINE, REASON_QUEUE_FULL, REASON_SHUTTING_DOWN, DeadlineExceeded, ResourceExhausted, Unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +122,12 @@ class _JobQueue:
     def put(self, job: _Job) -> None:
         with self._ready:
             if self._closed:
-                raise Unavailable("the server is shutting down")
+                raise _shutting_down()
             if len(self._jobs) >= self._limit:
                 metrics.DROPPED.labels("queue_full").inc()
-                raise ResourceExhausted(f"the server is at capacity ({self._limit} requests waiting); retry shortly")
+                raise ResourceExhausted(f"the server is at capacity ({self._limit} requests waiting); retry shortly",
+                                        reason=REASON_QUEUE_FULL, metadata={"max_queue": str(self._limit)},
+                                        retry_after_s=0.5)
             self._jobs.append(job)
             metrics.QUEUE_DEPTH.set(len(self._jobs))
             self._ready.notify()
@@ -172,6 +178,11 @@ class _JobQueue:
         return len(self._jobs)
 
 
+def _shutting_down() -> Unavailable:
+    # Retrying makes sense: a restarted server, or another replica behind the same address.
+    return Unavailable("the server is shutting down", reason=REASON_SHUTTING_DOWN, retry_after_s=1.0)
+
+
 class AsyncEncoder:
     """Async front of an OnnxEncoder with the bundle's token limits.
 
@@ -218,7 +229,7 @@ class AsyncEncoder:
         deadline = REQUEST_DEADLINE.get()
         if deadline is not None and time.monotonic() >= deadline:
             metrics.DROPPED.labels("deadline").inc()
-            raise DeadlineExceeded("the request's deadline passed before it could be encoded")
+            raise DeadlineExceeded("the request's deadline passed before it could be encoded", reason=REASON_DEADLINE)
         loop = asyncio.get_running_loop()
         job = _Job(texts, max_tokens, loop.create_future(), loop, time.perf_counter(), deadline)
         self._queue.put(job)
@@ -261,7 +272,8 @@ class AsyncEncoder:
             return False
         if job.expired(time.monotonic()):
             metrics.DROPPED.labels("deadline").inc()
-            self._deliver(job, error=DeadlineExceeded("the request's deadline passed while it was queued"))
+            self._deliver(job, error=DeadlineExceeded("the request's deadline passed before it was encoded",
+                                                      reason=REASON_DEADLINE))
             return False
         return True
 
@@ -272,6 +284,8 @@ class AsyncEncoder:
         metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - tokenized)
         out = np.empty((len(rows), self.encoder.dimension), dtype=np.float32)
         for position, row in enumerate(rows):
+            if position and not self._still_wanted(job):  # cancelled or past its deadline meanwhile: stop here
+                return
             ids, mask = self.encoder.pad([row], job.max_tokens)
             out[position] = self._run(engine, ids, mask)[0]
         self._deliver(job, out)
@@ -289,10 +303,23 @@ class AsyncEncoder:
                 width = self.encoder.padded_width(len(row), job.max_tokens)
                 groups[(job.max_tokens, width)].append((job, position, row))
         metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - tokenized)
+        gone: set[_Job] = set()  # jobs dropped since (cancelled, past their deadline): their texts are skipped
+
+        def wanted(job: _Job) -> bool:
+            if job in gone:
+                return False
+            if self._still_wanted(job):
+                return True
+            gone.add(job)
+            return False
+
         for (max_tokens, width), entries in sorted(groups.items(), key=lambda g: g[0][1]):
+            entries = [entry for entry in entries if wanted(entry[0])]
             per_run = max(1, self.policy.max_tokens // width)
             for start in range(0, len(entries), per_run):
-                chunk = entries[start : start + per_run]
+                chunk = [entry for entry in entries[start : start + per_run] if wanted(entry[0])]
+                if not chunk:
+                    continue
                 ids, mask = self.encoder.pad([row for _, _, row in chunk], max_tokens)
                 vectors = self._run(engine, ids, mask)
                 for (job, position, _), vector in zip(chunk, vectors):
@@ -377,6 +404,6 @@ class AsyncEncoder:
     def close(self) -> None:
         """Stop the worker threads once running work has finished; waiting requests get UNAVAILABLE."""
         for job in self._queue.close():
-            self._deliver(job, error=Unavailable("the server is shutting down"))
+            self._deliver(job, error=_shutting_down())
         for thread in self._workers:
             thread.join(timeout=30)

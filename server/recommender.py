@@ -26,6 +26,9 @@ from llmrec.server.errors import InvalidArgument
 logger = logging.getLogger(__name__)
 
 _TEXT_CACHE_LIMIT = 256
+# UpsertItems encodes its texts this many at a time: each chunk is one encoder request, so other requests are
+# served between chunks, and a call whose client gave up (or whose deadline passed) stops at the next one.
+UPSERT_ENCODE_CHUNK = 16
 
 
 class Recommender:
@@ -196,15 +199,23 @@ class Recommender:
     # --- catalogue changes -------------------------------------------------------------------------------
 
     async def upsert_items(self, items: Sequence[CatalogueItem]) -> WriteResult:
-        """Validate, encode (text only) and durably add or replace items.
+        """Validate, encode (text only) and durably add or replace items: all of them or none.
+
+        Texts are encoded UPSERT_ENCODE_CHUNK at a time; only once every one is encoded is the whole batch
+        journaled and applied, as one change. A call cancelled (or past its deadline) while encoding therefore
+        stops encoding and changes nothing; one cancelled during the write is still applied in full (the write is
+        shielded: a journaled change is never left half-applied), though its caller is not told.
 
         Raises:
             InvalidArgument: a bad item or batch; FailedPrecondition: no state directory; Unavailable: storage.
+            DeadlineExceeded: the deadline passed while encoding (nothing was changed).
         """
         validation.check_catalogue_items(items, self.limits)
         self.catalogue.check_writable()
-        vectors = await self.encoder.encode_items([render_item(item.fields) for item in items])
-        rows = np.stack([self.catalogue.row_for(vector) for vector in vectors])
+        texts = [render_item(item.fields) for item in items]
+        vectors = [await self.encoder.encode_items(texts[start : start + UPSERT_ENCODE_CHUNK])
+                   for start in range(0, len(texts), UPSERT_ENCODE_CHUNK)]
+        rows = np.stack([self.catalogue.row_for(vector) for vector in np.concatenate(vectors)])
         return await self.catalogue.upsert(items, rows)
 
     async def delete_items(self, item_ids: Sequence[str], allow_missing: bool) -> WriteResult:

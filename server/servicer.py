@@ -4,11 +4,24 @@ Versions reported in every response:
     model_version = manifest.bundle_version (the encoder and everything else in the bundle).
     index_version = "<bundle_version>:<item_count>" (the index is built with the bundle; the count shows
     catalogue size at a glance), plus ":r<revision>" once UpsertItems/DeleteItems have changed the catalogue.
+
+Every method runs in one scope (_rpc_scope) that turns domain errors into rich statuses (server.errors), and
+counts and logs each call with the status it really ended with: a call whose client cancelled or whose deadline
+passed is CANCELLED or DEADLINE_EXCEEDED, not OK (grpc.aio cancels the handler task; the encoder drops the work
+it was waiting for, between texts). A call that finished its answer just before the cancel landed stays OK.
+
+Requests are decoded by the deserializers `add_to_server` registers: bytes that are not the method's request
+message become an `Undecodable`, answered INVALID_ARGUMENT ("request could not be decoded as
+llmrec.v1.RecommendRequest", reason REQUEST_UNDECODABLE) with at most one short WARNING line per 10 s, not the
+UNKNOWN/INTERNAL and traceback a failing deserializer gets from grpc. On Session the stream ends with it: the
+server cannot tell which event the bytes were meant to be.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -20,29 +33,131 @@ from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 from llmrec.server import convert, metrics
+from llmrec.server.catalogue import page_token_after
 from llmrec.server.encoding import set_request_deadline
-from llmrec.server.errors import Unavailable, abort_with, code_number, status_for
+from llmrec.server.errors import (
+    REASON_NOT_LOADED, REASON_UNDECODABLE, InvalidArgument, ThrottledWarning, Unavailable, abort_with_described,
+    code_number, describe, status_for,
+)
 from llmrec.server.recommender import Recommender
-from llmrec.server.session import SessionRegistry
+from llmrec.server.session import Session, SessionRegistry
 from llmrec.server.settings import ServerSettings
 from llmrec.server.validation import check_item_id, check_list_page_size, check_page_size
 
 logger = logging.getLogger(__name__)
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"]
+# ListItems leaves this much of the message limit for everything but the items (token, count, framing).
+LIST_PAGE_MARGIN_BYTES = 64 << 10
+
+_undecodable_warning = ThrottledWarning(logger, every_s=10.0)
+_CANCEL_SETTLE_S = 0.02  # see Session
+
+
+# --- decoding --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Undecodable:
+    """What a request deserializer returns for bytes that are not its message (instead of raising)."""
+
+    type_name: str  # e.g. "llmrec.v1.RecommendRequest"
+    size: int       # bytes received
+
+    def error(self, method: str) -> InvalidArgument:
+        _undecodable_warning.warning("%s: %d request bytes could not be decoded as %s; answered INVALID_ARGUMENT",
+                                     method, self.size, self.type_name)
+        return InvalidArgument(f"request could not be decoded as {self.type_name}", reason=REASON_UNDECODABLE,
+                               metadata={"message_type": self.type_name})
+
+
+def safe_deserializer(message_class) -> Callable[[bytes], object]:
+    """message_class.FromString that returns an Undecodable instead of raising (grpc would answer UNKNOWN with
+    the exception's class in the message, or INTERNAL on a stream, and log a traceback per request)."""
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception:  # noqa: BLE001 - DecodeError, or anything else the parser raises: the bytes are bad
+            return Undecodable(type_name, len(data))
+
+    return deserialize
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(servicer: pb_grpc.RecommenderServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The handlers of every llmrec.v1.Recommender method, as the generated code makes them, but with
+    safe_deserializer for the requests."""
+    handlers = {}
+    for method in SERVICE.methods:
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=safe_deserializer(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return handlers
+
+
+def add_to_server(servicer: pb_grpc.RecommenderServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer (in place of pb_grpc.add_RecommenderServicer_to_server: see method_handlers)."""
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+# --- the scope every method runs in ------------------------------------------------------------------------
+
+
+def _gone_code(context) -> grpc.StatusCode:
+    """Why a call ended without an answer: its deadline passed (DEADLINE_EXCEEDED) or its client left (CANCELLED)."""
+    with contextlib.suppress(Exception):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0.05:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _aborted_code(context) -> grpc.StatusCode:
+    with contextlib.suppress(Exception):
+        code = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status
+    return grpc.StatusCode.UNKNOWN
+
 
 @contextlib.asynccontextmanager
 async def _rpc_scope(name: str, context) -> AsyncIterator[None]:
-    """Domain errors -> their status; anything else -> INTERNAL (logged). Logs outcome and latency only."""
+    """Domain errors -> their rich status; anything else -> INTERNAL (logged). Counts and logs the outcome (the
+    real one: CANCELLED or DEADLINE_EXCEEDED when the call was cancelled) and latency only."""
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     set_request_deadline(context.time_remaining())  # the encoder drops work whose caller gave up
     try:
         yield
     except grpc.aio.AbortError:
+        code = _aborted_code(context)
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        # grpc.aio cancels the handler when the client cancels or the deadline passes (a stream may instead be
+        # closed at a yield): the work stops here, and the call is neither OK nor an error of ours.
+        code = _gone_code(context)
         raise
     except Exception as error:
-        code, _ = status_for(error, name)
-        await abort_with(context, error, name)
+        described = describe(error, name)
+        code = described.code
+        await abort_with_described(context, described)
     finally:
         # Never the request itself: histories and queries are personal data.
         elapsed = time.perf_counter() - started
@@ -54,6 +169,8 @@ def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with _rpc_scope(method.__name__, context):
+            if isinstance(request, Undecodable):
+                raise request.error(method.__name__)
             return await method(self, request, context)
 
     return wrapper
@@ -65,6 +182,8 @@ def _streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     async def wrapper(self, request, context):
         async with _rpc_scope(method.__name__, context):
+            if isinstance(request, Undecodable):
+                raise request.error(method.__name__)
             async for response in method(self, request, context):
                 yield response
 
@@ -89,7 +208,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def _ready(self) -> Recommender:
         if self._recommender is None:
-            raise Unavailable("the model is not loaded yet (or the server is shutting down); retry shortly")
+            raise Unavailable("the model is not loaded yet (or the server is shutting down); retry shortly",
+                              reason=REASON_NOT_LOADED, retry_after_s=1.0)
         return self._recommender
 
     @_unary
@@ -125,7 +245,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         try:
             requests = aiter(request_iterator)
             while (request := await session.next_request(requests, self.settings.session_idle_timeout_s)) is not None:
+                if isinstance(request, Undecodable):  # no event id to answer it under: the stream ends
+                    raise request.error("Session")
                 yield await self._session_step(session, recommender, request)
+            # The end of the requests: a half-close, or a cancel (grpc.aio reads that as the end too, then cancels
+            # this task a moment later). Waiting that moment lets a cancel land here, so the call counts as
+            # CANCELLED and not OK; a half-close only ends 20 ms later (best effort: measured, not guaranteed).
+            await asyncio.sleep(_CANCEL_SETTLE_S)
         finally:
             self.sessions.close(session)  # idle timeout, half-close, ForgetSession or cancel: the state goes
 
@@ -219,5 +345,22 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         recommender = self._ready()
         page_size = check_list_page_size(request.page_size, recommender.limits)
         items, next_token, total = recommender.catalogue.list_page(page_size, request.page_token)
-        return pb.ListItemsResponse(items=[convert.catalogue_item_message(i) for i in items],
-                                    next_page_token=next_token, total_count=total)
+        # Bounded by bytes too: page_size large items can outgrow the message limit (the send would fail with
+        # RESOURCE_EXHAUSTED). A page stops before the item that would pass the budget and its token continues
+        # there; one item always goes, so every page makes progress.
+        budget = max(self.settings.max_message_bytes - LIST_PAGE_MARGIN_BYTES, self.settings.max_message_bytes // 2)
+        messages: list[pb.CatalogueItem] = []
+        size = 0
+        for item in items:
+            message = convert.catalogue_item_message(item)
+            size += _embedded_size(message.ByteSize())
+            if messages and size > budget:
+                next_token = page_token_after(messages[-1].item_id)
+                break
+            messages.append(message)
+        return pb.ListItemsResponse(items=messages, next_page_token=next_token, total_count=total)
+
+
+def _embedded_size(size: int) -> int:
+    """Bytes a message of `size` bytes takes as a repeated field: tag, length varint, body."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size

@@ -36,7 +36,10 @@ from llmrec.template import RequestContext, join_user_text, render_context, rend
 from llmrec.server import validation
 from llmrec.server.catalogue import ResolvedItem
 from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
-from llmrec.server.errors import Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from llmrec.server.errors import (
+    REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND, REASON_TOO_MANY_SESSIONS, Aborted,
+    DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted,
+)
 
 NOTHING_YET_MESSAGE = "nothing to recommend from yet: send an interaction or a query"
 
@@ -233,7 +236,8 @@ class Session:
 
     def _check_live(self) -> None:
         if self.forgotten:
-            raise Aborted(f"session {self.id} was ended by ForgetSession; the server holds nothing of it")
+            raise Aborted(f"session {self.id} was ended by ForgetSession; the server holds nothing of it",
+                          reason=REASON_SESSION_FORGOTTEN)
 
     async def next_request(self, requests: AsyncIterator, idle_timeout_s: float):
         """The next request from the stream; None when the client has half-closed.
@@ -244,8 +248,11 @@ class Session:
         """
         self._check_live()
         if self._ended_waiter is None:
-            self._ended_waiter = asyncio.ensure_future(self._ended.wait())
-        reading = asyncio.ensure_future(anext(requests))
+            self._ended_waiter = _quiet(asyncio.ensure_future(self._ended.wait()))
+        # Its outcome is always collected (_quiet), also when this call is cancelled or times out first: a read
+        # that ends the moment the stream is cancelled (StopAsyncIteration, an RPC error) is otherwise logged as
+        # "Task exception was never retrieved".
+        reading = _quiet(asyncio.ensure_future(anext(requests)))
         try:
             done, _ = await asyncio.wait({reading, self._ended_waiter}, timeout=idle_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -255,7 +262,8 @@ class Session:
         if self.forgotten:
             self._check_live()
         if reading not in done:
-            raise DeadlineExceeded(f"session closed after {idle_timeout_s:g} s without an event")
+            raise DeadlineExceeded(f"session closed after {idle_timeout_s:g} s without an event",
+                                   reason=REASON_SESSION_IDLE)
         try:
             return reading.result()
         except StopAsyncIteration:
@@ -266,6 +274,12 @@ class Session:
         if self._ended_waiter is not None:
             self._ended_waiter.cancel()
             self._ended_waiter = None
+
+
+def _quiet(task: asyncio.Future) -> asyncio.Future:
+    """`task`, its outcome marked as collected whenever it ends (whoever awaits it still gets it)."""
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
 
 
 class SessionRegistry:
@@ -285,7 +299,8 @@ class SessionRegistry:
     def open(self, recommender, default_k: int) -> Session:
         if len(self._sessions) >= self.max_sessions:
             raise ResourceExhausted(f"the server already holds its maximum of {self.max_sessions} live sessions; "
-                                    "retry later or end idle sessions")
+                                    "retry later or end idle sessions", reason=REASON_TOO_MANY_SESSIONS,
+                                    metadata={"max_sessions": str(self.max_sessions)}, retry_after_s=5.0)
         session_id = secrets.token_urlsafe(16)  # unguessable: knowing it is what allows ForgetSession
         session = Session(recommender, default_k, session_id)
         self._sessions[session_id] = session
@@ -304,8 +319,9 @@ class SessionRegistry:
             InvalidArgument: no id given. NotFound: no live session has this id (an ended one holds no state).
         """
         if not session_id:
-            raise InvalidArgument("session_id is empty: pass SessionResponse.session_id")
+            raise InvalidArgument("session_id is empty: pass SessionResponse.session_id", field="session_id")
         session = self._sessions.pop(session_id, None)
         if session is None:
-            raise NotFound("no live session has this id; a session that ended holds no state on this server")
+            raise NotFound("no live session has this id; a session that ended holds no state on this server",
+                           reason=REASON_SESSION_NOT_FOUND)
         session.forget()

@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     CliApp,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -110,6 +111,44 @@ class ServerSettings(BaseSettings):
         "Serve Prometheus metrics on this port (0 = any free one); unset = no metrics server."))
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=(
         "This server's log level; library loggers (grpc, asyncio) stay at info or quieter."))
+    # Transport security and authorization (server.security).
+    tls_cert: Path | None = Field(None, description=(
+        "PEM certificate chain to serve TLS with (with tls_key); unset = plaintext. Reloaded without a restart "
+        "when the file changes: new connections get the new certificate."))
+    tls_key: Path | None = Field(None, description="The unencrypted PEM private key of tls_cert, reloaded with it.")
+    tls_client_ca: Path | None = Field(None, description=(
+        "PEM CA bundle: when set, every client must present a certificate it signed (mutual TLS)."))
+    auth_tokens: Annotated[tuple[str, ...], NoDecode] = Field((), description=(
+        "Bearer tokens that may call, stored as their SHA-256: entries NAME@sha256:HEX=ROLES (roles read, write, "
+        "admin joined by commas; NAME@ optional) separated by spaces, or a TOML list of them. python -m "
+        "llmrec.server.security new-token makes one. Unset together with auth_mtls_roles = no authorization."))
+    auth_mtls_roles: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field({}, description=(
+        "Client certificate identities (subject CN or a SAN) and their roles: entries IDENTITY=ROLES separated "
+        "by spaces, or a TOML table identity = \"read,write\". Needs tls_client_ca."))
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _token_entries(cls, value: Any) -> tuple[str, ...]:
+        from llmrec.server.security import normalise_tokens  # grpc loads only when tokens are configured
+
+        return normalise_tokens(value)
+
+    @field_validator("auth_mtls_roles", mode="before")
+    @classmethod
+    def _certificate_roles(cls, value: Any) -> dict[str, tuple[str, ...]]:
+        from llmrec.server.security import normalise_certificate_roles
+
+        return normalise_certificate_roles(value)
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set tls_cert and tls_key together (--tls-cert FILE --tls-key FILE)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.auth_mtls_roles and self.tls_client_ca is None:
+            raise ValueError("auth_mtls_roles maps client certificates to roles: it needs tls_client_ca")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -1,4 +1,5 @@
-"""Request checks. Each failure raises InvalidArgument with a message that names the field and the limit."""
+"""Request checks. Each failure raises InvalidArgument with a message that names the field and the limit, and
+with `field` set to that field's path (history[3].item_id, k), which the status carries as a BadRequest violation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 from llmrec.template import ItemFields, RequestContext, describe_time
 
 from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, UserInput
-from llmrec.server.errors import InvalidArgument
+from llmrec.server.errors import InvalidArgument, shown_id
 
 EMPTY_USER_MESSAGE = (
     "history is empty and no query was given: send at least one history item or a context.query"
@@ -33,31 +34,33 @@ class Limits:
 
 def check_k(k: int, limits: Limits, field: str = "k") -> None:
     if not 1 <= k <= limits.max_k:
-        raise InvalidArgument(f"{field} must be between 1 and {limits.max_k}, got {k}")
+        raise InvalidArgument(f"{field} must be between 1 and {limits.max_k}, got {k}", field=field)
 
 
 def check_page_size(page_size: int) -> None:
     if page_size < 0:
-        raise InvalidArgument(f"page_size must be >= 0 (0 means the default), got {page_size}")
+        raise InvalidArgument(f"page_size must be >= 0 (0 means the default), got {page_size}", field="page_size")
 
 
 def check_list_page_size(page_size: int, limits: Limits, default: int = 100) -> int:
     """ListItems page_size: 0 means `default`; returns the size to use."""
     if not 0 <= page_size <= limits.max_page_size:
         raise InvalidArgument(f"page_size must be between 0 (the default, {default}) and {limits.max_page_size}, "
-                              f"got {page_size}")
+                              f"got {page_size}", field="page_size")
     return page_size or default
 
 
-def check_text(value: str, field: str, limits: Limits) -> None:
+def check_text(value: str, field: str, limits: Limits, path: str | None = None) -> None:
+    """`field` names the text in the message; `path` (default: field) is its path for the field violation."""
     if len(value) > limits.max_text_chars:
-        raise InvalidArgument(f"{field} is {len(value)} characters long; the limit is {limits.max_text_chars}")
+        raise InvalidArgument(f"{field} is {len(value)} characters long; the limit is {limits.max_text_chars}",
+                              field=path or field)
 
 
 def check_item_text(item: ItemFields, field: str, limits: Limits) -> None:
     """An item given as text: a non-blank title and every field within max_text_chars."""
     if not item.title.strip():
-        raise InvalidArgument(f"{field}.title is empty: an item given as text needs a title")
+        raise InvalidArgument(f"{field}.title is empty: an item given as text needs a title", field=f"{field}.title")
     check_text(item.title, f"{field}.title", limits)
     for position, category in enumerate(item.categories):
         check_text(category, f"{field}.categories[{position}]", limits)
@@ -67,10 +70,10 @@ def check_item_text(item: ItemFields, field: str, limits: Limits) -> None:
 
 def check_history_ref(ref: HistoryRef, field: str, limits: Limits) -> None:
     if (ref.item_id is None) == (ref.text is None):
-        raise InvalidArgument(f"{field} must set exactly one of item_id and text")
+        raise InvalidArgument(f"{field} must set exactly one of item_id and text", field=field)
     if ref.item_id is not None:
         if not ref.item_id:
-            raise InvalidArgument(f"{field}.item_id is empty")
+            raise InvalidArgument(f"{field}.item_id is empty", field=f"{field}.item_id")
         check_text(ref.item_id, f"{field}.item_id", limits)
     else:
         assert ref.text is not None
@@ -80,7 +83,8 @@ def check_history_ref(ref: HistoryRef, field: str, limits: Limits) -> None:
 def check_history(history: tuple[HistoryRef, ...] | list[HistoryRef], limits: Limits, field: str = "history") -> None:
     if len(history) > limits.max_request_history:
         raise InvalidArgument(
-            f"{field} has {len(history)} items; the limit is {limits.max_request_history} (send the most recent)"
+            f"{field} has {len(history)} items; the limit is {limits.max_request_history} (send the most recent)",
+            field=field,
         )
     for position, ref in enumerate(history):
         check_history_ref(ref, f"{field}[{position}]", limits)
@@ -92,13 +96,14 @@ def check_context(context: RequestContext, limits: Limits, field: str = "context
     check_text(context.locale, f"{field}.locale", limits)
     if abs(context.utc_offset_minutes) > MAX_UTC_OFFSET_MINUTES:
         raise InvalidArgument(
-            f"{field}.utc_offset_minutes must be within ±{MAX_UTC_OFFSET_MINUTES}, got {context.utc_offset_minutes}"
+            f"{field}.utc_offset_minutes must be within ±{MAX_UTC_OFFSET_MINUTES}, got {context.utc_offset_minutes}",
+            field=f"{field}.utc_offset_minutes",
         )
     if context.timestamp is not None:
         try:  # the template derives day and time from it; refuse what it cannot render
             describe_time(context.timestamp, context.utc_offset_minutes)
         except (OverflowError, OSError, ValueError) as error:
-            raise InvalidArgument(f"{field}.timestamp is out of range ({error})") from error
+            raise InvalidArgument(f"{field}.timestamp is out of range ({error})", field=f"{field}.timestamp") from error
 
 
 def check_user(user: UserInput, limits: Limits, field_prefix: str = "", require_content: bool = True) -> None:
@@ -107,31 +112,32 @@ def check_user(user: UserInput, limits: Limits, field_prefix: str = "", require_
     check_context(user.context, limits, f"{field_prefix}context")
     if require_content and not user.history and not user.context.query.strip():
         where = field_prefix.rstrip(".")
-        raise InvalidArgument(f"{where}: {EMPTY_USER_MESSAGE}" if where else EMPTY_USER_MESSAGE)
+        raise InvalidArgument(f"{where}: {EMPTY_USER_MESSAGE}" if where else EMPTY_USER_MESSAGE,
+                              field=f"{field_prefix}history")
 
 
 def check_exclusions(item_ids, limits: Limits, field: str = "exclude_item_ids") -> None:
     if len(item_ids) > limits.max_exclude_ids:
-        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_exclude_ids}")
+        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_exclude_ids}", field=field)
     for item_id in item_ids:
-        check_text(item_id, f"{field}[]", limits)
+        check_text(item_id, f"{field}[]", limits, path=field)  # a set: no position to name
 
 
 def check_filters(filters: tuple[AttributeFilter, ...], limits: Limits, field: str = "filters") -> None:
     if len(filters) > limits.max_filters:
-        raise InvalidArgument(f"{field} has {len(filters)} filters; the limit is {limits.max_filters}")
+        raise InvalidArgument(f"{field} has {len(filters)} filters; the limit is {limits.max_filters}", field=field)
     for position, attribute_filter in enumerate(filters):
         where = f"{field}[{position}]"
         if not attribute_filter.key.strip():
-            raise InvalidArgument(f"{where}.key is empty: name an attribute, e.g. \"category\"")
+            raise InvalidArgument(f"{where}.key is empty: name an attribute, e.g. \"category\"", field=f"{where}.key")
         check_text(attribute_filter.key, f"{where}.key", limits)
         if not attribute_filter.values:
-            raise InvalidArgument(f"{where}.values is empty: give at least one value to keep")
+            raise InvalidArgument(f"{where}.values is empty: give at least one value to keep", field=f"{where}.values")
         if len(attribute_filter.values) > limits.max_filter_values:
             raise InvalidArgument(f"{where}.values has {len(attribute_filter.values)} values; the limit is "
-                                  f"{limits.max_filter_values}")
-        for value in attribute_filter.values:
-            check_text(value, f"{where}.values[]", limits)
+                                  f"{limits.max_filter_values}", field=f"{where}.values")
+        for number, value in enumerate(attribute_filter.values):
+            check_text(value, f"{where}.values[{number}]", limits)
 
 
 def check_query(query: RecommendQuery, limits: Limits) -> None:
@@ -143,15 +149,16 @@ def check_query(query: RecommendQuery, limits: Limits) -> None:
 
 def check_item_id(item_id: str, field: str, limits: Limits) -> None:
     if not item_id.strip():
-        raise InvalidArgument(f"{field} is empty")
+        raise InvalidArgument(f"{field} is empty", field=field)
     check_text(item_id, field, limits)
 
 
 def check_item_ids(item_ids, limits: Limits, field: str = "item_ids") -> None:
     if not item_ids:
-        raise InvalidArgument(f"{field} is empty: give at least one id")
+        raise InvalidArgument(f"{field} is empty: give at least one id", field=field)
     if len(item_ids) > limits.max_catalogue_batch:
-        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_catalogue_batch}")
+        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_catalogue_batch}",
+                              field=field)
     for position, item_id in enumerate(item_ids):
         check_item_id(item_id, f"{field}[{position}]", limits)
 
@@ -159,22 +166,24 @@ def check_item_ids(item_ids, limits: Limits, field: str = "item_ids") -> None:
 def check_catalogue_items(items: tuple[CatalogueItem, ...] | list[CatalogueItem], limits: Limits) -> None:
     """An UpsertItems batch: 1..max_catalogue_batch items, distinct non-empty ids, titled text, bounded attributes."""
     if not items:
-        raise InvalidArgument("items is empty: give at least one item")
+        raise InvalidArgument("items is empty: give at least one item", field="items")
     if len(items) > limits.max_catalogue_batch:
-        raise InvalidArgument(f"items has {len(items)} items; the limit is {limits.max_catalogue_batch} per call")
+        raise InvalidArgument(f"items has {len(items)} items; the limit is {limits.max_catalogue_batch} per call",
+                              field="items")
     seen: set[str] = set()
     for position, item in enumerate(items):
         where = f"items[{position}]"
         check_item_id(item.item_id, f"{where}.item_id", limits)
         if item.item_id in seen:
-            raise InvalidArgument(f"{where}.item_id {item.item_id[:100]!r} appears twice in one call")
+            raise InvalidArgument(f"{where}.item_id {shown_id(item.item_id)} appears twice in one call",
+                                  field=f"{where}.item_id")
         seen.add(item.item_id)
         check_item_text(item.fields, f"{where}.text", limits)
         if len(item.attributes) > limits.max_attributes:
             raise InvalidArgument(f"{where}.attributes has {len(item.attributes)} entries; the limit is "
-                                  f"{limits.max_attributes}")
+                                  f"{limits.max_attributes}", field=f"{where}.attributes")
         for key, value in item.attributes:
             if not key.strip():
-                raise InvalidArgument(f"{where}.attributes has an empty key")
-            check_text(key, f"{where}.attributes key", limits)
-            check_text(value, f"{where}.attributes[{key[:100]!r}]", limits)
+                raise InvalidArgument(f"{where}.attributes has an empty key", field=f"{where}.attributes")
+            check_text(key, f"{where}.attributes key", limits, path=f"{where}.attributes")
+            check_text(value, f"{where}.attributes[{shown_id(key)}]", limits, path=f"{where}.attributes")

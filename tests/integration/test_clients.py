@@ -108,7 +108,7 @@ def test_cli_recommend_json_honours_options(server):
 ])
 def test_cli_errors_go_to_stderr_with_a_nonzero_exit(server, arguments, expected):
     result = runner.invoke(app, ["recommend", "--target", server.target, *arguments])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # a permanent failure
     assert expected in result.stderr and not result.stdout
 
 
@@ -134,4 +134,4 @@ def test_cli_info_health_and_embed(server):
 
 def test_cli_against_no_server():
     result = runner.invoke(app, ["health", "--target", "127.0.0.1:1", "--timeout", "2"])
-    assert result.exit_code == 1 and result.stderr.startswith("error: UNAVAILABLE: ")
+    assert result.exit_code == 4 and result.stderr.startswith("error: UNAVAILABLE: ")  # retryable

@@ -88,7 +88,7 @@ def test_cli_upsert_items_item_delete(state_server, tmp_path):
     category = runner.invoke(app, ["recommend", *target, "--item", "m1", "--category", "Animation", "--json"])
     assert {i["item_id"] for i in json.loads(category.stdout)["items"]} == {"m23", "m24", "m25", "m26"}
     gone = runner.invoke(app, ["delete", *target, "cli-1", "cli-2", "nope"])
-    assert gone.exit_code == 1 and "error: NOT_FOUND: unknown item id 'nope'" in gone.stderr
+    assert gone.exit_code == 3 and "error: NOT_FOUND: unknown item id 'nope'" in gone.stderr
     gone = runner.invoke(app, ["delete", *target, "cli-1", "cli-2", "nope", "--allow-missing"])
     assert gone.exit_code == 0 and gone.stdout.startswith("deleted 2; 42 items")
     bad = runner.invoke(app, ["recommend", *target, "--item", "m1", "--attr", "novalue"])
@@ -97,9 +97,9 @@ def test_cli_upsert_items_item_delete(state_server, tmp_path):
 
 def test_cli_read_only_server_and_forget(server):
     refused = runner.invoke(app, ["upsert", "--target", server.target, "--id", "x", "--title", "X"])
-    assert refused.exit_code == 1 and "error: FAILED_PRECONDITION:" in refused.stderr
+    assert refused.exit_code == 3 and "error: FAILED_PRECONDITION:" in refused.stderr
     forgot = runner.invoke(app, ["forget", "--target", server.target, "nobody"])
-    assert forgot.exit_code == 1 and "error: NOT_FOUND" in forgot.stderr
+    assert forgot.exit_code == 3 and "error: NOT_FOUND" in forgot.stderr
     session = runner.invoke(app, ["session", "--target", server.target, "--explain", "--category", "Comedy"],
                             input="item m13\nquit\n")
     assert session.exit_code == 0 and session.stderr.startswith("session ")

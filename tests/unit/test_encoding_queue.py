@@ -195,3 +195,63 @@ def test_close_answers_waiting_requests_unavailable():
 
     asyncio.run(main())
     assert fake.runs == [["run"]]
+
+
+class SteppedEncoder(FakeEncoder):
+    """A FakeEncoder whose every run waits for the test to allow it (`steps`), so it can act between runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = threading.Semaphore(0)
+        self.started = threading.Semaphore(0)
+
+    def encode_tokens(self, ids, mask):
+        self.started.release()
+        self.steps.acquire(timeout=10)
+        return super().encode_tokens(ids, mask)
+
+
+@pytest.mark.parametrize("across_requests", [False, True])
+def test_a_cancelled_request_stops_between_its_texts(across_requests):
+    fake = SteppedEncoder()
+    encoder = _encoder(fake, across_requests=across_requests, max_tokens=4)  # batched: one 4-char text per run
+    texts = [f"t{i:02d}" for i in range(30)]
+    cancelled_before = _dropped("cancelled")
+    try:
+        async def main():
+            task = asyncio.ensure_future(encoder.encode_items(texts))
+            assert await asyncio.to_thread(fake.started.acquire, True, 5)  # the first run has begun
+            task.cancel()
+            await asyncio.sleep(0.05)
+            fake.steps.release(len(texts))  # let it run everything it still wants to
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.1)
+
+        asyncio.run(main())
+    finally:
+        encoder.close()
+    assert len(fake.runs) == 1, f"{len(fake.runs)} runs for a request cancelled during its first"
+    assert _dropped("cancelled") == cancelled_before + 1
+
+
+def test_a_request_past_its_deadline_stops_between_its_texts():
+    fake = SteppedEncoder()
+    encoder = _encoder(fake)
+    texts = [f"t{i:02d}" for i in range(30)]
+    try:
+        async def main():
+            REQUEST_DEADLINE.set(time.monotonic() + 0.2)
+            task = asyncio.ensure_future(encoder.encode_items(texts))
+            for _ in range(3):  # three runs in time
+                assert await asyncio.to_thread(fake.started.acquire, True, 5)
+                fake.steps.release()
+            await asyncio.sleep(0.3)  # the deadline passes during the fourth run
+            fake.steps.release(len(texts))
+            with pytest.raises(DeadlineExceeded):
+                await task
+
+        asyncio.run(main())
+    finally:
+        encoder.close()
+    assert len(fake.runs) == 4
