@@ -85,3 +85,19 @@ test: setup  ## install what the tests need and run them
 
 clean:  ## remove build outputs (keeps data and the venv)
 	rm -rf runs bundles reports build llmrec/v1
+
+# Fault suite (tests/fault/): `make test` runs each short; these run it at full size. Counts, never durations.
+FUZZ_EXAMPLES ?= 5000
+SOAK_ITERATIONS ?= 600
+CHAOS_ROUNDS ?= 10
+FAULT_REPORTS ?= reports/fault
+.PHONY: fuzz soak chaos
+
+fuzz: setup  ## FUZZ_EXAMPLES property-based requests and garbage bytes against a real server; reports/fault/fuzz.json
+	LLMREC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LLMREC_FAULT_REPORTS=$(FAULT_REPORTS) $(PY) -m pytest -q -s tests/fault/test_fuzz.py
+
+soak: setup  ## SOAK_ITERATIONS of every RPC with abandoned sessions; RSS may grow <= 10%; reports/fault/soak.json
+	LLMREC_SOAK_ITERATIONS=$(SOAK_ITERATIONS) LLMREC_FAULT_REPORTS=$(FAULT_REPORTS) $(PY) -m pytest -q -s tests/fault/test_soak.py
+
+chaos: setup  ## CHAOS_ROUNDS of kill -9 during writes, then damaged journal/snapshot; reports/fault/chaos.json
+	LLMREC_CHAOS_ROUNDS=$(CHAOS_ROUNDS) LLMREC_FAULT_REPORTS=$(FAULT_REPORTS) $(PY) -m pytest -q -s tests/fault/test_chaos.py

@@ -146,7 +146,7 @@ def build_bundle(
             training=training_info or {},
             versions={name: _version(name) for name in _VERSIONED_PACKAGES},
         )
-        (staging / layout.MANIFEST_FILE).write_text(manifest.to_json())
+        layout.write_manifest(staging, manifest)  # manifest.json and manifest.sha256, its digest
         final = out_root / version
         staging.rename(final)  # atomic on one filesystem: a bundle is either complete or absent
     log.info("bundle %s written (%d items, quality %s)", final, len(catalogue), quality)

@@ -25,7 +25,7 @@ class LoadedBundle:
 
     Attributes:
         path: the bundle directory.
-        manifest: its manifest (hashes verified unless asked not to).
+        manifest: its manifest (schema and digest always checked, file hashes unless asked not to).
         encoder: the ONNX encoder: INT8 on CPU, FP32 on CUDA.
         precision: "int8" or "fp32", whichever model file the encoder runs.
         item_ids: catalogue ids in row order; row numbers are the index labels.
@@ -90,15 +90,17 @@ class LoadedBundle:
                 f"bundle {path} was built with text template version {manifest.template_version!r} but this "
                 f"server renders version {TEMPLATE_VERSION!r}; re-export the bundle with this code"
             )
-        if manifest.index_dimension != manifest.dimension + 1:
-            raise mf.BundleError(f"bundle {path}: index_dimension must be dimension + 1 (the bias column)")
 
         providers = choose_providers(prefer_gpu)
         # Dynamic INT8 has no fast path on CUDA; FP32 is the GPU model, INT8 the CPU one.
         precision = "fp32" if providers[0] == "CUDAExecutionProvider" else "int8"
         model_file = mf.MODEL_FP32_FILE if precision == "fp32" else mf.MODEL_INT8_FILE
-        encoder = OnnxEncoder(path / model_file, path / mf.TOKENIZER_FILE, providers, intra_op_threads,
-                              spinning=spinning)
+        try:
+            encoder = OnnxEncoder(path / model_file, path / mf.TOKENIZER_FILE, providers, intra_op_threads,
+                                  spinning=spinning)
+        except Exception as error:  # onnxruntime and tokenizers raise their own types for unreadable files
+            raise mf.BundleError(f"bundle {path}: unreadable {model_file} or {mf.TOKENIZER_FILE} "
+                                 f"({_one_line(error)})") from error
         if encoder.dimension != manifest.dimension:
             raise mf.BundleError(f"bundle {path}: encoder outputs {encoder.dimension} dims, manifest says "
                                  f"{manifest.dimension}")
@@ -110,7 +112,10 @@ class LoadedBundle:
         if len(row_of) != len(item_ids):
             raise mf.BundleError(f"bundle {path}: item ids are not unique")
 
-        vectors = np.load(path / mf.VECTORS_FILE, mmap_mode="r")
+        try:
+            vectors = np.load(path / mf.VECTORS_FILE, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.VECTORS_FILE} ({_one_line(error)})") from error
         if vectors.shape != (manifest.item_count, manifest.index_dimension):
             raise mf.BundleError(f"bundle {path}: vectors have shape {vectors.shape}, want "
                                  f"{(manifest.item_count, manifest.index_dimension)}")
@@ -118,7 +123,7 @@ class LoadedBundle:
         try:
             cooccurrence = CooccurrenceTable.load(path / mf.COOCCURRENCE_FILE)
         except (OSError, ValueError, KeyError) as error:
-            raise mf.BundleError(f"bundle {path}: unreadable {mf.COOCCURRENCE_FILE} ({error})") from error
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.COOCCURRENCE_FILE} ({_one_line(error)})") from error
         if cooccurrence.num_items != manifest.item_count:
             raise mf.BundleError(f"bundle {path}: co-occurrence table covers {cooccurrence.num_items} items, "
                                  f"manifest says {manifest.item_count}")
@@ -128,13 +133,17 @@ class LoadedBundle:
             try:
                 sequence_model = SequenceRunner(path / mf.SEQUENCE_MODEL_FILE, manifest.sequence_model.max_items)
             except Exception as error:  # onnxruntime raises its own types for unreadable graphs
-                raise mf.BundleError(f"bundle {path}: unreadable {mf.SEQUENCE_MODEL_FILE} ({error})") from error
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.SEQUENCE_MODEL_FILE} ({_one_line(error)})") \
+                    from error
             if sequence_model.dimension != manifest.dimension:
                 raise mf.BundleError(f"bundle {path}: the sequence model reads {sequence_model.dimension} dims, "
                                      f"manifest says {manifest.dimension}")
 
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
-        index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
+        try:
+            index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.INDEX_FILE} ({_one_line(error)})") from error
         if index.get_current_count() != manifest.item_count:
             raise mf.BundleError(f"bundle {path}: index holds {index.get_current_count()} items, manifest says "
                                  f"{manifest.item_count}")
@@ -155,3 +164,9 @@ def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:
     except ValueError as error:  # "<path>:<line>: not a valid item record (...)"
         raise mf.BundleError(str(error)) from error
     return [item_id for item_id, _ in catalogue], [fields for _, fields in catalogue]
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's text on one line (the server prints a BundleError to the operator as one line)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

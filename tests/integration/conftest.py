@@ -113,8 +113,9 @@ def stub(channel: grpc.Channel) -> pb_grpc.RecommenderStub:
 def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Callable[..., Path]:
     """Factory for a cheap variant of the tiny bundle: bundle_copy(copy=(files...), **manifest_changes).
 
-    Files are symlinks to the tiny bundle except the manifest and those in `copy`, which are real copies
-    (so a test may alter them); manifest_changes are written into the copied manifest.
+    Files are symlinks to the tiny bundle except the manifest, its digest and those in `copy`, which are real
+    copies (so a test may alter them); manifest_changes are written into the copied manifest, and its digest
+    (manifest.sha256) is rewritten to match.
     """
     made = 0
 
@@ -122,16 +123,17 @@ def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Callable[..., Path]:
         nonlocal made
         made += 1
         target = tmp_path / f"copy{made}" / tiny_bundle.name
-        for relative in (*mf.BUNDLE_FILES, mf.MANIFEST_FILE):
+        for relative in (*mf.BUNDLE_FILES, mf.MANIFEST_FILE, mf.MANIFEST_DIGEST_FILE):
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            if relative == mf.MANIFEST_FILE or relative in copy:
+            if relative in (mf.MANIFEST_FILE, mf.MANIFEST_DIGEST_FILE) or relative in copy:
                 destination.write_bytes((tiny_bundle / relative).read_bytes())
             else:
                 destination.symlink_to(tiny_bundle / relative)
         if manifest_changes:
             path = target / mf.MANIFEST_FILE
             path.write_text(json.dumps({**json.loads(path.read_text()), **manifest_changes}))
+            mf.write_manifest_digest(target)  # a deliberate change: re-hash it, as export would
         return target
 
     return make
