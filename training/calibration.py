@@ -14,11 +14,16 @@ user's query (0 = none): memory of the items beyond the text window.
 
 Sequence model weight: how much of training.sequence_model's vector (a small transformer over the item vectors of
 the recent history) to add to the user's query (0 = none).
+
+Every other row `make eval` compares (popularity, SASRec, co-occurrence alone, the no-LM hybrid, ...) is calibrated
+by the same search over the same grids (calibrate_row: its own scores as ScoreTerms' model term), so that each row is
+judged under each history policy (POLICIES) on equal terms.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -26,7 +31,7 @@ import numpy as np
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule
 from llmrec.training.data import Example, Interactions, item_popularity, sequences_before
-from llmrec.training.evaluation import ScoreFn, ranking_metrics, target_ranks
+from llmrec.training.evaluation import ScoreFn, evaluate, ranking_metrics, target_ranks
 
 # 0 keeps the text model's ranking; -4 puts every history item below every other item (scores span ~[-1.5, 1.5]).
 HISTORY_SCORE_GRID = (0.0, -0.01, -0.02, -0.05, -0.1, -0.2, -0.5, -1.0, -4.0)
@@ -72,20 +77,23 @@ def calibration_search() -> dict:
                        "history_vector_weight x sequence_weight", "history_item_score x cooccurrence_weight"]}
 
 
-def choose_adjustments(terms_of: TermsFn, data: Interactions, examples: Sequence[Example], with_sequence: bool,
+Stage = Callable[[Adjustments], list[Adjustments]]  # the best choice so far -> the choices to try next
+_GRIDS = {"history_item_score": HISTORY_SCORE_GRID, "cooccurrence_weight": COOCCURRENCE_WEIGHT_GRID,
+          "history_vector_weight": HISTORY_VECTOR_WEIGHT_GRID, "sequence_weight": SEQUENCE_WEIGHT_GRID}
+
+
+def grid_stage(*fields: str) -> Stage:
+    """Every combination of these Adjustments fields' grids, the other fields kept from the best so far."""
+    return lambda best: [dataclasses.replace(best, **dict(zip(fields, values)))
+                         for values in itertools.product(*(_GRIDS[field] for field in fields))]
+
+
+def search_adjustments(terms_of: TermsFn, data: Interactions, examples: Sequence[Example], stages: Sequence[Stage],
                        chunk_users: int = CHUNK_USERS) -> tuple[Adjustments, dict[str, dict[str, float]]]:
-    """The choice with the best CALIBRATION_METRIC on `examples` (validation users), and Recall/NDCG at
-    CALIBRATION_KS for every choice tried (keyed by Adjustments.key). Ties go to the milder choice.
-
-    The four-way grid is too large to try whole (~6,500 full rankings), so it is searched in stages, each starting
-    from the best so far: the first three adjustments together with no sequence model, then the history vector
-    and sequence weights together, then the history item score and co-occurrence weight again. Each stage scores
-    the users chunk by chunk (terms_of), so memory does not grow with the number of users.
-
-    Args:
-        terms_of: the score terms (llmrec.scoring.ScoreTerms) of examples[chunk].
-        with_sequence: whether the terms carry a sequence model term (else its weight stays 0).
-    """
+    """The choice with the best CALIBRATION_METRIC on `examples` (validation users) after each stage in turn, each
+    starting from the best so far (Adjustments() at first), and Recall/NDCG at CALIBRATION_KS for every choice
+    tried (keyed by Adjustments.key). Ties go to the milder choice. Each stage scores the users chunk by chunk
+    (terms_of), so memory does not grow with the number of users."""
     targets = np.array([data.sequences[e.user][e.target_position] for e in examples], dtype=np.int64)
     metrics: dict[str, dict[str, float]] = {}
 
@@ -100,27 +108,148 @@ def choose_adjustments(terms_of: TermsFn, data: Interactions, examples: Sequence
         metrics.update({key: ranking_metrics(values, CALIBRATION_KS) for key, values in ranks.items()})
         return max(choices, key=lambda c: (metrics[c.key][CALIBRATION_METRIC], c.mildness))
 
-    best = best_of([Adjustments(h, c, v) for h in HISTORY_SCORE_GRID for c in COOCCURRENCE_WEIGHT_GRID
-                    for v in HISTORY_VECTOR_WEIGHT_GRID])
-    if with_sequence:
-        best = best_of([dataclasses.replace(best, history_vector_weight=v, sequence_weight=w)
-                        for v in HISTORY_VECTOR_WEIGHT_GRID for w in SEQUENCE_WEIGHT_GRID])
-        best = best_of([dataclasses.replace(best, history_item_score=h, cooccurrence_weight=c)
-                        for h in HISTORY_SCORE_GRID for c in COOCCURRENCE_WEIGHT_GRID])
+    best = Adjustments()
+    for stage in stages:
+        best = best_of(stage(best))
     return best, metrics
 
 
-def cooccurrence_only_scores(data: Interactions, table: CooccurrenceTable) -> ScoreFn:
-    """The co-occurrence score with no model at all, a baseline for how much the language model adds: ties
-    broken by popularity, history items ranked last (every data set here chose to lower them)."""
-    model = 1e-3 * np.log1p(item_popularity(data))
-    rule = ScoringRule(Adjustments(history_item_score=-1e3, cooccurrence_weight=1.0))
+def choose_adjustments(terms_of: TermsFn, data: Interactions, examples: Sequence[Example], with_sequence: bool,
+                       chunk_users: int = CHUNK_USERS) -> tuple[Adjustments, dict[str, dict[str, float]]]:
+    """The text model's four adjustments, chosen by search_adjustments.
+
+    The four-way grid is too large to try whole (~6,500 full rankings), so it is searched in stages: the first
+    three adjustments together with no sequence model, then the history vector and sequence weights together,
+    then the history item score and co-occurrence weight again.
+
+    Args:
+        terms_of: the score terms (llmrec.scoring.ScoreTerms) of examples[chunk].
+        with_sequence: whether the terms carry a sequence model term (else its weight stays 0).
+    """
+    stages = [grid_stage("history_item_score", "cooccurrence_weight", "history_vector_weight")]
+    if with_sequence:
+        stages += [grid_stage("history_vector_weight", "sequence_weight"),
+                   grid_stage("history_item_score", "cooccurrence_weight")]
+    return search_adjustments(terms_of, data, examples, stages, chunk_users)
+
+
+# The grids are in served-score units (cosine + temperature * bias), where a user's scores span at most ~3 and the
+# history score -4 puts history items below every other item. calibrate_row scales every row first so that its
+# largest span over validation users is this, so that each grid value means the same for every row whatever its
+# units (popularity counts, SASRec logits; text model rows are about there already).
+SERVED_SCORE_SPAN = 3.0
+
+
+# A row that takes a co-occurrence weight weighs its own score too: the co-occurrence grid was made against our
+# scores, and a row whose best blend leans further towards co-occurrence than the grid's largest weight reaches it
+# by weighing its own score down. Ties go to the larger weight (the row's own score as it is).
+MODEL_WEIGHT_GRID = (1.0, 0.5, 0.25, 0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowCalibration:
+    """How a row is scored under the deployed policy: scale * its own score + adjustments (llmrec.scoring's rule),
+    chosen on validation users. scale = the span scale (SERVED_SCORE_SPAN) * model_weight (MODEL_WEIGHT_GRID);
+    `validation`: Recall/NDCG of every choice tried at that model weight, keyed by Adjustments.key."""
+
+    scale: float
+    adjustments: Adjustments
+    validation: dict[str, dict[str, float]]
+    model_weight: float = 1.0
+
+    def scores(self, own_scores: ScoreFn, data: Interactions, table: CooccurrenceTable | None = None,
+               history_item_score: float | None = None) -> ScoreFn:
+        """The row's scores with these weights (history_item_score: another value, 0 for the published policy)."""
+        adjustments = self.adjustments if history_item_score is None else dataclasses.replace(
+            self.adjustments, history_item_score=history_item_score)
+        return adjusted_scores(own_scores, data, self.scale, adjustments, table)
+
+    @property
+    def chosen_metric(self) -> float:
+        return self.validation[self.adjustments.key][CALIBRATION_METRIC]
+
+    def as_json(self) -> dict:
+        return {"scale": self.scale, "model_weight": self.model_weight, **dataclasses.asdict(self.adjustments),
+                "metric": CALIBRATION_METRIC, "validation_chosen": self.chosen_metric,
+                "validation_none": self.validation[Adjustments().key][CALIBRATION_METRIC]}
+
+
+def calibrate_row(own_scores: ScoreFn, data: Interactions, examples: Sequence[Example],
+                  table: CooccurrenceTable | None = None, chunk_users: int = CHUNK_USERS) -> RowCalibration:
+    """The history item score (and, given a co-occurrence table, the co-occurrence weight and the weight of the
+    row's own score, MODEL_WEIGHT_GRID) of any row, chosen on `examples` (validation users) by search_adjustments
+    over the row's own scores as ScoreTerms' model term."""
+    span = span_scale(own_scores, examples, chunk_users)
+    fields = ("history_item_score",) + (("cooccurrence_weight",) if table is not None else ())
+
+    def calibrated(weight: float) -> RowCalibration:
+        def terms_of(chunk: slice) -> ScoreTerms:
+            scores = span * weight * np.asarray(own_scores(examples[chunk]), np.float64)
+            no_vectors = np.zeros((data.num_items, 1))  # the row has no item vectors: its history vector term is 0
+            return ScoreTerms.of(ScoringRule(), scores, no_vectors, histories(data, examples[chunk]), table)
+
+        best, validation = search_adjustments(terms_of, data, examples, [grid_stage(*fields)], chunk_users)
+        return RowCalibration(span * weight, best, validation, weight)
+
+    choices = [calibrated(weight) for weight in (MODEL_WEIGHT_GRID if table is not None else (1.0,))]
+    return max(choices, key=lambda choice: (choice.chosen_metric, choice.model_weight))
+
+
+# How `make eval` treats a user's history items (items they already have), each row under both:
+#   published: ranked like any other item by the row's own scores, as the papers we compare with rank them;
+#   deployed: the row's own history item score, chosen on validation users (calibrate_row), as we serve.
+POLICIES = ("published", "deployed")
+
+
+def evaluate_policies(valid_scores: ScoreFn, test_scores: ScoreFn, data: Interactions, valid: Sequence[Example],
+                      test: Sequence[Example], ks: Sequence[int], tables: dict[str, CooccurrenceTable] | None = None,
+                      ) -> tuple[dict[str, dict], dict[str, np.ndarray], RowCalibration]:
+    """A row under each policy: its metrics and per-user test ranks by policy, and its calibration.
+
+    Args:
+        valid_scores, test_scores: the row's own scores of validation and test users.
+        tables: {"valid": ..., "test": ...} co-occurrence tables (cooccurrence_before) when the row takes a
+            co-occurrence weight too; its published policy keeps that weight and drops the history item score.
+    """
+    calibration = calibrate_row(valid_scores, data, valid, tables["valid"] if tables else None)
+    rows, ranks = {}, {}
+    for policy, history_item_score in zip(POLICIES, (0.0, None)):
+        scores = calibration.scores(test_scores, data, tables["test"] if tables else None, history_item_score)
+        rows[policy], ranks[policy] = evaluate(scores, data, test, ks, desc=f"evaluate {policy}", return_ranks=True)
+    return rows, ranks, calibration
+
+
+def span_scale(own_scores: ScoreFn, examples: Sequence[Example], chunk_users: int = CHUNK_USERS) -> float:
+    """The factor that makes the largest span (max - min over items) of one user's scores SERVED_SCORE_SPAN."""
+    span = 0.0
+    for start in range(0, len(examples), chunk_users):
+        scores = np.asarray(own_scores(examples[start : start + chunk_users]), np.float64)
+        span = max(span, float((scores.max(1) - scores.min(1)).max(initial=0.0)))
+    return SERVED_SCORE_SPAN / span if span > 0 else 1.0
+
+
+def adjusted_scores(own_scores: ScoreFn, data: Interactions, scale: float, adjustments: Adjustments,
+                    table: CooccurrenceTable | None = None) -> ScoreFn:
+    """scale * a row's own scores + the scoring rule's history item score and co-occurrence term (the history
+    vector and sequence weights need item vectors: ScoringRule.dense_scores)."""
+    if adjustments.history_vector_weight or adjustments.sequence_weight:
+        raise ValueError("a row without item vectors cannot take a history vector or sequence weight; this is a bug")
+    rule = ScoringRule(adjustments)
 
     def score(examples: Sequence[Example]) -> np.ndarray:
-        scores = np.tile(model, (len(examples), 1))
+        scores = scale * np.array(own_scores(examples), dtype=np.float64)
         for row, history in enumerate(histories(data, examples)):
             items, values = rule.adjustments_of(history, table)
             scores[row, items] += values
         return scores
 
     return score
+
+
+def cooccurrence_only_scores(data: Interactions, table: CooccurrenceTable) -> ScoreFn:
+    """The co-occurrence score with no model at all, a baseline for how much the language model adds: ties broken
+    by popularity. History items are ranked like any other item (by their own co-occurrence); a history item score
+    is the deployed policy's choice (calibrate_row)."""
+    popularity = 1e-3 * np.log1p(item_popularity(data))
+    tie_break = lambda examples: np.broadcast_to(popularity, (len(examples), data.num_items))  # noqa: E731
+    return adjusted_scores(tie_break, data, 1.0, Adjustments(cooccurrence_weight=1.0), table)

@@ -4,10 +4,12 @@ A training run writes its checkpoint to <run_dir>/checkpoint/ (`checkpoint_dir`)
 fine-tuned MiniLM and its tokenizer, as Hugging Face save_pretrained writes them), `item_head.npz` (catalogue
 item ids, the trained id vectors and biases, the chosen score adjustments and the co-occurrence table:
 llmrec.training.model.ItemHead), `train_config.json` (the TrainConfig it was trained with; export reads the
-temperature and token limits from it) and `sequence_model.pt` (the sequence model over item vectors, absent from
-checkpoints saved before it existed). The run's metrics.json sits beside the checkpoint, in the run directory.
-Wherever a checkpoint is accepted, a bare pretrained encoder directory (no item head) is accepted too:
-`encoder_dir` resolves either to the directory the encoder loads from.
+temperature and token limits from it), `sequence_model.pt` (the sequence model over item vectors, absent from
+checkpoints saved before it existed) and `training.json` (how the text model was trained: its training settings,
+data set and curve; training.train writes the checkpoint as soon as the text model is trained, before the
+sequence model and the adjustments, and resumes from it when this record matches). The run's metrics.json sits
+beside the checkpoint, in the run directory. Wherever a checkpoint is accepted, a bare pretrained encoder
+directory (no item head) is accepted too: `encoder_dir` resolves either to the directory the encoder loads from.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ ENCODER_DIR = "encoder"
 ITEM_HEAD_FILE = "item_head.npz"
 CONFIG_FILE = "train_config.json"
 SEQUENCE_MODEL_FILE = "sequence_model.pt"
+TRAINING_FILE = "training.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,10 @@ class CheckpointLayout:
     @property
     def sequence_model(self) -> Path:
         return self.root / SEQUENCE_MODEL_FILE
+
+    @property
+    def training(self) -> Path:
+        return self.root / TRAINING_FILE
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

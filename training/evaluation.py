@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from llmrec.training.data import Example, Interactions, item_popularity, train_sequences
+from llmrec.training.progress import progress
 
 ScoreFn = Callable[[Sequence[Example]], np.ndarray]  # examples -> (len(examples), num_items) scores
 
@@ -43,11 +44,19 @@ def evaluate(
     examples: Sequence[Example],
     ks: Sequence[int] = (10, 50),
     batch_size: int = 256,
-) -> dict[str, float]:
-    """Recall/NDCG@K over all examples and over the cold-target subset, coverage@10 and popular share@10."""
+    *,
+    desc: str = "evaluate",
+    return_ranks: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
+    """Recall/NDCG@K over all examples and over the cold-target subset, coverage@10 and popular share@10; with
+    return_ranks, also each example's 0-based target rank (per-user metrics, for paired comparisons).
+
+    Memory: score_fn is asked for batch_size examples at a time, so at most one (batch_size, num_items) score
+    matrix is alive; what is kept per example is its target rank and top 10. desc: the progress bar's name."""
     targets = np.array([data.sequences[e.user][e.target_position] for e in examples])
     ranks = np.empty(len(examples), dtype=np.int64)
     top10 = np.empty((len(examples), 10), dtype=np.int64)
+    bar = progress(total=len(examples), desc=desc, unit="user")
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         scores = np.asarray(score_fn(batch), dtype=np.float64)
@@ -55,6 +64,8 @@ def evaluate(
             raise ValueError("scores contain NaN or infinity; this is a bug in the model being evaluated")
         ranks[start : start + len(batch)] = target_ranks(scores, targets[start : start + len(batch)])
         top10[start : start + len(batch)] = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        bar.update(len(batch))
+    bar.close()
     popularity = item_popularity(data)
     popular = popularity >= np.quantile(popularity, 0.9)  # the 10% most interacted-with items
     cold = cold_items(data)[targets]
@@ -64,7 +75,7 @@ def evaluate(
     metrics["examples"] = len(examples)
     metrics["coverage@10"] = float(len(np.unique(top10)) / data.num_items)
     metrics["popular_share@10"] = float(popular[top10].mean())
-    return metrics
+    return (metrics, ranks) if return_ranks else metrics
 
 
 def popularity_scores(data: Interactions) -> ScoreFn:

@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.scoring import Adjustments
 from llmrec.training.checkpoint import ITEM_HEAD_FILE, CheckpointLayout, encoder_dir
+from llmrec.training.progress import progress
 
 
 def pretrained_encoder_path() -> Path:
@@ -127,8 +128,9 @@ class TextRecommender(nn.Module):
             for parameter in layer.parameters():
                 parameter.requires_grad = False
 
-    def save(self, directory: Path, item_ids: Sequence[str], adjustments: Adjustments = Adjustments(),
+    def save(self, directory: Path, item_ids: Sequence[str], adjustments: Adjustments | None = Adjustments(),
              cooccurrence: CooccurrenceTable | None = None) -> None:
+        """adjustments None: not chosen yet (the item head then reads as not calibrated, see ItemHead)."""
         layout = CheckpointLayout(directory)
         layout.root.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(layout.encoder)
@@ -139,7 +141,8 @@ class TextRecommender(nn.Module):
             item_ids=np.asarray(item_ids, dtype=str),
             id_embedding=self.id_embedding.weight.detach().cpu().numpy(),
             item_bias=self.item_bias.detach().cpu().numpy(),
-            **{name: np.float64(value) for name, value in dataclasses.asdict(adjustments).items()},
+            **{name: np.float64(value) for name, value in
+               (dataclasses.asdict(adjustments) if adjustments is not None else {}).items()},
             cooccurrence_indptr=table.indptr,
             cooccurrence_neighbours=table.neighbours,
             cooccurrence_weights=table.weights,
@@ -181,7 +184,7 @@ class CatalogueEncoder:
         device = model.item_bias.device
         encoder = model.encoder
         with torch.no_grad(), evaluating(model):
-            for rows, batch in zip(batches, tokens):
+            for rows, batch in progress(list(zip(batches, tokens)), desc="catalogue: frozen layers", unit="batch"):
                 mask = batch["attention_mask"].to(device)
                 hidden = encoder.embeddings(input_ids=batch["input_ids"].to(device))
                 hidden = self._run_layers(hidden, mask, encoder.encoder.layer[: model.frozen_layers])
@@ -205,7 +208,7 @@ class CatalogueEncoder:
         top_layers = self.model.encoder.encoder.layer[self.model.frozen_layers :]
         out = torch.empty(len(self.texts), self.model.dimension, device=self.model.item_bias.device)
         with evaluating(self.model):
-            for rows, hidden, mask in self.batches:
+            for rows, hidden, mask in progress(self.batches, desc="catalogue: re-encode", unit="batch"):
                 out[rows] = mean_pool(self._run_layers(hidden, mask, top_layers), mask).to(out.dtype)
         return out
 

@@ -30,6 +30,7 @@ from torch import nn
 from llmrec.training.data import Interactions, split_examples, train_sequences
 from llmrec.training.early_stopping import EarlyStopping
 from llmrec.training.evaluation import ranking_metrics, target_ranks
+from llmrec.training.progress import BoundedProgress
 
 log = logging.getLogger("llmrec.sequence_model")
 
@@ -144,6 +145,19 @@ def sequence_vectors(model: SequenceModel, histories: Sequence[Sequence[int]], i
     return out
 
 
+def validation_ndcg(model: SequenceModel, histories: Sequence[Sequence[int]], targets: np.ndarray,
+                    item_vectors: np.ndarray, item_bias: np.ndarray, temperature: float,
+                    chunk_users: int = 512) -> float:
+    """NDCG@10 of the model as a recommender of its own, scored chunk_users users at a time: memory is one
+    (chunk_users, num_items) score matrix, whatever the number of validation users."""
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for start in range(0, len(targets), chunk_users):
+        part = slice(start, start + chunk_users)
+        scores = sequence_vectors(model, histories[part], item_vectors) @ item_vectors.T + temperature * item_bias
+        ranks[part] = target_ranks(scores, targets[part])
+    return ranking_metrics(ranks, (10,))["ndcg@10"]
+
+
 def train_sequence_model(data: Interactions, item_vectors: np.ndarray, item_bias: np.ndarray, temperature: float,
                          config: SequenceModelConfig = SequenceModelConfig()) -> tuple[SequenceModel, dict]:
     """Train on the training sequences, every position a target, with early stopping on validation NDCG@10.
@@ -167,7 +181,9 @@ def train_sequence_model(data: Interactions, item_vectors: np.ndarray, item_bias
     stopping = EarlyStopping(model, config.patience, config.time_budget_minutes)
     started, epoch, step = time.monotonic(), 0, 0
     shuffled = ((epoch, batch) for epoch in range(1, config.max_epochs + 1) for batch in rng.permutation(len(batches)))
+    last_step = config.max_epochs * len(batches)  # a run that ends on its epoch bound ends with a validation check
     model.train()
+    bar = BoundedProgress("sequence model", last_step, config.time_budget_minutes, logger=log, started=started)
     for step, (epoch, batch) in enumerate(shuffled, 1):
         rows, valid = padded_histories([sequences[i][:-1] for i in batches[batch]], config.max_items)
         targets, _ = padded_histories([sequences[i][1:] for i in batches[batch]], config.max_items)
@@ -176,13 +192,14 @@ def train_sequence_model(data: Interactions, item_vectors: np.ndarray, item_bias
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % config.eval_every_steps == 0 or stopping.out_of_time():
-            scores = sequence_vectors(model, valid_histories, item_vectors) @ item_vectors.T + temperature * item_bias
-            ndcg = ranking_metrics(target_ranks(scores, valid_targets), (10,))["ndcg@10"]
+        bar.update(step, f"epoch {epoch}/{config.max_epochs}, loss {loss.item():.3f}")
+        if step % config.eval_every_steps == 0 or step == last_step or stopping.out_of_time():
+            ndcg = validation_ndcg(model, valid_histories, valid_targets, item_vectors, item_bias, temperature)
             log.info("sequence model step %d (epoch %d) loss %.3f valid ndcg@10 %.4f", step, epoch, loss.item(), ndcg)
             if stopping.should_stop(ndcg):
                 break
             model.train()  # sequence_vectors left it in eval mode
+    bar.close()
     stopping.restore_best()
     model.eval()
     return model, {"epochs": epoch, "steps": step, "valid_ndcg@10": stopping.best,

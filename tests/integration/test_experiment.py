@@ -3,8 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from experiments.baselines.sasrec import SASRecConfig
 from llmrec.training.config import TrainConfig
+from llmrec.training.sequence_model import SequenceModelConfig
 from experiments.experiment import run_experiment
 from llmrec.training.calibration import (
     COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID, SEQUENCE_WEIGHT_GRID,
@@ -15,22 +18,56 @@ TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
 def test_experiment_reports_every_model_side_by_side(tmp_path):
     config = TrainConfig(max_steps=2, batch_size=8)
+    # the small models are bounded by epochs, never by a clock
+    sasrec, sequence = SASRecConfig(max_epochs=2, eval_every=1), SequenceModelConfig(max_epochs=3)
     summary = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report", 2, config,
-                             SASRecConfig(time_budget_minutes=0.01, eval_every=1))
-    rows = summary["evaluation"]
-    assert list(rows) == ["popularity", "zero_shot", "sasrec", "cooccurrence_only", "sequence_model_alone", "llmrec",
-                          "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
+                             sasrec, sequence)
+    policies = summary["policies"]
+    every_row = ["popularity", "sasrec", "cooccurrence_only", "zero_shot", "text_model", "sequence_model_alone",
+                 "no_lm_hybrid", "llmrec", "llmrec_without_context", "int8_exact", "int8_hnsw_server"]
+    assert list(policies) == ["published", "deployed"] and list(policies["deployed"]) == every_row
+    # the served path applies the bundle's history item score: it has no published row, and says why
+    assert list(policies["published"]) == every_row[:-1]
+    assert "int8_hnsw_server" in summary["not_evaluated"]["published"]
+    rows = policies["deployed"]
     # 42 items: HNSW is exact here, so the server path must reproduce INT8 exact search.
     assert rows["int8_hnsw_server"]["ndcg@10"] == rows["int8_exact"]["ndcg@10"]
     assert abs(summary["int8_hnsw_relative_ndcg10_loss"]) < 0.2
-    # Two seeds: our model's rows carry a spread; popularity and zero-shot are evaluated with seed 0 alone.
+    # every row is evaluated on the same users
+    assert {row["examples"] for policy in policies.values() for row in policy.values()} == {rows["llmrec"]["examples"]}
+    # Each row's deployed history item score comes from the calibration grid; published rows have none.
+    assert set(summary["history_scores"]) >= set(every_row[:-4])
+    for name, chosen in summary["history_scores"].items():
+        assert all(seed["history_item_score"] in HISTORY_SCORE_GRID for seed in chosen), name
+    # The no-LM hybrid's weights are chosen on validation by the same calibration grid, SASRec's by epochs.
+    for seed in summary["no_lm_hybrid"]:
+        assert seed["weights"]["history_item_score"] in HISTORY_SCORE_GRID
+        assert seed["weights"]["cooccurrence_weight"] in COOCCURRENCE_WEIGHT_GRID and seed["weights"]["scale"] > 0
+        assert seed["sasrec"]["epochs"] <= 2 and seed["sasrec"]["stopped"] in ("converged", "max_epochs")
+    # The language model's contribution: ours minus the hybrid, with a paired interval, per seed and averaged.
+    contribution = summary["contribution"]
+    assert [(c["system"], c["policy"]) for c in contribution] == [
+        ("int8_hnsw_server", "deployed"), ("llmrec", "deployed"), ("llmrec", "published")]
+    for entry in contribution:
+        assert len(entry["per_seed"]) == 2
+        for result in [entry["seed_averaged"], *entry["per_seed"]]:
+            for metric in ("ndcg@10", "recall@10"):
+                assert result[metric]["low"] <= result[metric]["mean"] <= result[metric]["high"]
+                assert 0 < result[metric]["p_value"] <= 1 and result[metric]["users"] == rows["llmrec"]["examples"]
+    served = contribution[0]["seed_averaged"]["ndcg@10"]
+    assert served["mean"] == pytest.approx(rows["int8_hnsw_server"]["ndcg@10"] - rows["no_lm_hybrid"]["ndcg@10"])
+    # Two seeds: the seeded rows carry a spread; popularity, zero-shot and co-occurrence alone are evaluated once.
     assert len(summary["per_seed"]) == 2 and summary["steps"] == [2, 2]
-    assert set(summary["spread"]) == set(summary["per_seed"][0]) and "llmrec" in summary["spread"]
-    assert "popularity" not in summary["spread"] and "zero_shot" not in summary["spread"]
+    assert set(summary["spread"]["deployed"]) == set(summary["per_seed"][0]["deployed"])
+    assert {"llmrec", "sasrec", "no_lm_hybrid"} <= set(summary["spread"]["deployed"])
+    assert not {"popularity", "zero_shot", "cooccurrence_only"} & set(summary["spread"]["deployed"])
     seed1 = json.loads((tmp_path / "runs" / "tiny-seed1" / "metrics.json").read_text())
     assert "llmrec" in seed1["evaluation"] and "zero_shot" not in seed1["evaluation"]
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| sasrec |" in report and "| int8_hnsw_server |" in report
+    for heading in ("## Published policy", "## Deployed policy", "## Language model contribution"):
+        assert heading in report
+    assert "| sasrec |" in report and "| no_lm_hybrid |" in report and "| int8_hnsw_server | n/a |" in report
+    assert 'cooccurrence_before(data, "test")' in report and "No-LM hybrid (seed 0):" in report
     # The adjustments chosen on validation travel to the bundle, and the server path applies them
     # (the INT8 exact row above adds them in numpy; the HNSW row goes through server.recommender).
     chosen = summary["adjustments"][0]["chosen"]
@@ -51,5 +88,5 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"
     # A second run with the same config reuses the trained seed instead of training again.
     again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 2, config,
-                           SASRecConfig(time_budget_minutes=0.01, eval_every=1))
+                           sasrec, sequence)
     assert again["curve"] == summary["curve"] and again["train_devices"] == summary["train_devices"]

@@ -2,6 +2,7 @@
 weight, the history vector weight and the sequence model weight, chosen by validation CALIBRATION_METRIC."""
 
 import numpy as np
+import pytest
 
 from llmrec.template import ItemFields
 from llmrec.training.data import Example, Interactions
@@ -9,7 +10,8 @@ from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
 from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule
 from llmrec.training.calibration import (
-    HISTORY_SCORE_GRID, choose_adjustments, cooccurrence_before, cooccurrence_only_scores, histories,
+    COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, MODEL_WEIGHT_GRID, POLICIES, SERVED_SCORE_SPAN, calibrate_row,
+    choose_adjustments, cooccurrence_before, cooccurrence_only_scores, evaluate_policies, histories, span_scale,
 )
 
 ITEMS = 12
@@ -77,12 +79,87 @@ def test_cooccurrence_is_chosen_when_the_next_item_follows_the_last_one():
     assert best.cooccurrence_weight > 0 and ndcg[best.key]["ndcg@10"] > 0.5
 
 
-def test_the_cooccurrence_baseline_ranks_neighbours_of_the_history_first_and_the_history_last():
+def test_the_cooccurrence_baseline_ranks_neighbours_of_the_history_first_and_keeps_the_history():
     data = interactions([[1, 2, 3], [1, 2, 4], [5, 6, 7]])
     table = CooccurrenceTable.from_sequences([[1, 2], [1, 2], [5, 6]], ITEMS, window=1)
     scores = cooccurrence_only_scores(data, table)([Example(0, 1)])[0]  # history [1]: its neighbour is 2
     order = np.argsort(-scores, kind="stable")
-    assert order[0] == 2 and order[-1] == 1
+    assert order[0] == 2
+    # published policy: the history item is ranked by its own scores (popularity here), not pushed last
+    assert order[-1] != 1 and scores[1] > scores[0]
+
+
+def never_repeating(users: int = 20):
+    """Users who go a -> a+1 -> a+2 -> a+3 and never repeat an item, with their validation examples."""
+    data = interactions([[u % ITEMS, (u + 1) % ITEMS, (u + 2) % ITEMS, (u + 3) % ITEMS] for u in range(users)])
+    return data, [Example(u, 3) for u in range(users)]
+
+
+def history_first_scores(data, examples, history: float, target: float):
+    """Scores in any units that rank each user's history first (`history`), their target next (`target`)."""
+    scores = np.zeros((len(examples), ITEMS))
+    for row, e in enumerate(examples):
+        seq = data.sequences[e.user]
+        scores[row, seq[: e.target_position]] = history
+        scores[row, seq[e.target_position]] = target
+    return scores
+
+
+def row(scores, examples):
+    """A row's own ScoreFn over fixed scores of these examples."""
+    position = {e: n for n, e in enumerate(examples)}
+    return lambda batch: scores[[position[e] for e in batch]]
+
+
+def test_any_row_gets_a_history_score_in_its_own_units():
+    # Popularity-like counts in the hundreds: the grid's -4 would not move them, so the row is scaled first.
+    data, examples = never_repeating()
+    own = row(history_first_scores(data, examples, 900.0, 800.0), examples)
+    chosen = calibrate_row(own, data, examples, chunk_users=7)
+    assert chosen.scale == SERVED_SCORE_SPAN / 900.0 and chosen.adjustments.history_item_score in HISTORY_SCORE_GRID
+    assert chosen.adjustments.cooccurrence_weight == 0.0  # no table: the history item score alone
+    assert chosen.validation[chosen.adjustments.key]["ndcg@10"] == 1.0
+    assert chosen.validation[Adjustments().key]["ndcg@10"] < 0.5  # the target behind the 3 history items
+    deployed = chosen.scores(own, data)(examples)
+    assert np.all(np.argmax(deployed, 1) == [data.sequences[e.user][3] for e in examples])
+    published = chosen.scores(own, data, history_item_score=0.0)(examples)
+    np.testing.assert_allclose(published, chosen.scale * own(examples))  # the same ranking as the row's own
+
+
+def test_the_policies_of_a_row_differ_only_in_the_history_item_score():
+    data, examples = never_repeating()
+    own = row(history_first_scores(data, examples, 0.9, 0.8), examples)
+    rows, ranks, chosen = evaluate_policies(own, own, data, examples, examples, (10,))
+    assert list(rows) == list(POLICIES) == ["published", "deployed"]
+    assert chosen.adjustments.history_item_score < 0 and rows["deployed"]["ndcg@10"] == 1.0
+    assert np.all(ranks["deployed"] == 0) and np.all(ranks["published"] == 3)  # behind the 3 history items
+
+
+def test_a_hybrid_row_gets_its_cooccurrence_weight_from_the_same_grid():
+    # SASRec-like logits that know nothing (noise), a table that knows every next item: the weight is chosen.
+    sequences = [[u % ITEMS, (u + 1) % ITEMS, (u + 2) % ITEMS] for u in range(40)]
+    data = interactions(sequences)
+    examples = [Example(u, 2) for u in range(40)]
+    table = CooccurrenceTable.from_sequences([s[:2] for s in sequences], ITEMS, window=1)
+    own = row(np.random.default_rng(0).normal(scale=5.0, size=(40, ITEMS)), examples)
+    rows, _, chosen = evaluate_policies(own, own, data, examples, examples, (10,), {"valid": table, "test": table})
+    assert chosen.adjustments.cooccurrence_weight in COOCCURRENCE_WEIGHT_GRID
+    assert chosen.adjustments.cooccurrence_weight > 0 and rows["deployed"]["ndcg@10"] > 0.5
+    assert rows["published"]["ndcg@10"] > 0.5  # published keeps the co-occurrence weight, drops the history score
+    assert chosen.model_weight in MODEL_WEIGHT_GRID
+
+
+def test_a_hybrid_row_weighs_its_own_score_down_when_co_occurrence_must_outweigh_it():
+    # Heavy-tailed logits that know nothing: at the largest co-occurrence weight, the noise still beats the table's
+    # count-1 pairs for some users; weighing the row's own score down lets the table decide for every user.
+    sequences = [[u % ITEMS, (u + 1) % ITEMS, (u + 2) % ITEMS] for u in range(ITEMS)]
+    data = interactions(sequences)
+    examples = [Example(u, 2) for u in range(ITEMS)]
+    table = CooccurrenceTable.from_sequences([s[:2] for s in sequences], ITEMS, window=1)
+    own = row(np.random.default_rng(0).standard_cauchy(size=(ITEMS, ITEMS)), examples)
+    chosen = calibrate_row(own, data, examples, table, chunk_users=7)
+    assert chosen.model_weight < 1.0 and chosen.chosen_metric == 1.0
+    assert chosen.scale == pytest.approx(chosen.model_weight * span_scale(own, examples))
 
 
 def similar_pairs_vectors(shift: int) -> np.ndarray:
