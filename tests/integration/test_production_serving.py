@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 
@@ -30,6 +29,7 @@ from llmrec.server.recommender import UPSERT_ENCODE_CHUNK
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 from rpc_helpers import call_error
+from tests.google_rpc_details import unpacked
 
 LLMREC = Path(sys.executable).parent / "llmrec"
 runner = CliRunner()
@@ -39,15 +39,7 @@ def details(error: grpc.RpcError) -> dict:
     """The google.rpc details of a failed call, read with the real google.rpc types (not the client's)."""
     status = rpc_status.from_call(error)  # also checks code and message against the status proto
     assert status is not None, "the status carries no google.rpc.Status"
-    found: dict = {}
-    for detail in status.details:
-        for name, kind in (("info", error_details_pb2.ErrorInfo), ("bad_request", error_details_pb2.BadRequest),
-                           ("retry", error_details_pb2.RetryInfo)):
-            if detail.Is(kind.DESCRIPTOR):
-                message = kind()
-                detail.Unpack(message)
-                found[name] = message
-    return found
+    return unpacked(status)
 
 
 def rpc_count(method: str, code: str) -> float:

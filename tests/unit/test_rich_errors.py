@@ -11,7 +11,6 @@ import sys
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 
 from llmrec.clients.client import RETRYABLE_CODES, RecommenderError
 from llmrec.clients.status_details import FieldViolation, StatusDetails, parse_status_details
@@ -22,18 +21,7 @@ from llmrec.server.errors import (
     unknown_items,
 )
 from llmrec.server.session import _quiet
-
-
-def unpacked(status) -> dict:
-    found = {}
-    for detail in status.details:
-        for name, kind in (("info", error_details_pb2.ErrorInfo), ("bad_request", error_details_pb2.BadRequest),
-                           ("retry", error_details_pb2.RetryInfo)):
-            if detail.Is(kind.DESCRIPTOR):
-                message = kind()
-                detail.Unpack(message)
-                found[name] = message
-    return found
+from tests.google_rpc_details import unpacked
 
 
 def test_every_domain_error_maps_through_the_one_table():
