@@ -266,6 +266,9 @@ def parse_settings(args: Sequence[str] | None = None) -> CommandLineSettings:
         raise SettingsError("\n".join(_explain(problem) for problem in error.errors())) from None
 
 
+SECRET_SETTINGS = frozenset({"auth_tokens"})
+
+
 def _explain(problem: Any) -> str:
     """One validation problem as `name (--flag, LLMREC_VAR): message (got value)`."""
     message = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
@@ -274,4 +277,6 @@ def _explain(problem: Any) -> str:
     name = str(problem["loc"][0])
     if problem["type"] == "extra_forbidden":  # only a config file can name a setting that does not exist
         return f"unknown setting {name!r} in the config file"
-    return f"{name} (--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()}): {message} (got {problem['input']!r})"
+    where = f"{name} (--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()}): {message}"
+    # a mistyped token entry may hold the raw token: an error that goes to logs must not repeat it
+    return where if name in SECRET_SETTINGS else f"{where} (got {problem['input']!r})"

@@ -144,3 +144,9 @@ def test_the_client_warns_before_sending_a_token_in_the_clear():
         open_channel("recs.example.com:443", token="t").close()
     with pytest.raises(ValueError, match="together"):
         open_channel("127.0.0.1:1", tls_cert="c.pem")
+
+
+def test_a_raw_token_given_by_mistake_is_not_repeated_in_the_error():
+    with pytest.raises(SettingsError) as caught:
+        parse_settings(["--bundle", "b", "--auth-tokens", "my-raw-token-1234=read"])
+    assert "store the token's hash" in str(caught.value) and "my-raw-token-1234" not in str(caught.value)
