@@ -78,5 +78,5 @@ def configure(level: str, log_format: LogFormat) -> None:
     """Root logging for `llmrec-server`: one handler on stderr. Library loggers (grpc, asyncio) stay at INFO or
     quieter; `level` debug is for this server's own lines."""
     numeric = logging.getLevelName(level.upper())
-    logging.basicConfig(level=max(numeric, logging.INFO), handlers=[make_handler(log_format)], force=True)
+    logging.basicConfig(level=max(numeric, logging.INFO), handlers=[make_handler(log_format)])
     logging.getLogger("llmrec.server").setLevel(numeric)
