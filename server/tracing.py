@@ -1,7 +1,8 @@
 """OpenTelemetry tracing of llmrec.v1.Recommender calls: off unless otlp_endpoint is set (or a test passes a provider).
 
 Nothing here imports OpenTelemetry at module level: a server without tracing never loads the SDK, the OTLP
-exporter or the gRPC instrumentation (together ~0.3 s of start-up on the 2-core development machine).
+exporter or the gRPC instrumentation (together ~0.5 s of start-up on the 2-core development machine, measured by
+bench.tracing_overhead).
 
 Each server has a TracerProvider of its own (not the global one: a process may run several servers). The call's
 SERVER span comes from opentelemetry-instrumentation-grpc's aio interceptor (a `traceparent` in the metadata makes

@@ -22,7 +22,7 @@ def test_server_and_clients_do_not_import_the_training_stack():
 
 
 def test_a_server_without_tracing_never_imports_opentelemetry():
-    # Imported only when otlp_endpoint is set: the SDK, exporter and instrumentation cost ~0.3 s of start-up.
+    # Imported only when otlp_endpoint is set: the SDK, exporter and instrumentation cost ~0.5 s of start-up.
     code = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
