@@ -15,6 +15,8 @@ BUNDLES ?= bundles/$(notdir $(DATA))
 STATE ?= state
 HOST ?= 127.0.0.1
 PORT ?= 50051
+# Prometheus metrics of `make serve` / `make run` (http://HOST:METRICS_PORT/metrics)
+METRICS_PORT ?= 9090
 TRAIN_ARGS ?=
 # `make run`'s demo (first recommendation in ~6 min on 2 CPU cores, install included): a short fine-tune, a one-epoch
 # sequence model, adjustments chosen on 300 validation users and the printed report on the first 300 test users.
@@ -57,14 +59,16 @@ export: setup  ## ONNX + INT8 export, quality check, item index: a new bundle un
 	$(PY) -m llmrec.export --checkpoint $(RUN_DIR)/checkpoint --data $(DATA) --out $(BUNDLES)
 
 serve: setup  ## serve the newest bundle under BUNDLES on HOST:PORT
-	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE)
+	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE) \
+		--log-format text --metrics-port $(METRICS_PORT)
 
 run: setup data  ## train and export once (a later run reuses the bundle), then serve
 	@if ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then echo "reusing the bundle in $(BUNDLES)"; \
 	else $(MAKE) --no-print-directory train export TRAIN_ARGS='$(RUN_TRAIN_ARGS) $(TRAIN_ARGS)'; fi
 	@echo; echo "Try, from another shell:"; \
 	echo "  $(VENV)/bin/llmrec recommend --target $(HOST):$(PORT) --item 50 --item 172 --item 181 --k 10"; echo
-	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE)
+	$(VENV)/bin/llmrec-server --bundle-root $(BUNDLES) --host $(HOST) --port $(PORT) --state-dir $(STATE) \
+		--log-format text --metrics-port $(METRICS_PORT)
 
 SEEDS ?= 1
 EVAL_ARGS ?=

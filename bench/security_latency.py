@@ -56,7 +56,7 @@ def start_server(bundle: Path, mode: str, certificates: dict[str, Path], token: 
                  timeout_s: float = 180) -> tuple[subprocess.Popen, Callable[..., RecommenderClient]]:
     port = free_port()
     command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--host", "127.0.0.1", "--port",
-               str(port), "--cpu-only", "--log-level", "warning"]
+               str(port), "--cpu-only", "--log-level", "warning", "--no-metrics"]
     if mode.startswith("tls"):
         command += ["--tls-cert", str(certificates["cert"]), "--tls-key", str(certificates["key"])]
     if mode.endswith("+token"):

@@ -70,7 +70,8 @@ def _free_port() -> int:
 
 
 def _serve(bundle: Path, state_dir: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port), "--state-dir", str(state_dir)]
+    command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port), "--state-dir", str(state_dir),
+               "--no-metrics"]
     return subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
 
 

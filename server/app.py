@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from importlib.metadata import version
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmrec.v1 import recommender_pb2 as pb
 
-from llmrec.server import metrics
+from llmrec.server import metrics, observability, tracing
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.catalogue import open_catalogue
 from llmrec.server.encoding import AsyncEncoder, BatchPolicy
@@ -40,10 +42,14 @@ class RecommenderServer:
 
     Args:
         settings: what to serve and how.
+        tracer_provider: an OpenTelemetry TracerProvider to trace calls with (the caller shuts it down), in place
+            of the OTLP exporter that settings.otlp_endpoint asks for.
     """
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, tracer_provider: Any = None) -> None:
         self.settings = settings
+        self._tracer_provider = tracer_provider
+        self._tracing: tracing.Tracing | None = None
         self.port: int | None = None
         self.recommender: Recommender | None = None
         self._server: grpc.aio.Server | None = None
@@ -63,9 +69,18 @@ class RecommenderServer:
             # gRPC sets SO_REUSEPORT by default: a second server on a busy port would "start" and share it.
             ("grpc.so_reuseport", 0),
         ]
+        if self._tracer_provider is not None:
+            self._tracing = tracing.Tracing(self._tracer_provider, owned=False)
+        elif self.settings.otlp_endpoint is not None:
+            self._tracing = tracing.otlp_tracing(self.settings.otlp_endpoint, version("llmrec"))
+        # Outermost first: the call's span, then its request id and accounting (refusals included), then auth.
+        interceptors: list[grpc.aio.ServerInterceptor] = [] if self._tracing is None else [self._tracing.interceptor()]
+        interceptors.append(observability.CallObserver(self._tracing))
         auth = security.AuthInterceptor.from_settings(self.settings)  # None: every caller may call everything
+        if auth is not None:
+            interceptors.append(auth)
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
-                                 interceptors=None if auth is None else [auth])
+                                 interceptors=interceptors)
         self._health = health.aio.HealthServicer()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -84,13 +99,17 @@ class RecommenderServer:
                 self.port = server.add_secure_port(address, credentials)
         except RuntimeError as error:  # grpc reports a busy or invalid address this way
             raise OSError(f"cannot listen on {address}: {error}") from error
-        if self.settings.metrics_port is not None:
+        if self.settings.metrics:
+            metrics_host = self.settings.metrics_host or self.settings.host
             try:
-                self._metrics_http, self.metrics_port = metrics.start_metrics_server(self.settings.host,
+                self._metrics_http, self.metrics_port = metrics.start_metrics_server(metrics_host,
                                                                                      self.settings.metrics_port)
             except OSError as error:
-                raise OSError(f"cannot serve metrics on port {self.settings.metrics_port}: {error}") from error
-            logger.info("Prometheus metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+                raise OSError(f"cannot serve metrics on {metrics_host}:{self.settings.metrics_port}: {error} "
+                              "(--metrics-port PORT, or --no-metrics)") from error
+            logger.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, self.metrics_port)
+        if self._tracing is not None:
+            logger.info("tracing calls to %s", self.settings.otlp_endpoint or "the given tracer provider")
         await server.start()
         self._server = server
         logger.info("listening on %s:%d, %s (NOT_SERVING until the model is loaded)", self.settings.host, self.port,
@@ -124,7 +143,6 @@ class RecommenderServer:
         limits = Limits(settings.max_k, settings.max_request_history, settings.max_text_chars)
         catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every)
         self.recommender = Recommender(bundle, self._encoder, limits, catalogue)
-        metrics.time_calls(self.recommender, "search", metrics.INDEX_SECONDS)
         self._servicer.attach(self.recommender)
         assert self._health is not None
         for service in HEALTH_SERVICES:
@@ -149,6 +167,9 @@ class RecommenderServer:
             await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self._tracing is not None:  # the last spans go out (an OTLP exporter waits up to its timeout)
+            await asyncio.to_thread(self._tracing.shutdown)
+            self._tracing = None
         logger.info("stopped")
 
     async def wait_for_termination(self) -> None:

@@ -30,6 +30,7 @@ from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.scoring import ScoringRule
 from llmrec.template import ItemFields
 
+from llmrec.server import metrics, tracing
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
 from llmrec.server.errors import FailedPrecondition, InvalidArgument, Unavailable, unknown_items
@@ -283,18 +284,19 @@ class Catalogue:
     def _search(self, query: np.ndarray, k: int, excluded: set[int],
                 candidates: set[int] | None) -> tuple[list[int], list[float]]:
         """The approximate top k live labels for a query row (hold the read lock)."""
-        if candidates is not None:
-            k = min(k, len(candidates))
+        with tracing.span(tracing.INDEX, {"llmrec.k": k}), metrics.INDEX_SECONDS.time():
+            if candidates is not None:
+                k = min(k, len(candidates))
+                if k <= 0:
+                    return [], []
+                if len(candidates) <= EXACT_SEARCH_MAX_CANDIDATES:
+                    return self._exact(query, k, candidates=candidates)
+                return self._approximate(query, k, candidates.__contains__, candidates=candidates)
+            k = min(k, self.count - len(excluded))
             if k <= 0:
                 return [], []
-            if len(candidates) <= EXACT_SEARCH_MAX_CANDIDATES:
-                return self._exact(query, k, candidates=candidates)
-            return self._approximate(query, k, candidates.__contains__, candidates=candidates)
-        k = min(k, self.count - len(excluded))
-        if k <= 0:
-            return [], []
-        allowed = (lambda label: label not in excluded) if excluded else None
-        return self._approximate(query, k, allowed, excluded=excluded)
+            allowed = (lambda label: label not in excluded) if excluded else None
+            return self._approximate(query, k, allowed, excluded=excluded)
 
     def _score(self, labels: np.ndarray, query: np.ndarray, excluded: set[int],
                candidates: set[int] | None) -> tuple[np.ndarray, np.ndarray]:

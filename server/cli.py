@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 
 import typer
 
 from llmrec.manifest import BundleError
 
+from llmrec.server import logs
 from llmrec.server.settings import parse_settings
 from llmrec.server.state import StateError
 
@@ -26,11 +25,7 @@ def main(ctx: typer.Context) -> None:
         settings.resolve_bundle_dir()  # fail before binding when there is nothing to serve
     except (ValueError, BundleError) as error:
         _fail(str(error))
-    level = logging.getLevelName(settings.log_level.upper())
-    # Library loggers (grpc, asyncio) stay at INFO or quieter; --log-level debug is for this server's own logs.
-    logging.basicConfig(level=max(level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llmrec.server").setLevel(level)
+    logs.configure(settings.log_level, settings.log_format)
 
     from llmrec.server.app import serve  # imported late: `--help` should not load ONNX Runtime
 

@@ -29,6 +29,9 @@ What happens to a request:
      throughput comes from): texts of all requests in the micro-batch are grouped by padded width and run
      together, at most max_tokens padded tokens per run (the token budget).
 4. Each request's future is resolved as soon as its own texts are done (not at the end of the batch).
+
+Traced calls (server.tracing) get llmrec.queue, llmrec.tokenize and llmrec.model spans from the worker threads:
+the job carries the submitting call's context (a Handoff), since the workers run outside it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import numpy as np
 
 from llmrec.onnx_encoder import LENGTH_BUCKET, OnnxEncoder
 
-from llmrec.server import metrics
+from llmrec.server import metrics, tracing
 from llmrec.server.errors import (
     REASON_DEADLINE, REASON_QUEUE_FULL, REASON_SHUTTING_DOWN, DeadlineExceeded, ResourceExhausted, Unavailable,
 )
@@ -102,6 +105,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     submitted: float  # perf_counter
     deadline: float | None  # monotonic
+    trace: tracing.Handoff | None  # the submitting call's span context, when it is traced
     vectors: np.ndarray | None = None
     pending: int = 0  # texts not yet encoded (batched mode)
 
@@ -231,7 +235,7 @@ class AsyncEncoder:
             metrics.DROPPED.labels("deadline").inc()
             raise DeadlineExceeded("the request's deadline passed before it could be encoded", reason=REASON_DEADLINE)
         loop = asyncio.get_running_loop()
-        job = _Job(texts, max_tokens, loop.create_future(), loop, time.perf_counter(), deadline)
+        job = _Job(texts, max_tokens, loop.create_future(), loop, time.perf_counter(), deadline, tracing.handoff())
         self._queue.put(job)
         # If the caller is cancelled (client gone), awaiting cancels the future: the worker then skips the job.
         return await job.future
@@ -249,9 +253,12 @@ class AsyncEncoder:
             jobs, alone = taken
             engine = self.encoder if alone else self.parallel_encoder
             metrics.BATCH_REQUESTS.observe(len(jobs))
-            started = time.perf_counter()
+            started, started_ns = time.perf_counter(), time.time_ns()
             for job in jobs:
                 metrics.QUEUE_SECONDS.observe(started - job.submitted)
+                if job.trace is not None:
+                    job.trace.record(tracing.QUEUE, job.trace.submitted_ns, started_ns,
+                                     {"llmrec.batch_requests": len(jobs)})
             live = [job for job in jobs if self._still_wanted(job)]
             try:
                 if self.policy.across_requests:
@@ -280,14 +287,16 @@ class AsyncEncoder:
     def _run_alone(self, job: _Job, engine: OnnxEncoder) -> None:
         """Every text of the job in its own run: its vector depends on nothing but the text."""
         tokenized = time.perf_counter()
-        rows = self.encoder.token_ids(job.texts, job.max_tokens)
+        with tracing.child(job.trace, tracing.TOKENIZE, {"llmrec.texts": len(job.texts)}):
+            rows = self.encoder.token_ids(job.texts, job.max_tokens)
         metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - tokenized)
         out = np.empty((len(rows), self.encoder.dimension), dtype=np.float32)
         for position, row in enumerate(rows):
             if position and not self._still_wanted(job):  # cancelled or past its deadline meanwhile: stop here
                 return
             ids, mask = self.encoder.pad([row], job.max_tokens)
-            out[position] = self._run(engine, ids, mask)[0]
+            with tracing.child(job.trace, tracing.MODEL, self._run_attributes(engine, ids)):
+                out[position] = self._run(engine, ids, mask)[0]
         self._deliver(job, out)
 
     def _run_batched(self, jobs: list[_Job], engine: OnnxEncoder) -> None:
@@ -299,7 +308,9 @@ class AsyncEncoder:
         for job in jobs:
             job.vectors = np.empty((len(job.texts), self.encoder.dimension), dtype=np.float32)
             job.pending = len(job.texts)
-            for position, row in enumerate(self.encoder.token_ids(job.texts, job.max_tokens)):
+            with tracing.child(job.trace, tracing.TOKENIZE, {"llmrec.texts": len(job.texts)}):
+                rows = self.encoder.token_ids(job.texts, job.max_tokens)
+            for position, row in enumerate(rows):
                 width = self.encoder.padded_width(len(row), job.max_tokens)
                 groups[(job.max_tokens, width)].append((job, position, row))
         metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - tokenized)
@@ -321,7 +332,12 @@ class AsyncEncoder:
                 if not chunk:
                     continue
                 ids, mask = self.encoder.pad([row for _, _, row in chunk], max_tokens)
+                ran_from = time.time_ns()
                 vectors = self._run(engine, ids, mask)
+                ran_to = time.time_ns()
+                # One run serves several calls: each traced one gets a span of it.
+                for job in {job for job, _, _ in chunk if job.trace is not None}:
+                    job.trace.record(tracing.MODEL, ran_from, ran_to, self._run_attributes(engine, ids))
                 for (job, position, _), vector in zip(chunk, vectors):
                     job.vectors[position] = vector
                     job.pending -= 1
@@ -336,6 +352,10 @@ class AsyncEncoder:
         metrics.RUN_TEXTS.observe(ids.shape[0])
         metrics.RUN_TOKENS.observe(ids.size)
         return vectors
+
+    def _run_attributes(self, engine: OnnxEncoder, ids: np.ndarray) -> dict[str, object]:
+        return {"llmrec.lane": "alone" if engine is self.encoder else "parallel", "llmrec.texts": ids.shape[0],
+                "llmrec.padded_tokens": ids.size}
 
     @staticmethod
     def _deliver(job: _Job, vectors: np.ndarray | None = None, error: BaseException | None = None) -> None:

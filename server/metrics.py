@@ -1,27 +1,29 @@
-"""Prometheus metrics of the serving path, exposed on an optional metrics port (`--metrics-port`).
+"""Prometheus metrics of the serving path, served at /metrics on metrics_host:metrics_port (on by default).
 
 Where a request's time goes, split the way the serving literature splits it:
-    llmrec_queue_seconds     submitted to the encoder -> its micro-batch starts (waiting for a worker)
-    llmrec_tokenize_seconds  tokenisation of one micro-batch
-    llmrec_model_seconds     one ONNX Runtime run (one text on CPU, a batch of texts when batching)
-    llmrec_index_seconds     one HNSW (or exact) search
-    llmrec_rpc_seconds       the whole RPC, per method (a stream from open to close)
-plus batch-size histograms (requests per micro-batch, texts and padded tokens per run), the queue depth, and
-counters of RPCs by status and of requests dropped before compute (cancelled, past deadline, queue full).
+    llmrec_queue_seconds      submitted to the encoder -> its micro-batch starts (waiting for a worker)
+    llmrec_tokenize_seconds   tokenisation of one micro-batch
+    llmrec_model_seconds      one ONNX Runtime run (one text on CPU, a batch of texts when batching)
+    llmrec_ranking_seconds    the scoring rule's top k for one query (query, adjustments, re-score), index included
+    llmrec_index_seconds      one HNSW (or exact) search, inside the ranking
+Per call, with streams measured per message and per event (a 300 s Session never lands in a latency histogram):
+    llmrec_rpcs_total               finished RPCs by method and status, calls refused by authorization included
+    llmrec_rpc_seconds              unary RPCs only, by method
+    llmrec_stream_seconds           streaming RPCs' lifetimes, open to close, by method (buckets up to an hour)
+    llmrec_stream_message_seconds   RecommendStream: time to produce each page
+    llmrec_session_event_seconds    Session: one event, SessionRequest received -> its SessionResponse
+    llmrec_session_events_total     Session events by kind and the status their response carries
+plus batch-size histograms (requests per micro-batch, texts and padded tokens per run), runs per lane, the queue
+depth and encoder requests dropped by reason.
 
 All metrics live in REGISTRY (not prometheus_client's global one), with the process collector (RSS, CPU).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
-
-logger = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
@@ -36,10 +38,28 @@ TOKENIZE_SECONDS = Histogram("llmrec_tokenize_seconds", "Tokenisation time per m
                              buckets=_SECONDS, registry=REGISTRY)
 MODEL_SECONDS = Histogram("llmrec_model_seconds", "ONNX Runtime time per run (pooling included).",
                           buckets=_SECONDS, registry=REGISTRY)
-INDEX_SECONDS = Histogram("llmrec_index_seconds", "Item index search time per query.",
+RANKING_SECONDS = Histogram("llmrec_ranking_seconds", "Scoring rule top-k time per query (query vector, "
+                            "adjustments, re-score of raised items, final order), the index search included.",
+                            buckets=_SECONDS, registry=REGISTRY)
+INDEX_SECONDS = Histogram("llmrec_index_seconds", "Item index (HNSW, or exact) search time per query.",
                           buckets=_SECONDS, registry=REGISTRY)
-RPC_SECONDS = Histogram("llmrec_rpc_seconds", "Server-side time per RPC (a stream: open to close).", ["method"],
-                        buckets=_SECONDS, registry=REGISTRY)
+RPC_SECONDS = Histogram("llmrec_rpc_seconds", "Server-side time per unary RPC, by method (streaming RPCs: "
+                        "llmrec_stream_seconds, llmrec_stream_message_seconds, llmrec_session_event_seconds).",
+                        ["method"], buckets=_SECONDS, registry=REGISTRY)
+STREAM_SECONDS = Histogram("llmrec_stream_seconds", "Lifetime of a streaming RPC (RecommendStream, Session), open "
+                           "to close, by method.", ["method"],
+                           buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                                    3600.0), registry=REGISTRY)
+STREAM_MESSAGE_SECONDS = Histogram("llmrec_stream_message_seconds", "Time to produce one response message of a "
+                                   "server stream: the first from the start of the call, each later one from the "
+                                   "previous message's hand-off to gRPC.", ["method"], buckets=_SECONDS,
+                                   registry=REGISTRY)
+SESSION_EVENT_SECONDS = Histogram("llmrec_session_event_seconds", "Session: one event, SessionRequest received -> "
+                                  "its SessionResponse handed to gRPC, by event kind.", ["event"], buckets=_SECONDS,
+                                  registry=REGISTRY)
+SESSION_EVENTS = Counter("llmrec_session_events_total", "Session events answered, by event kind and the status "
+                         "code in the SessionResponse (a failed event leaves the stream open).", ["event", "code"],
+                         registry=REGISTRY)
 BATCH_REQUESTS = Histogram("llmrec_batch_requests", "Requests per encoder micro-batch.",
                            buckets=_SIZES, registry=REGISTRY)
 RUN_TEXTS = Histogram("llmrec_run_texts", "Texts per ONNX Runtime run.", buckets=_SIZES, registry=REGISTRY)
@@ -48,9 +68,14 @@ RUN_TOKENS = Histogram("llmrec_run_tokens", "Padded tokens (texts x width) per O
 RUNS = Counter("llmrec_runs_total", "ONNX Runtime runs by lane: alone (the wide session, all cores) or parallel "
                "(one single-threaded run per worker).", ["lane"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("llmrec_queue_depth", "Requests waiting in the encoder queue.", registry=REGISTRY)
-DROPPED = Counter("llmrec_dropped_total", "Requests dropped before compute.", ["reason"], registry=REGISTRY)
-RPCS = Counter("llmrec_rpcs_total", "Finished RPCs by method and status code.",
-               ["method", "code"], registry=REGISTRY)
+DROPPED = Counter("llmrec_dropped_total", "Encoder requests (one per batch of texts to encode; an RPC may make "
+                  "several) given up before all their texts were encoded, by reason: queue_full (refused at once: "
+                  "max_queue were waiting), deadline (the call's deadline had passed: at submission, in the queue, "
+                  "or between two of its texts), cancelled (the caller went away while it waited or between two "
+                  "of its texts).", ["reason"], registry=REGISTRY)
+RPCS = Counter("llmrec_rpcs_total", "Finished llmrec.v1.Recommender RPCs by method and status code, calls refused "
+               "by authorization (UNAUTHENTICATED, PERMISSION_DENIED) included.", ["method", "code"],
+               registry=REGISTRY)
 
 for _reason in ("cancelled", "deadline", "queue_full"):
     DROPPED.labels(_reason)
@@ -64,26 +89,7 @@ def start_metrics_server(host: str, port: int) -> tuple[Any, int]:
     return server, int(server.server_port)
 
 
-def time_calls(obj: Any, name: str, histogram: Histogram) -> bool:
-    """Wrap obj.<name> (a bound method) so every call is observed in `histogram`. False if obj has no such
-    callable (the wrapped object changed shape; metrics must never break serving)."""
-    method = getattr(obj, name, None)
-    if not callable(method):
-        logger.warning("cannot time %s.%s: no such method", type(obj).__name__, name)
-        return False
-
-    @functools.wraps(method)
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            histogram.observe(time.perf_counter() - started)
-
-    setattr(obj, name, timed)
-    return True
-
-
-def observe_rpc(method: str, code_name: str, seconds: float) -> None:
+def observe_call(method: str, code_name: str, seconds: float, streaming: bool) -> None:
+    """One finished RPC: counted by status; its time goes to the unary latency or the stream lifetime histogram."""
     RPCS.labels(method, code_name).inc()
-    RPC_SECONDS.labels(method).observe(seconds)
+    (STREAM_SECONDS if streaming else RPC_SECONDS).labels(method).observe(seconds)

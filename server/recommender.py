@@ -14,6 +14,7 @@ import numpy as np
 from llmrec.template import ItemFields, UserText, render_item, render_user
 
 from llmrec.server import explain as explaining
+from llmrec.server import metrics, tracing
 from llmrec.server import validation
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.catalogue import Catalogue, ResolvedItem
@@ -126,8 +127,9 @@ class Recommender:
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
         catalogued = [i for i in history_ids if i is not None]
-        return self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued), k, catalogued,
-                                    self.bundle.cooccurrence, frozenset(exclude_ids), filters)
+        with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
+            return self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued), k, catalogued,
+                                        self.bundle.cooccurrence, frozenset(exclude_ids), filters)
 
     def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None]) -> np.ndarray:
         """The scoring rule's query for a user vector and catalogued history, oldest first; items given as text,

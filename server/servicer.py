@@ -5,10 +5,11 @@ Versions reported in every response:
     index_version = "<bundle_version>:<item_count>" (the index is built with the bundle; the count shows
     catalogue size at a glance), plus ":r<revision>" once UpsertItems/DeleteItems have changed the catalogue.
 
-Every method runs in one scope (_rpc_scope) that turns domain errors into rich statuses (server.errors), and
-counts and logs each call with the status it really ended with: a call whose client cancelled or whose deadline
-passed is CANCELLED or DEADLINE_EXCEEDED, not OK (grpc.aio cancels the handler task; the encoder drops the work
-it was waiting for, between texts). A call that finished its answer just before the cancel landed stays OK.
+Every method runs in one scope (_rpc_scope) that turns domain errors into rich statuses (server.errors).
+server.observability counts and logs each call with the status it really ended with: a call whose client
+cancelled or whose deadline passed is CANCELLED or DEADLINE_EXCEEDED, not OK (grpc.aio cancels the handler task;
+the encoder drops the work it was waiting for, between texts). A call that finished its answer just before the
+cancel landed stays OK. Streams are measured here per message (RecommendStream) and per event (Session).
 
 Requests are decoded by the deserializers `add_to_server` registers: bytes that are not the method's request
 message become an `Undecodable`, answered INVALID_ARGUMENT ("request could not be decoded as
@@ -32,7 +33,7 @@ import grpc
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
-from llmrec.server import convert, metrics
+from llmrec.server import convert, metrics, tracing
 from llmrec.server.catalogue import page_token_after
 from llmrec.server.encoding import set_request_deadline
 from llmrec.server.errors import (
@@ -52,6 +53,7 @@ LIST_PAGE_MARGIN_BYTES = 64 << 10
 
 _undecodable_warning = ThrottledWarning(logger, every_s=10.0)
 _CANCEL_SETTLE_S = 0.02  # see Session
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}  # EventStatus.code -> its name
 
 
 # --- decoding --------------------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def safe_deserializer(message_class) -> Callable[[bytes], object]:
     return deserialize
 
 
-_HANDLER_KINDS = {
+HANDLER_KINDS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -98,7 +100,7 @@ def method_handlers(servicer: pb_grpc.RecommenderServicer) -> dict[str, grpc.Rpc
     safe_deserializer for the requests."""
     handlers = {}
     for method in SERVICE.methods:
-        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        make = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=safe_deserializer(getattr(pb, method.input_type.name)),
@@ -117,52 +119,17 @@ def add_to_server(servicer: pb_grpc.RecommenderServicer, server: grpc.aio.Server
 # --- the scope every method runs in ------------------------------------------------------------------------
 
 
-def _gone_code(context) -> grpc.StatusCode:
-    """Why a call ended without an answer: its deadline passed (DEADLINE_EXCEEDED) or its client left (CANCELLED)."""
-    with contextlib.suppress(Exception):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0.05:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
-
-
-def _aborted_code(context) -> grpc.StatusCode:
-    with contextlib.suppress(Exception):
-        code = context.code()
-        if isinstance(code, grpc.StatusCode):
-            return code
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                return status
-    return grpc.StatusCode.UNKNOWN
-
-
 @contextlib.asynccontextmanager
 async def _rpc_scope(name: str, context) -> AsyncIterator[None]:
-    """Domain errors -> their rich status; anything else -> INTERNAL (logged). Counts and logs the outcome (the
-    real one: CANCELLED or DEADLINE_EXCEEDED when the call was cancelled) and latency only."""
-    started = time.perf_counter()
-    code = grpc.StatusCode.OK
+    """Domain errors -> their rich status; anything else -> INTERNAL (logged). Counting, timing and the request
+    id are server.observability's (it also sees calls that authorization refuses)."""
     set_request_deadline(context.time_remaining())  # the encoder drops work whose caller gave up
     try:
         yield
     except grpc.aio.AbortError:
-        code = _aborted_code(context)
-        raise
-    except (asyncio.CancelledError, GeneratorExit):
-        # grpc.aio cancels the handler when the client cancels or the deadline passes (a stream may instead be
-        # closed at a yield): the work stops here, and the call is neither OK nor an error of ours.
-        code = _gone_code(context)
         raise
     except Exception as error:
-        described = describe(error, name)
-        code = described.code
-        await abort_with_described(context, described)
-    finally:
-        # Never the request itself: histories and queries are personal data.
-        elapsed = time.perf_counter() - started
-        metrics.observe_rpc(name, code.name, elapsed)
-        logger.debug("%s %s in %.1f ms", name, code.name, elapsed * 1e3)
+        await abort_with_described(context, describe(error, name))
 
 
 def _unary(method: Callable) -> Callable:
@@ -224,19 +191,24 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_streaming
     async def RecommendStream(self, request: pb.RecommendRequest, context) -> AsyncIterator[pb.RecommendStreamResponse]:
+        started = time.perf_counter()
         recommender = self._ready()
         check_page_size(request.page_size)
         page_size = request.page_size or self.settings.default_page_size
         items = convert.recommended_items(await recommender.recommend(convert.recommend_query(request)))
         starts = range(0, len(items), page_size) if items else range(1)  # an empty ranking is one empty page
+        per_message = metrics.STREAM_MESSAGE_SECONDS.labels("RecommendStream")
         for page, start in enumerate(starts):
-            yield pb.RecommendStreamResponse(
+            message = pb.RecommendStreamResponse(
                 items=items[start : start + page_size],
                 page=page,
                 last=start + page_size >= len(items),
                 model_version=recommender.model_version,
                 index_version=recommender.index_version,
             )
+            per_message.observe(time.perf_counter() - started)
+            yield message
+            started = time.perf_counter()  # resumed: gRPC took the previous page
 
     @_streaming
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
@@ -247,7 +219,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             while (request := await session.next_request(requests, self.settings.session_idle_timeout_s)) is not None:
                 if isinstance(request, Undecodable):  # no event id to answer it under: the stream ends
                     raise request.error("Session")
-                yield await self._session_step(session, recommender, request)
+                received = time.perf_counter()
+                kind = request.WhichOneof("event") or "none"
+                with tracing.span(tracing.SESSION_EVENT, {"llmrec.session.event": kind}):
+                    response = await self._session_step(session, recommender, request)
+                metrics.SESSION_EVENTS.labels(kind, _CODE_NAMES.get(response.status.code, "UNKNOWN")).inc()
+                metrics.SESSION_EVENT_SECONDS.labels(kind).observe(time.perf_counter() - received)
+                yield response  # outside the span: a stream may stay suspended here for minutes
             # The end of the requests: a half-close, or a cancel (grpc.aio reads that as the end too, then cancels
             # this task a moment later). Waiting that moment lets a cancel land here, so the call counts as
             # CANCELLED and not OK; a half-close only ends 20 ms later (best effort: measured, not guaranteed).

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -107,10 +108,24 @@ class ServerSettings(BaseSettings):
     batch_across_requests: bool | None = Field(None, description=(
         "Run several requests' texts in one inference run; unset = on CUDA (FP32) only, because on CPU dynamic "
         "INT8 would make one user's vector depend on other traffic (server.encoding)."))
-    metrics_port: Port | None = Field(None, description=(
-        "Serve Prometheus metrics on this port (0 = any free one); unset = no metrics server."))
+    # Observability (docs/serving.md#observability).
+    metrics: bool = Field(True, description=(
+        "Serve Prometheus metrics at http://METRICS_HOST:METRICS_PORT/metrics; --no-metrics (LLMREC_METRICS=false) "
+        "turns the endpoint off."))
+    metrics_host: str | None = Field(None, description=(
+        "Interface the metrics endpoint listens on; unset = the same as host."))
+    metrics_port: Port = Field(9090, description=(
+        "Port of the metrics endpoint; 0 = any free one (logged). Servers sharing a machine need one each."))
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description=(
         "This server's log level; library loggers (grpc, asyncio) stay at info or quieter."))
+    log_format: Literal["json", "text"] = Field("json", description=(
+        "json: one JSON object per line (time, level, logger, message, and request_id and rpc_method during a "
+        "call; trace_id and span_id when traced); text: one readable line each, the request id in brackets "
+        "(`make serve` uses text)."))
+    otlp_endpoint: str | None = Field(None, description=(
+        "Send OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://otel-collector:4317 (https:// for "
+        "TLS); unset = no tracing, and OpenTelemetry is not even imported. The standard OTEL_* variables "
+        "(OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_HEADERS, ...) apply."))
     # Transport security and authorization (server.security).
     tls_cert: Path | None = Field(None, description=(
         "PEM certificate chain to serve TLS with (with tls_key); unset = plaintext. Reloaded without a restart "
@@ -161,7 +176,17 @@ class ServerSettings(BaseSettings):
     def _cpu_only_wins(cls, prefer_gpu: bool, info: ValidationInfo) -> bool:
         return prefer_gpu and not info.data.get("cpu_only", False)
 
-    @field_validator("log_level", mode="before")
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _collector_url(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be a URL like http://otel-collector:4317 (https:// for TLS)")
+        return endpoint
+
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower_case(cls, level: Any) -> Any:
         return level.lower() if isinstance(level, str) else level

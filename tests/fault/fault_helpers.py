@@ -73,7 +73,7 @@ class ServerProcess:
     @property
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "llmrec.server", "--bundle", str(self.bundle), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--cpu-only", *self.extra]
+                   "--port", str(self.port), "--metrics-port", "0", "--cpu-only", *self.extra]
         return command + (["--state-dir", str(self.state_dir)] if self.state_dir is not None else [])
 
     def start(self) -> ServerProcess:

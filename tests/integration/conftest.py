@@ -8,6 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ class BackgroundServer:
     """A RecommenderServer running on a private event loop, driven from the (synchronous) test thread."""
 
     settings: ServerSettings
+    tracer_provider: Any = None  # an OpenTelemetry TracerProvider to trace calls with (RecommenderServer)
     loop: asyncio.AbstractEventLoop = dataclasses.field(default_factory=asyncio.new_event_loop)
     server: RecommenderServer | None = None
     port: int = 0
@@ -36,7 +38,7 @@ class BackgroundServer:
 
     def start(self, load: bool = True) -> BackgroundServer:
         async def create() -> RecommenderServer:  # the server's asyncio objects must be made on its loop
-            return RecommenderServer(self.settings)
+            return RecommenderServer(self.settings, tracer_provider=self.tracer_provider)
 
         self.server = self.run(create())
         self.port = self.run(self.server.start())
@@ -63,7 +65,9 @@ class BackgroundServer:
 
 
 def settings_for(bundle: Path, **overrides) -> ServerSettings:
-    return ServerSettings(bundle=bundle, host="127.0.0.1", port=0, prefer_gpu=False, **overrides)
+    """Test settings: any free port for gRPC and for metrics (many servers run side by side)."""
+    return ServerSettings(bundle=bundle, host="127.0.0.1", **{"port": 0, "metrics_port": 0, "prefer_gpu": False,
+                                                               **overrides})
 
 
 @pytest.fixture(scope="session")

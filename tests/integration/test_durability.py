@@ -27,7 +27,7 @@ def free_port() -> int:
 def start(bundle_root: Path, state_dir: Path, port: int, log: Path) -> subprocess.Popen:
     with log.open("a") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "llmrec.server", "--bundle-root", str(bundle_root), "--port", str(port), "--cpu-only",
+            [sys.executable, "-m", "llmrec.server", "--bundle-root", str(bundle_root), "--port", str(port), "--metrics-port", "0", "--cpu-only",
              "--state-dir", str(state_dir), "--snapshot-every", "7"],
             cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -33,7 +34,8 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
         process = subprocess.Popen(
             # The Makefile's form: the newest bundle under a root.
             [sys.executable, "-m", "llmrec.server", "--bundle-root", str(tiny_bundle.parent), "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "debug", "--cpu-only", "--state-dir", str(tmp_path / "state")],
+             "--port", str(port), "--metrics-port", "0", "--log-level", "debug", "--cpu-only",
+             "--state-dir", str(tmp_path / "state")],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
     try:
@@ -64,6 +66,11 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
     assert "UpsertItems OK" in log and "ForgetSession OK" in log and "Session ABORTED" in log
     assert "Traceback" not in log
     assert SECRET_QUERY not in log and SECRET_TITLE not in log
+    # JSON lines by default; a call's lines carry its request id.
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(r["message"].startswith("SERVING model") for r in records)
+    assert any(r["message"].startswith("Recommend OK") and r["rpc_method"] == "Recommend" and r["request_id"]
+               for r in records)
 
 
 def test_server_cli_refuses_a_missing_bundle_root(tmp_path: Path):

@@ -216,7 +216,7 @@ def test_an_expired_upsert_stops_encoding_changes_nothing_and_is_counted_as_such
     items = [pb.CatalogueItem(item_id=f"late-{i:03d}", text=pb.ItemText(title=f"Late film {i}",
                                                                        description=description))
              for i in range(BATCH)]
-    caplog.set_level(logging.DEBUG, logger="llmrec.server.servicer")
+    caplog.set_level(logging.DEBUG, logger="llmrec.server.observability")
     with grpc.insecure_channel(writable.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         before = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)

@@ -75,13 +75,14 @@ def test_a_full_queue_answers_resource_exhausted(start_server):
     assert "capacity" in refused.details()
 
 
-def test_metrics_port_exposes_the_time_split_and_batch_sizes(start_server):
-    running = start_server(metrics_port=0)
+def test_metrics_endpoint_exposes_the_time_split_and_batch_sizes(start_server):
+    running = start_server()  # metrics are on by default (the tests' settings: any free port)
     with grpc.insecure_channel(running.target) as channel:
         pb_grpc.RecommenderStub(channel).Recommend(_request("m1"), timeout=10)
     port = running.server.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in ("llmrec_queue_seconds_count", "llmrec_model_seconds_count", "llmrec_index_seconds_count",
+                 "llmrec_ranking_seconds_count",
                  "llmrec_tokenize_seconds_count", "llmrec_batch_requests_bucket", "llmrec_run_texts_bucket",
                  'llmrec_rpcs_total{code="OK",method="Recommend"}', "llmrec_queue_depth",
                  'llmrec_dropped_total{reason="queue_full"}', "process_resident_memory_bytes"):

@@ -466,8 +466,13 @@ def test_each_pod_starts_with_valid_settings_that_match_its_ports():
         ports = _container_ports(_server_container(workload))
         assert settings.host == "0.0.0.0", f"{_name(workload)} listens on {settings.host} only"
         assert settings.port == ports["grpc"], f"{_name(workload)}: server port {settings.port}, grpc port {ports}"
-        if "metrics" in ports:
-            assert settings.metrics_port == ports["metrics"], f"{_name(workload)}: metrics on {settings.metrics_port}"
+        if settings.metrics:  # on by default: the port must be declared and scraped where it is served
+            assert ports.get("metrics") == settings.metrics_port, f"{_name(workload)}: metrics on {settings.metrics_port}"
+            annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+            assert annotations.get("prometheus.io/port") == str(settings.metrics_port), _name(workload)
+            assert annotations.get("prometheus.io/scrape") == "true", _name(workload)
+        else:
+            assert "metrics" not in ports, f"{_name(workload)} declares a metrics port it does not serve"
 
 
 def test_no_config_map_setting_is_shadowed_by_a_flag():

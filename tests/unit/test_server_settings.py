@@ -32,7 +32,9 @@ def test_exactly_one_bundle_source():
 
 @pytest.mark.parametrize("field, value", [("max_k", 0), ("port", 70000), ("default_session_k", 101),
                                           ("session_idle_timeout_s", 0), ("ort_spinning", "sometimes"),
-                                          ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1)])
+                                          ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1),
+                                          ("log_format", "xml"), ("otlp_endpoint", "collector:4317"),
+                                          ("otlp_endpoint", "grpc://collector:4317")])
 def test_bad_values(field, value):
     with pytest.raises(ValueError):
         ServerSettings(bundle=Path("b"), **{field: value})
@@ -42,7 +44,10 @@ def test_defaults():
     settings = ServerSettings(bundle_root=Path("r"))
     assert (settings.max_k, settings.max_request_history, settings.max_text_chars) == (100, 500, 2000)
     assert settings.max_message_bytes == 16 * 2**20 and settings.grace_seconds == 5 and settings.threads >= 1
-    assert settings.prefer_gpu and settings.batch_across_requests is None and settings.metrics_port is None
+    assert settings.prefer_gpu and settings.batch_across_requests is None
+    # Observability: metrics on at 9090 on the gRPC host, JSON logs, no tracing.
+    assert settings.metrics and settings.metrics_port == 9090 and settings.metrics_host is None
+    assert settings.log_format == "json" and settings.otlp_endpoint is None
 
 
 def test_settings_built_in_code_read_neither_environment_nor_argv(monkeypatch: pytest.MonkeyPatch):
@@ -75,6 +80,22 @@ def test_flags_used_by_the_makefile_tests_and_bench(tmp_path: Path):
     assert (settings.ort_spinning, settings.max_queue, settings.max_concurrent_rpcs) == ("never", 5, 64)
     assert not settings.verify_hashes
     assert parse_settings(["--bundle", "b", "--no-batch-across-requests"]).batch_across_requests is False
+
+
+def test_observability_flags_and_variables(monkeypatch: pytest.MonkeyPatch):
+    settings = parse_settings(["--bundle", "b", "--no-metrics", "--metrics-host", "0.0.0.0", "--log-format", "TEXT",
+                               "--otlp-endpoint", "https://collector.example:4317"])
+    assert not settings.metrics and settings.metrics_host == "0.0.0.0" and settings.log_format == "text"
+    assert settings.otlp_endpoint == "https://collector.example:4317"
+    for name, value in {"BUNDLE": "b", "METRICS": "false", "METRICS_PORT": "0", "LOG_FORMAT": "text",
+                        "OTLP_ENDPOINT": "http://127.0.0.1:4317"}.items():
+        monkeypatch.setenv(f"LLMREC_{name}", value)
+    settings = parse_settings([])
+    assert (settings.metrics, settings.metrics_port, settings.log_format) == (False, 0, "text")
+    assert settings.otlp_endpoint == "http://127.0.0.1:4317"
+    with pytest.raises(SettingsError, match=re.escape("otlp_endpoint (--otlp-endpoint, LLMREC_OTLP_ENDPOINT): "
+                                                      "must be a URL like http://otel-collector:4317")):
+        parse_settings(["--otlp-endpoint", "otel-collector:4317"])
 
 
 def test_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
