@@ -6,8 +6,10 @@ Where a request's time goes, split the way the serving literature splits it:
     llmrec_model_seconds     one ONNX Runtime run (one text on CPU, a batch of texts when batching)
     llmrec_index_seconds     one HNSW (or exact) search
     llmrec_rpc_seconds       the whole RPC, per method (a stream from open to close)
+    llmrec_model_swap_seconds  one hot model swap: start of the load to swapped in (server.models)
 plus batch-size histograms (requests per micro-batch, texts and padded tokens per run), the queue depth, and
-counters of RPCs by status and of requests dropped before compute (cancelled, past deadline, queue full).
+counters of RPCs by status, of requests dropped before compute (cancelled, past deadline, queue full) and of
+model swaps by outcome (ok, failed).
 
 All metrics live in REGISTRY (not prometheus_client's global one), with the process collector (RSS, CPU).
 """
@@ -51,11 +53,19 @@ QUEUE_DEPTH = Gauge("llmrec_queue_depth", "Requests waiting in the encoder queue
 DROPPED = Counter("llmrec_dropped_total", "Requests dropped before compute.", ["reason"], registry=REGISTRY)
 RPCS = Counter("llmrec_rpcs_total", "Finished RPCs by method and status code.",
                ["method", "code"], registry=REGISTRY)
+MODEL_SWAPS = Counter("llmrec_model_swaps_total", "Hot model swaps by outcome: ok (swapped in) or failed (the "
+                      "previous model kept serving; the log and GetModelInfo.last_load say why).", ["outcome"],
+                      registry=REGISTRY)
+MODEL_SWAP_SECONDS = Histogram("llmrec_model_swap_seconds", "Hot model swap time: start of the load (verify, "
+                               "warm-up, catalogue carry-over) to swapped in, successful swaps only.",
+                               buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600), registry=REGISTRY)
 
 for _reason in ("cancelled", "deadline", "queue_full"):
     DROPPED.labels(_reason)
 for _lane in ("alone", "parallel"):
     RUNS.labels(_lane)
+for _outcome in ("ok", "failed"):
+    MODEL_SWAPS.labels(_outcome)
 
 
 def start_metrics_server(host: str, port: int) -> tuple[Any, int]:
