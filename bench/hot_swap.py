@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
                 client.upsert_items([{"id": f"bench-upsert-{item_id}", "title": f"{fields.title} (director's cut)",
                                       "categories": list(fields.categories), "description": fields.description}
                                      for item_id, fields in chosen[start : start + 100]])
+            memory_before = process.memory_mb()  # one model loaded, the upserts applied
             load = Load(process.target, args.readers, args.writers, item_ids, args.history, args.seed)
             try:
                 for number in range(args.swaps):
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> dict:
                 calls = load.stop()
             present = {item.item_id for item in client.iter_items()}
             final_version = client.model_info().model_version
+            memory_after = process.memory_mb()
     finally:
         process.stop()
     log = (work / "server.log").read_text()
@@ -197,6 +199,8 @@ def run(args: argparse.Namespace) -> dict:
         "writes_failed": dict(load.write_failures),
         "writes_lost": sum(item_id not in present for item_id in load.acknowledged),
         "final_model_version": final_version,
+        "server_memory_mb": {"rss_before_swaps": memory_before["rss_mb"], "rss_after": memory_after["rss_mb"],
+                             "peak_rss": memory_after["peak_rss_mb"]},
         "server_log_tracebacks": log.count("Traceback"),
         "swaps": swaps,
     }
@@ -226,6 +230,10 @@ def markdown(result: dict) -> str:
         f"Requests: {result['requests']}, failed: **{result['requests_failed']}** {result['failures_by_code'] or ''}; "
         f"catalogue writes acknowledged during the run: {result['writes_acknowledged']}, lost: "
         f"**{result['writes_lost']}**, failed: {result['writes_failed'] or 0}.",
+        "",
+        f"Server memory: RSS {result['server_memory_mb']['rss_before_swaps']} MB before the first swap, peak "
+        f"{result['server_memory_mb']['peak_rss']} MB (two models are held while a swap runs and while the old "
+        "one finishes its requests).",
         "",
         "| Recommend latency | requests | p50 (ms) | p99 (ms) | max (ms) |",
         "|---|---:|---:|---:|---:|",

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -224,17 +226,29 @@ class ModelSlot:
             self._close(generation)
 
     def _close(self, generation: Generation) -> None:
-        if generation.closing is not None:
-            return
-        generation.closing = asyncio.ensure_future(asyncio.to_thread(generation.close))
-        generation.closing.add_done_callback(lambda future: self._closed(future, generation))
+        if generation.closing is None:
+            generation.closing = asyncio.ensure_future(self._closed(generation))
 
-    def _closed(self, future: asyncio.Future, generation: Generation) -> None:
-        self._replaced.discard(generation)
-        if not future.cancelled() and future.exception() is not None:
-            logger.error("closing model %s failed", generation.model_version, exc_info=future.exception())
+    async def _closed(self, generation: Generation) -> None:
+        try:
+            await asyncio.to_thread(generation.close)
+        except Exception:  # noqa: BLE001 - logged; the model is out of service either way
+            logger.exception("closing model %s failed", generation.model_version)
         else:
             logger.info("model %s closed: its last request has finished", generation.model_version)
+        finally:
+            self._replaced.discard(generation)
+        del generation  # the last reference: release_memory can now free the model
+        await asyncio.to_thread(release_memory)
+
+
+def release_memory() -> None:
+    """Free what a closed model held and hand it back to the OS. Its objects form reference cycles, so they go at
+    a collection; and glibc keeps freed memory for reuse, which made RSS grow by most of a model per swap (213 MB
+    -> 347 MB after 6 swaps of the MovieLens bundle, back to 213 MB after malloc_trim)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --- carrying catalogue changes over -----------------------------------------------------------------------
