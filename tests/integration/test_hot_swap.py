@@ -12,8 +12,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from llmrec import manifest as mf
+from llmrec.clients.cli import app as cli
 from llmrec.clients.status_details import details_of
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
@@ -162,6 +164,12 @@ def test_a_rejected_bundle_leaves_the_old_model_serving(tiny_bundle, bundles, tm
             outcomes = sorted(call.code().name for call in calls)
             assert outcomes == ["ABORTED", "OK"]
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_version == "c-good"
+
+            # The command line: a rejected bundle is a permanent failure (exit 3), the served one a no-op.
+            rejected = CliRunner().invoke(cli, ["load-model", str(bad_hash), "--target", server.target])
+            assert rejected.exit_code == 3 and "FAILED_PRECONDITION" in rejected.stderr
+            same = CliRunner().invoke(cli, ["load-model", str(good), "--target", server.target])
+            assert same.exit_code == 0 and "already serving c-good" in same.stdout
     finally:
         server.close()
 
