@@ -399,7 +399,7 @@ class ModelManager:
         except BaseException as error:
             if new is not None and self.slot.current is not new:
                 await asyncio.to_thread(new.close)
-            if isinstance(error, (mf.BundleError, StateError)):
+            if isinstance(error, (mf.BundleError, StateError, OSError)):  # OSError: e.g. a name too long
                 error = FailedPrecondition(
                     f"bundle {attempt.bundle_path} was not loaded ({stage}): {one_line(error)}; model "
                     f"{old.model_version} is still being served", reason=REASON_BUNDLE_REJECTED,

@@ -137,6 +137,7 @@ def test_a_rejected_bundle_leaves_the_old_model_serving(tiny_bundle, bundles, tm
         bad_manifest: f"{mf.MANIFEST_FILE} does not match {mf.MANIFEST_DIGEST_FILE}",
         wrong_dimension: "encoder outputs 384 dims, manifest says 256",
         bundles / "missing": f"{mf.MANIFEST_FILE} is missing",
+        bundles / ("x" * 300): "File name too long",  # an OSError, not a bug: still a rejection
     }
     failed_before = swaps("failed")
     server = BackgroundServer(settings_for(old, state_dir=tmp_path / "state")).start()
