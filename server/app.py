@@ -141,6 +141,7 @@ class RecommenderServer:
         drain = self.settings.drain_seconds if drain is None else drain
         if self._health is not None:
             await self._health.enter_graceful_shutdown()  # NOT_SERVING now, whatever happens next
+        self.models.refuse_swaps()
         if self._polling is not None:
             self._polling.cancel()
             await asyncio.gather(self._polling, return_exceptions=True)

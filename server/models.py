@@ -458,10 +458,14 @@ class ModelManager:
             with contextlib.suppress(Exception):  # logged, counted and kept as last_load by swap()
                 await self.swap(newest, "poll")
 
-    async def stop(self, timeout_s: float) -> None:
-        """No more swaps (a running one stops at its next step); close every generation once its requests are
-        done, or after timeout_s regardless."""
+    def refuse_swaps(self) -> None:
+        """The server is shutting down: LoadModel answers UNAVAILABLE, a running swap stops at its next step."""
         self._stopping = True
+
+    async def stop(self, timeout_s: float) -> None:
+        """No more swaps (a running one is waited for: it stops at its next step); close every generation once its
+        requests are done, or after timeout_s regardless."""
+        self.refuse_swaps()
         if self._swapping is not None:
             await asyncio.gather(self._swapping, return_exceptions=True)
         await self.slot.close_all(timeout_s)

@@ -38,6 +38,10 @@ def swaps(outcome: str) -> float:
     return REGISTRY.get_sample_value("llmrec_model_swaps_total", {"outcome": outcome}) or 0.0
 
 
+def timed_swaps() -> float:
+    return REGISTRY.get_sample_value("llmrec_model_swap_seconds_count") or 0.0
+
+
 def other_model(tiny_bundle: Path, root: Path, name: str) -> Path:
     """The tiny bundle under another version whose CPU model is its FP32 one: a different model (its vectors
     differ from INT8's), so re-encoded rows can be told from carried ones."""
@@ -55,7 +59,7 @@ def test_load_model_swaps_the_model_and_carries_the_catalogue_over(tiny_bundle, 
     old = variant_bundle(tiny_bundle, bundles, "a-old")
     new = other_model(tiny_bundle, bundles, "b-new")
     state = tmp_path / "state"
-    ok_before = swaps("ok")
+    ok_before, timed_before = swaps("ok"), timed_swaps()
     server = BackgroundServer(settings_for(old, state_dir=state)).start()
     try:
         with grpc.insecure_channel(server.target) as channel:
@@ -86,7 +90,7 @@ def test_load_model_swaps_the_model_and_carries_the_catalogue_over(tiny_bundle, 
             info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
             assert info.model_version == "b-new" and info.index_version == response.index_version
             assert info.last_load.ok and info.last_load.trigger == "rpc" and info.last_load.bundle_path == str(new)
-            assert swaps("ok") == ok_before + 1
+            assert swaps("ok") == ok_before + 1 and timed_swaps() == timed_before + 1
             # The upserted item is there, text and attributes kept, its row encoded by the new model.
             got = stub.GetItem(pb.GetItemRequest(item_id="new-gravity", include_vector=True), timeout=10)
             assert got.upserted and got.item.text == GRAVITY.text and dict(got.item.attributes) == {"studio": "Warner Bros."}
