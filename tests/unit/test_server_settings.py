@@ -32,7 +32,8 @@ def test_exactly_one_bundle_source():
 
 @pytest.mark.parametrize("field, value", [("max_k", 0), ("port", 70000), ("default_session_k", 101),
                                           ("session_idle_timeout_s", 0), ("ort_spinning", "sometimes"),
-                                          ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1)])
+                                          ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1),
+                                          ("drain_seconds", -1), ("bundle_poll_seconds", -0.5)])
 def test_bad_values(field, value):
     with pytest.raises(ValueError):
         ServerSettings(bundle=Path("b"), **{field: value})
@@ -43,6 +44,7 @@ def test_defaults():
     assert (settings.max_k, settings.max_request_history, settings.max_text_chars) == (100, 500, 2000)
     assert settings.max_message_bytes == 16 * 2**20 and settings.grace_seconds == 5 and settings.threads >= 1
     assert settings.prefer_gpu and settings.batch_across_requests is None and settings.metrics_port is None
+    assert settings.drain_seconds == 0 and settings.bundle_poll_seconds == 30  # drain: opt-in; polling: on
 
 
 def test_settings_built_in_code_read_neither_environment_nor_argv(monkeypatch: pytest.MonkeyPatch):
