@@ -141,6 +141,7 @@ class ModelSlot:
     def __init__(self) -> None:
         self.current: Generation | None = None
         self._replaced: set[Generation] = set()  # swapped out, not closed yet (waiting for leases, or closing)
+        self._closings: set[asyncio.Future] = set()  # closes (and memory releases) still running
         self._writers = 0
         self._writers_idle = asyncio.Event()
         self._writers_idle.set()
@@ -217,7 +218,7 @@ class ModelSlot:
                     await asyncio.sleep(0.01)
         for generation in list(self._replaced):  # leases that outlived the timeout: close under them
             self._close(generation)
-        await asyncio.gather(*(g.closing for g in list(self._replaced)), return_exceptions=True)
+        await asyncio.gather(*self._closings, return_exceptions=True)
 
     def _retire(self, generation: Generation) -> None:
         generation.retired = True
@@ -228,6 +229,8 @@ class ModelSlot:
     def _close(self, generation: Generation) -> None:
         if generation.closing is None:
             generation.closing = asyncio.ensure_future(self._closed(generation))
+            self._closings.add(generation.closing)
+            generation.closing.add_done_callback(self._closings.discard)
 
     async def _closed(self, generation: Generation) -> None:
         try:
@@ -318,6 +321,8 @@ class ModelManager:
         self.settings = settings
         self.slot = ModelSlot()
         self.last_attempt: LoadAttempt | None = None
+        # Called with the new recommender right after each swap (the servicer moves idle sessions over).
+        self.swap_listeners: list[Callable[[Recommender], None]] = []
         self._swapping: asyncio.Task | None = None
         self._stopping = False
 
@@ -408,6 +413,8 @@ class ModelManager:
             self._finish(attempt, started, ok=False, error=error, stage=stage)
             raise error from None
         seconds = self._finish(attempt, started, ok=True)
+        for listener in self.swap_listeners:
+            listener(new.recommender)
         metrics.MODEL_SWAPS.labels("ok").inc()
         metrics.MODEL_SWAP_SECONDS.observe(seconds)
         logger.info("hot swap (%s): SERVING model %s, index %s, in %.2f s (%d catalogue changes carried over); "

@@ -207,6 +207,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.settings = settings
         self.models = models
         self.sessions = SessionRegistry(settings.max_sessions)
+        models.swap_listeners.append(self.sessions.rebind_idle)
 
     @_unary
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:

@@ -23,7 +23,8 @@ state is dropped then; nothing of it is written anywhere. An event being answere
 down is answered first. The registry caps live sessions server-wide (RESOURCE_EXHAUSTED when full).
 
 Hot model swaps (server.models): a session is not ended by one. An event in flight when the model is swapped is
-answered by the model it started on; from its next event the session continues on the new model (`rebind`): its
+answered by the model it started on; the session then continues on the new model (`rebind`: at the swap for
+sessions waiting for their next event, so that they do not keep the old model in memory, else at the next): its
 history, context and settings stay, the vectors the old model made are dropped (the next event encodes the user
 text afresh), and the catalogue items of its window take the new catalogue's text and vectors (an item the new
 catalogue lacks keeps its text and counts as an item given as text). Every response names the model that made it.
@@ -157,6 +158,7 @@ class Session:
         self.state = SessionState(k=default_k)
         self.encodes = 0  # user-text inferences so far: at most one per event, none when the text is unchanged
         self.forgotten = False
+        self.answering = False  # an event is being answered
         self._ending: ServiceError | None = None  # set by end(): the status the stream ends with
         self._ended = asyncio.Event()
         self._ended_waiter: asyncio.Future | None = None
@@ -213,6 +215,13 @@ class Session:
             InvalidArgument, NotFound: the event is bad. On any error the session state stays as it was.
             Aborted: the session was forgotten meanwhile.
         """
+        self.answering = True  # one model answers the whole event: rebind waits until it is done
+        try:
+            return await self._answer(event)
+        finally:
+            self.answering = False
+
+    async def _answer(self, event: SessionEvent) -> SessionUpdate:
         self._check_live()
         state = self.apply(event)
         if not state.has_content:
@@ -235,7 +244,8 @@ class Session:
         return SessionUpdate(items=items, history_length=state.history_length)
 
     def rebind(self, recommender) -> None:
-        """Go on with another recommender (a hot-swapped model) from the next event; see the module docstring."""
+        """Go on with another recommender (a hot-swapped model); see the module docstring. Not while an event is
+        being answered."""
         if recommender is self.recommender:
             return
         window_size = max(recommender.max_history_items, 0)
@@ -344,6 +354,13 @@ class SessionRegistry:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
         session.close()
+
+    def rebind_idle(self, recommender) -> None:
+        """Move every session that is not answering an event to `recommender` now (the others move at their next
+        event), so that a swapped-out model is not kept in memory by idle sessions."""
+        for session in list(self._sessions.values()):
+            if not session.answering:
+                session.rebind(recommender)
 
     def end_all(self, error: ServiceError) -> int:
         """End every live session's stream with `error` (each after the event it is answering). Returns how many."""
