@@ -319,6 +319,30 @@ def embed(
     typer.echo(f"model {result.model_version}")
 
 
+@app.command("load-model")
+def load_model(
+    bundle_path: Annotated[str, typer.Argument(
+        help="A bundle directory on the server; omitted: the newest bundle under the server's --bundle-root.")] = "",
+    target: Target = DEFAULT_TARGET,
+    json_output: Json = False,
+    timeout: Annotated[float, typer.Option(help="Deadline for the whole swap, in seconds.")] = 600.0,
+) -> None:
+    """Admin: hot-swap the served model for another bundle (load, verify, warm up, carry catalogue changes over)."""
+    try:
+        with _connect(target, timeout) as client:
+            response = client.load_model(bundle_path, timeout_s=timeout)
+    except RecommenderError as error:
+        _fail(error)
+    if json_output:
+        typer.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True), indent=2))
+    elif response.swapped:
+        typer.echo(f"serving {response.model_version} (was {response.previous_model_version}) after "
+                   f"{response.swap_seconds:.2f} s; {response.carried_changes} catalogue changes carried over")
+    else:
+        typer.echo(f"already serving {response.model_version}; nothing changed")
+
+
 @app.command()
 def forget(
     session_id: Annotated[str, typer.Argument(help="The id a session printed (SessionResponse.session_id).")],

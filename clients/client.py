@@ -405,6 +405,16 @@ class RecommenderClient:
     def model_info(self) -> pb.GetModelInfoResponse:
         return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
+    def load_model(self, bundle_path: str = "", timeout_s: float = 600.0) -> pb.LoadModelResponse:
+        """Admin: hot-swap the served model for the bundle at bundle_path, a directory on the server ("" = the
+        newest under the server's bundle_root); returns once the new model serves. A rejected bundle raises
+        FAILED_PRECONDITION (reason BUNDLE_REJECTED) and the old model serves on. timeout_s replaces the client's
+        per-call deadline: a swap loads and warms up a whole model and re-encodes the upserted items."""
+        try:
+            return self.stub.LoadModel(pb.LoadModelRequest(bundle_path=bundle_path), timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise RecommenderError.from_rpc_error(error) from None
+
     def forget_session(self, session_id: str) -> None:
         """End a live session and drop its state on the server (NOT_FOUND if no live session has the id)."""
         self._call(self.stub.ForgetSession, pb.ForgetSessionRequest(session_id=session_id))
@@ -572,7 +582,10 @@ class ClientSession:
     """A live Session stream, used in lock step: every event returns the server's answer to it.
 
     A rejected event (unknown id, bad k) comes back as a SessionUpdate with ok == False; the session goes on.
-    RecommenderError is raised only when the stream itself ends with an error.
+    RecommenderError is raised only when the stream itself ends with an error. A server that shuts down ends its
+    sessions with UNAVAILABLE (reason SHUTTING_DOWN; `.retryable`): open a new session, which another replica
+    answers, and send the history again with configure(history=...). A hot model swap does not end a session:
+    later answers carry the new model_version.
     """
 
     _END = object()

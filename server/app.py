@@ -1,15 +1,20 @@
-"""Build and run the grpc.aio server: bind, load the bundle, warm up, serve, shut down gracefully.
+"""Build and run the grpc.aio server: bind, load the bundle, warm up, serve, swap models, shut down gracefully.
 
 Lifecycle:
 1. bind the port with health NOT_SERVING, so orchestrators see the process early but send no traffic;
 2. load the bundle and run a warm-up inference for every padded length (in threads: the loop stays live);
-3. health SERVING for "" and "llmrec.v1.Recommender";
-4. on SIGTERM/SIGINT: NOT_SERVING, then server.stop(grace) lets in-flight RPCs finish; exit 0.
+3. health SERVING for "" and "llmrec.v1.Recommender"; from now on LoadModel, and polling of bundle_root every
+   bundle_poll_seconds, can hot-swap another bundle in without a restart (server.models);
+4. on SIGTERM/SIGINT: health NOT_SERVING at once, but everything is still accepted and served for drain_seconds
+   (load balancers move traffic away meanwhile; a second signal cuts this short); then no new RPC is accepted, live
+   Session streams end with UNAVAILABLE (reason SHUTTING_DOWN, RetryInfo: reconnect elsewhere), in-flight unary
+   RPCs get grace_seconds to finish, the catalogue writes its last snapshot; exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from importlib.metadata import version
@@ -21,20 +26,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmrec.v1 import recommender_pb2 as pb
 
 from llmrec.server import metrics, observability, tracing
-from llmrec.server.bundle import LoadedBundle
-from llmrec.server.catalogue import open_catalogue
-from llmrec.server.encoding import AsyncEncoder, BatchPolicy
+from llmrec.server.errors import REASON_SHUTTING_DOWN, Unavailable
+from llmrec.server.models import ModelManager
 from llmrec.server.recommender import Recommender
 from llmrec.server import reflection
 from llmrec.server.servicer import RecommenderServicer, add_to_server
 from llmrec.server import security
 from llmrec.server.settings import ServerSettings
-from llmrec.server.validation import Limits
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "llmrec.v1.Recommender"
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# Once the gRPC server has stopped, how long cancelled handlers get to let go of their model before it is closed.
+RELEASE_WAIT_S = 1.0
 
 
 class RecommenderServer:
@@ -51,11 +56,11 @@ class RecommenderServer:
         self._tracer_provider = tracer_provider
         self._tracing: tracing.Tracing | None = None
         self.port: int | None = None
-        self.recommender: Recommender | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
-        self._servicer = RecommenderServicer(settings)
-        self._encoder: AsyncEncoder | None = None
+        self.models = ModelManager(settings)
+        self._servicer = RecommenderServicer(settings, self.models)
+        self._polling: asyncio.Task | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
         self.certificates: security.CertificateFiles | None = None  # TLS files, reloaded on change
@@ -117,52 +122,65 @@ class RecommenderServer:
         security.warn_if_open(self.settings)
         return self.port
 
+    @property
+    def recommender(self) -> Recommender | None:
+        """The model serving new requests (None before the first load and after stop)."""
+        current = self.models.slot.current
+        return None if current is None else current.recommender
+
     async def load(self) -> None:
-        """Load the bundle, warm up every padded length, then report SERVING.
+        """Load the bundle, warm up every padded length, then report SERVING; then poll bundle_root if asked.
 
         Raises:
-            BundleError: the bundle cannot be served.
+            BundleError: the bundle cannot be served. StateError: its state directory cannot be used.
         """
-        settings = self.settings
-        bundle_dir = settings.resolve_bundle_dir()
-        logger.info("loading bundle %s", bundle_dir)
-        bundle = await asyncio.to_thread(
-            LoadedBundle.load, bundle_dir, prefer_gpu=settings.prefer_gpu,
-            intra_op_threads=settings.intra_op_threads, min_ef=settings.max_k, verify_hashes=settings.verify_hashes,
-            spinning=settings.ort_spinning,
-        )
-        manifest = bundle.manifest
-        workers = settings.encoder_workers or (1 if bundle.precision == "fp32" else settings.threads)
-        self._encoder = await asyncio.to_thread(  # may load a second session (the parallel lane): off the loop
-            AsyncEncoder, bundle.encoder, manifest.max_user_tokens, manifest.max_item_tokens, workers,
-            batch_policy(settings))
-        logger.info("encoder: %d workers, %s", workers, "batching across requests" if self._encoder.across_requests
-                    else "one run per text (a request alone on all cores, concurrent ones one core each)")
-        widths = await self._encoder.warm_up()
-        logger.info("warmed up widths %s", widths)
-        limits = Limits(settings.max_k, settings.max_request_history, settings.max_text_chars)
-        catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every)
-        self.recommender = Recommender(bundle, self._encoder, limits, catalogue)
-        self._servicer.attach(self.recommender)
+        generation = await self.models.load_first()
         assert self._health is not None
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("SERVING model %s, index %s (%s, %d inference threads)", self.recommender.model_version,
-                    self.recommender.index_version, bundle.encoder.provider, settings.threads)
+        logger.info("SERVING model %s, index %s (%s, %d inference threads)", generation.model_version,
+                    generation.recommender.index_version, generation.recommender.bundle.encoder.provider,
+                    self.settings.threads)
+        if self.settings.bundle_root is not None and self.settings.bundle_poll_seconds > 0:
+            self._polling = asyncio.create_task(self.models.poll(self.settings.bundle_root,
+                                                                 self.settings.bundle_poll_seconds))
+            logger.info("looking for a newer bundle under %s every %g s", self.settings.bundle_root,
+                        self.settings.bundle_poll_seconds)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first (load balancers drain), then let in-flight RPCs finish for up to `grace` seconds."""
+    async def stop(self, grace: float | None = None, drain: float | None = None,
+                   cut_short: asyncio.Event | None = None) -> None:
+        """Shut down gracefully (the module docstring, step 4).
+
+        Args:
+            grace: seconds in-flight unary RPCs get once no new RPC is accepted (default: settings.grace_seconds).
+            drain: seconds to keep accepting and serving with health NOT_SERVING first (settings.drain_seconds).
+            cut_short: set (by a second signal) to end the drain period early.
+        """
         grace = self.settings.grace_seconds if grace is None else grace
+        drain = self.settings.drain_seconds if drain is None else drain
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await self._health.enter_graceful_shutdown()  # NOT_SERVING now, whatever happens next
+        self.models.refuse_swaps()
+        if self._polling is not None:
+            self._polling.cancel()
+            await asyncio.gather(self._polling, return_exceptions=True)
+        if self._server is not None and drain > 0 and self.models.slot.current is not None:
+            logger.info("draining: health NOT_SERVING, still serving for %g s", drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((cut_short or asyncio.Event()).wait(), drain)
         if self._server is not None:
-            logger.info("stopping: %g s grace for in-flight RPCs", grace)
-            await self._server.stop(grace)
-        self._servicer.attach(None)
-        if self.recommender is not None:  # pending catalogue writes finish, a last snapshot, the lock released
-            await asyncio.to_thread(self.recommender.catalogue.close)
-        if self._encoder is not None:
-            await asyncio.to_thread(self._encoder.close)
+            logger.info("stopping: no new RPCs; %g s grace for in-flight ones; live sessions end (UNAVAILABLE)",
+                        grace)
+            stopping = asyncio.create_task(self._server.stop(grace))
+            await asyncio.sleep(0)  # stop() has begun refusing new RPCs: a session ended now cannot reopen here
+            ended = self._servicer.sessions.end_all(Unavailable(
+                "the server is shutting down: reconnect and open the session again (another replica will answer)",
+                reason=REASON_SHUTTING_DOWN, retry_after_s=0.0))
+            if ended:
+                logger.info("ended %d live sessions", ended)
+            await stopping
+        # Pending catalogue writes finish, a last snapshot, the state directory is released, encoders stop.
+        await self.models.stop(timeout_s=RELEASE_WAIT_S)
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()
@@ -177,15 +195,6 @@ class RecommenderServer:
             await self._server.wait_for_termination()
 
 
-def batch_policy(settings: ServerSettings) -> BatchPolicy:
-    """The encoder's queueing and batching policy from the settings (server.encoding)."""
-    return BatchPolicy(
-        across_requests=settings.batch_across_requests, max_requests=settings.batch_max_requests,
-        max_tokens=settings.batch_max_tokens, max_delay_s=settings.batch_max_delay_ms / 1e3,
-        max_queue=settings.max_queue,
-    )
-
-
 async def serve(settings: ServerSettings, handle_signals: bool = True) -> None:
     """Run a server until SIGTERM/SIGINT (or until the task is cancelled).
 
@@ -195,10 +204,15 @@ async def serve(settings: ServerSettings, handle_signals: bool = True) -> None:
     """
     server = RecommenderServer(settings)
     stop = asyncio.Event()
+    again = asyncio.Event()  # a second signal: end the drain period now
+
+    def on_signal() -> None:
+        (again if stop.is_set() else stop).set()
+
     if handle_signals:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
     await server.start()
     loading = asyncio.create_task(server.load())
     stopping = asyncio.create_task(stop.wait())
@@ -213,4 +227,4 @@ async def serve(settings: ServerSettings, handle_signals: bool = True) -> None:
         for task in (loading, stopping):
             task.cancel()
         await asyncio.gather(loading, stopping, return_exceptions=True)
-        await server.stop()
+        await server.stop(cut_short=again)

@@ -100,7 +100,7 @@ class LoadedBundle:
                                   spinning=spinning)
         except Exception as error:  # onnxruntime and tokenizers raise their own types for unreadable files
             raise mf.BundleError(f"bundle {path}: unreadable {model_file} or {mf.TOKENIZER_FILE} "
-                                 f"({_one_line(error)})") from error
+                                 f"({one_line(error)})") from error
         if encoder.dimension != manifest.dimension:
             raise mf.BundleError(f"bundle {path}: encoder outputs {encoder.dimension} dims, manifest says "
                                  f"{manifest.dimension}")
@@ -115,7 +115,7 @@ class LoadedBundle:
         try:
             vectors = np.load(path / mf.VECTORS_FILE, mmap_mode="r")
         except (OSError, ValueError) as error:
-            raise mf.BundleError(f"bundle {path}: unreadable {mf.VECTORS_FILE} ({_one_line(error)})") from error
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.VECTORS_FILE} ({one_line(error)})") from error
         if vectors.shape != (manifest.item_count, manifest.index_dimension):
             raise mf.BundleError(f"bundle {path}: vectors have shape {vectors.shape}, want "
                                  f"{(manifest.item_count, manifest.index_dimension)}")
@@ -123,7 +123,7 @@ class LoadedBundle:
         try:
             cooccurrence = CooccurrenceTable.load(path / mf.COOCCURRENCE_FILE)
         except (OSError, ValueError, KeyError) as error:
-            raise mf.BundleError(f"bundle {path}: unreadable {mf.COOCCURRENCE_FILE} ({_one_line(error)})") from error
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.COOCCURRENCE_FILE} ({one_line(error)})") from error
         if cooccurrence.num_items != manifest.item_count:
             raise mf.BundleError(f"bundle {path}: co-occurrence table covers {cooccurrence.num_items} items, "
                                  f"manifest says {manifest.item_count}")
@@ -133,7 +133,7 @@ class LoadedBundle:
             try:
                 sequence_model = SequenceRunner(path / mf.SEQUENCE_MODEL_FILE, manifest.sequence_model.max_items)
             except Exception as error:  # onnxruntime raises its own types for unreadable graphs
-                raise mf.BundleError(f"bundle {path}: unreadable {mf.SEQUENCE_MODEL_FILE} ({_one_line(error)})") \
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.SEQUENCE_MODEL_FILE} ({one_line(error)})") \
                     from error
             if sequence_model.dimension != manifest.dimension:
                 raise mf.BundleError(f"bundle {path}: the sequence model reads {sequence_model.dimension} dims, "
@@ -143,7 +143,7 @@ class LoadedBundle:
         try:
             index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
         except (RuntimeError, OSError, ValueError) as error:
-            raise mf.BundleError(f"bundle {path}: unreadable {mf.INDEX_FILE} ({_one_line(error)})") from error
+            raise mf.BundleError(f"bundle {path}: unreadable {mf.INDEX_FILE} ({one_line(error)})") from error
         if index.get_current_count() != manifest.item_count:
             raise mf.BundleError(f"bundle {path}: index holds {index.get_current_count()} items, manifest says "
                                  f"{manifest.item_count}")
@@ -166,7 +166,7 @@ def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:
     return [item_id for item_id, _ in catalogue], [fields for _, fields in catalogue]
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """An error's text on one line (the server prints a BundleError to the operator as one line)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."

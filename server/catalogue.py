@@ -108,6 +108,21 @@ class ResolvedItem:
     vector: np.ndarray | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class CatalogueChanges:
+    """A catalogue's difference from its bundle at one revision.
+
+    Attributes:
+        items: item id -> the upserted item, or None where a bundle item was deleted.
+        live: the ids of every live item (bundle and upserted).
+        revision: the catalogue revision this is as of.
+    """
+
+    items: dict[str, CatalogueItem | None]
+    live: frozenset[str]
+    revision: int
+
+
 class Catalogue:
     """Items, vectors and the HNSW index of one served bundle, with durable changes on top.
 
@@ -191,6 +206,24 @@ class Catalogue:
             item = self._items[label]
             assert item is not None
             return item, (self._vectors[label].copy() if include_vector else None)
+
+    def item_of(self, item_id: str) -> CatalogueItem | None:
+        """The live item with this id, or None."""
+        with self._lock.read():
+            label = self._label_of.get(item_id)
+            return None if label is None else self._items[label]
+
+    def find(self, item_ids: Iterable[str]) -> dict[str, ResolvedItem]:
+        """The live items among item_ids, with their unit vectors; ids not in the catalogue are left out."""
+        found: dict[str, ResolvedItem] = {}
+        with self._lock.read():
+            for item_id in item_ids:
+                label = self._label_of.get(item_id)
+                if label is not None:
+                    item = self._items[label]
+                    assert item is not None
+                    found[item_id] = ResolvedItem(item_id, item.fields, self._vectors[label, : self.dimension].copy())
+        return found
 
     def resolve(self, history: Iterable[HistoryRef], vectors_from: int | None = None) -> list[ResolvedItem]:
         """History refs -> ResolvedItem, in order; catalogue vectors for entries at positions >= vectors_from.
@@ -351,6 +384,22 @@ class Catalogue:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return labels[top].tolist(), scores[top].tolist()
+
+    # --- carrying changes over to another bundle (server.models) ----------------------------------------
+
+    async def changes(self) -> CatalogueChanges:
+        """Every change made on top of the bundle, as of now: read on the writer thread, so after every write
+        queued before this call and consistent with the revision."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._changes_now)
+
+    def _changes_now(self) -> CatalogueChanges:
+        return CatalogueChanges({item_id: item for item_id, (item, _) in self._changes.items()},
+                                frozenset(self._label_of), self.revision)
+
+    def upserted_ids(self) -> list[str]:
+        """Ids of the live items that UpsertItems added or replaced (as opposed to the bundle's own)."""
+        return [item_id for item_id, (item, _) in list(self._changes.items()) if item is not None]
 
     # --- writes ---------------------------------------------------------------------------------------
 
@@ -544,15 +593,17 @@ def _decode_page_token(token: str) -> str | None:
     return text[len(_PAGE_TOKEN_PREFIX):]
 
 
-def open_catalogue(bundle: LoadedBundle, state_dir=None, snapshot_every: int = 1000) -> Catalogue:
+def open_catalogue(bundle: LoadedBundle, state_dir=None, snapshot_every: int = 1000,
+                   swapping: bool = False) -> Catalogue:
     """The live catalogue of a bundle, with its durable changes replayed when a state directory is given.
+    swapping: for a hot swap, which carries the served catalogue's changes over (no warning about them).
 
     Blocking (replay applies every stored change to the index). Raises StateError for unusable state.
     """
     catalogue = Catalogue(bundle)
     if state_dir is not None:
         store = CatalogueStore(state_dir, bundle.manifest.bundle_version, bundle.manifest.index_dimension,
-                               snapshot_every)
+                               snapshot_every, warn_other_versions=not swapping)
         replayed = catalogue.open_store(store)
         logger.info("catalogue: %d items after replaying %d stored changes (revision %d)", catalogue.count,
                     replayed, catalogue.revision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -13,6 +14,9 @@ from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, Explanation, HistoryRef, RecommendQuery, ScoredItem, UserInput,
 )
 from llmrec.server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent, SessionEvent
+
+if TYPE_CHECKING:
+    from llmrec.server.models import LoadAttempt
 
 
 def timestamp_seconds(timestamp: Timestamp) -> float:
@@ -123,3 +127,13 @@ def catalogue_item_message(item: CatalogueItem) -> pb.CatalogueItem:
                          description=fields.description),
         attributes=dict(item.attributes),
     )
+
+
+def load_attempt_message(attempt: LoadAttempt | None) -> pb.ModelLoadAttempt | None:
+    if attempt is None:
+        return None
+    finished = Timestamp()
+    finished.FromNanoseconds(int(attempt.finished_at * 1e9))
+    return pb.ModelLoadAttempt(bundle_path=attempt.bundle_path, trigger=attempt.trigger, ok=attempt.ok,
+                               error=attempt.error, model_version=attempt.model_version, finished_at=finished,
+                               seconds=attempt.seconds)

@@ -135,6 +135,8 @@ REASON_QUEUE_FULL = "ENCODER_QUEUE_FULL"
 REASON_DEADLINE = "REQUEST_DEADLINE_EXCEEDED"
 REASON_NOT_LOADED = "MODEL_NOT_LOADED"
 REASON_SHUTTING_DOWN = "SHUTTING_DOWN"
+REASON_BUNDLE_REJECTED = "BUNDLE_REJECTED"            # LoadModel: metadata bundle_path, stage; the old model serves on
+REASON_LOAD_IN_PROGRESS = "MODEL_LOAD_IN_PROGRESS"    # LoadModel while another load or swap runs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ Per call, with streams measured per message and per event (a 300 s Session never
     llmrec_stream_message_seconds   RecommendStream: time to produce each page
     llmrec_session_event_seconds    Session: one event, SessionRequest received -> its SessionResponse
     llmrec_session_events_total     Session events by kind and the status their response carries
+    llmrec_model_swaps_total        hot model swaps by outcome (ok, failed)
+    llmrec_model_swap_seconds       one hot model swap: start of the load to swapped in (server.models)
 plus batch-size histograms (requests per micro-batch, texts and padded tokens per run), runs per lane, the queue
 depth and encoder requests dropped by reason.
 
@@ -76,11 +78,19 @@ DROPPED = Counter("llmrec_dropped_total", "Encoder requests (one per batch of te
 RPCS = Counter("llmrec_rpcs_total", "Finished llmrec.v1.Recommender RPCs by method and status code, calls refused "
                "by authorization (UNAUTHENTICATED, PERMISSION_DENIED) included.", ["method", "code"],
                registry=REGISTRY)
+MODEL_SWAPS = Counter("llmrec_model_swaps_total", "Hot model swaps by outcome: ok (swapped in) or failed (the "
+                      "previous model kept serving; the log and GetModelInfo.last_load say why).", ["outcome"],
+                      registry=REGISTRY)
+MODEL_SWAP_SECONDS = Histogram("llmrec_model_swap_seconds", "Hot model swap time: start of the load (verify, "
+                               "warm-up, catalogue carry-over) to swapped in, successful swaps only.",
+                               buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600), registry=REGISTRY)
 
 for _reason in ("cancelled", "deadline", "queue_full"):
     DROPPED.labels(_reason)
 for _lane in ("alone", "parallel"):
     RUNS.labels(_lane)
+for _outcome in ("ok", "failed"):
+    MODEL_SWAPS.labels(_outcome)
 
 
 def start_metrics_server(host: str, port: int) -> tuple[Any, int]:

@@ -214,11 +214,15 @@ class Recommender:
         """
         validation.check_catalogue_items(items, self.limits)
         self.catalogue.check_writable()
+        return await self.catalogue.upsert(items, await self.item_rows(items))
+
+    async def item_rows(self, items: Sequence[CatalogueItem]) -> np.ndarray:
+        """The index rows of catalogue items as this model encodes them (text only; Catalogue.row_for), encoded
+        UPSERT_ENCODE_CHUNK texts at a time. Also how a hot swap re-encodes carried items (server.models)."""
         texts = [render_item(item.fields) for item in items]
         vectors = [await self.encoder.encode_items(texts[start : start + UPSERT_ENCODE_CHUNK])
                    for start in range(0, len(texts), UPSERT_ENCODE_CHUNK)]
-        rows = np.stack([self.catalogue.row_for(vector) for vector in np.concatenate(vectors)])
-        return await self.catalogue.upsert(items, rows)
+        return np.stack([self.catalogue.row_for(vector) for vector in np.concatenate(vectors)])
 
     async def delete_items(self, item_ids: Sequence[str], allow_missing: bool) -> WriteResult:
         """Durably delete items. Raises NotFound for unknown ids unless allow_missing."""

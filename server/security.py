@@ -11,7 +11,7 @@ TLS (settings tls_cert, tls_key, tls_client_ca):
     client must present a certificate that CA signed (the CA file is reloaded the same way).
 
 Roles (METHOD_ROLES): read (Recommend, RecommendStream, Session, Embed, GetModelInfo, GetItem, ListItems),
-    write (UpsertItems, DeleteItems), admin (ForgetSession and every Recommender method not listed, so an
+    write (UpsertItems, DeleteItems), admin (ForgetSession, LoadModel and every Recommender method not listed, so an
     RPC added later is admin-only until someone says otherwise). Roles do not imply each other: a catalogue
     feeder that also reads needs "read,write". grpc.health.v1.Health and server reflection are public:
     orchestrators probe health without credentials, and reflection only describes the (public) API.
@@ -68,7 +68,7 @@ METHOD_ROLES: dict[str, str] = {
     **{f"/{SERVICE}/{name}": "read" for name in (
         "Recommend", "RecommendStream", "Session", "Embed", "GetModelInfo", "GetItem", "ListItems")},
     **{f"/{SERVICE}/{name}": "write" for name in ("UpsertItems", "DeleteItems")},
-    f"/{SERVICE}/ForgetSession": "admin",
+    **{f"/{SERVICE}/{name}": "admin" for name in ("ForgetSession", "LoadModel")},
 }
 DEFAULT_ROLE = "admin"  # any method not in METHOD_ROLES
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",

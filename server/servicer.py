@@ -1,7 +1,9 @@
 """The llmrec.v1.Recommender gRPC service: thin methods that convert, call the core and convert back.
 
 Versions reported in every response:
-    model_version = manifest.bundle_version (the encoder and everything else in the bundle).
+    model_version = manifest.bundle_version (the encoder and everything else in the bundle) of the model that
+    produced that response: every method leases the served model (server.models) for as long as it computes, so
+    a hot swap meanwhile does not change which model answers it.
     index_version = "<bundle_version>:<item_count>" (the index is built with the bundle; the count shows
     catalogue size at a glance), plus ":r<revision>" once UpsertItems/DeleteItems have changed the catalogue.
 
@@ -27,6 +29,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 
@@ -37,13 +40,15 @@ from llmrec.server import convert, metrics, tracing
 from llmrec.server.catalogue import page_token_after
 from llmrec.server.encoding import set_request_deadline
 from llmrec.server.errors import (
-    REASON_NOT_LOADED, REASON_UNDECODABLE, InvalidArgument, ThrottledWarning, Unavailable, abort_with_described,
-    code_number, describe, status_for,
+    REASON_UNDECODABLE, InvalidArgument, ThrottledWarning, abort_with_described, code_number, describe, status_for,
 )
+from llmrec.server.models import ModelManager
 from llmrec.server.recommender import Recommender
 from llmrec.server.session import Session, SessionRegistry
 from llmrec.server.settings import ServerSettings
-from llmrec.server.validation import check_item_id, check_list_page_size, check_page_size
+from llmrec.server.validation import (
+    Limits, check_bundle_path, check_item_id, check_list_page_size, check_page_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,44 +163,37 @@ def _streaming(method: Callable) -> Callable:
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    """Serves one Recommender; answers UNAVAILABLE until `attach` gives it one (the model loads after bind).
+    """Serves the model that `models` holds; answers UNAVAILABLE while it holds none (the model loads after bind).
 
     Args:
         settings: server settings (limits, page and session defaults, idle timeout).
+        models: the served model and hot swaps (server.models).
     """
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, models: ModelManager) -> None:
         self.settings = settings
-        self._recommender: Recommender | None = None
+        self.models = models
         self.sessions = SessionRegistry(settings.max_sessions)
-
-    def attach(self, recommender: Recommender | None) -> None:
-        """Start (or, with None, stop) answering with this recommender."""
-        self._recommender = recommender
-
-    def _ready(self) -> Recommender:
-        if self._recommender is None:
-            raise Unavailable("the model is not loaded yet (or the server is shutting down); retry shortly",
-                              reason=REASON_NOT_LOADED, retry_after_s=1.0)
-        return self._recommender
+        models.swap_listeners.append(self.sessions.rebind_idle)
 
     @_unary
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
-        recommender = self._ready()
-        items = await recommender.recommend(convert.recommend_query(request))
-        return pb.RecommendResponse(
-            items=convert.recommended_items(items),
-            model_version=recommender.model_version,
-            index_version=recommender.index_version,
-        )
+        with self.models.slot.lease() as recommender:
+            items = await recommender.recommend(convert.recommend_query(request))
+            return pb.RecommendResponse(
+                items=convert.recommended_items(items),
+                model_version=recommender.model_version,
+                index_version=recommender.index_version,
+            )
 
     @_streaming
     async def RecommendStream(self, request: pb.RecommendRequest, context) -> AsyncIterator[pb.RecommendStreamResponse]:
         started = time.perf_counter()
-        recommender = self._ready()
         check_page_size(request.page_size)
         page_size = request.page_size or self.settings.default_page_size
-        items = convert.recommended_items(await recommender.recommend(convert.recommend_query(request)))
+        with self.models.slot.lease() as recommender:  # the whole ranking is made before the first page goes
+            items = convert.recommended_items(await recommender.recommend(convert.recommend_query(request)))
+            versions = {"model_version": recommender.model_version, "index_version": recommender.index_version}
         starts = range(0, len(items), page_size) if items else range(1)  # an empty ranking is one empty page
         per_message = metrics.STREAM_MESSAGE_SECONDS.labels("RecommendStream")
         for page, start in enumerate(starts):
@@ -203,8 +201,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 items=items[start : start + page_size],
                 page=page,
                 last=start + page_size >= len(items),
-                model_version=recommender.model_version,
-                index_version=recommender.index_version,
+                **versions,
             )
             per_message.observe(time.perf_counter() - started)
             yield message
@@ -212,8 +209,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_streaming
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
-        recommender = self._ready()
-        session = self.sessions.open(recommender, self.settings.default_session_k)  # RESOURCE_EXHAUSTED if full
+        with self.models.slot.lease() as recommender:
+            session = self.sessions.open(recommender, self.settings.default_session_k)  # RESOURCE_EXHAUSTED if full
         try:
             requests = aiter(request_iterator)
             while (request := await session.next_request(requests, self.settings.session_idle_timeout_s)) is not None:
@@ -221,7 +218,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     raise request.error("Session")
                 received = time.perf_counter()
                 kind = request.WhichOneof("event") or "none"
-                with tracing.span(tracing.SESSION_EVENT, {"llmrec.session.event": kind}):
+                # Each event leases the model it is answered by: after a hot swap, the next event moves the
+                # session to the new model (Session.rebind).
+                with tracing.span(tracing.SESSION_EVENT, {"llmrec.session.event": kind}), \
+                        self.models.slot.lease() as recommender:
+                    session.rebind(recommender)
                     response = await self._session_step(session, recommender, request)
                 metrics.SESSION_EVENTS.labels(kind, _CODE_NAMES.get(response.status.code, "UNKNOWN")).inc()
                 metrics.SESSION_EVENT_SECONDS.labels(kind).observe(time.perf_counter() - received)
@@ -235,12 +236,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     async def _session_step(self, session: Session, recommender: Recommender, request) -> pb.SessionResponse:
         """One event -> one response. A bad event is answered with its status; the stream stays open."""
-        response = pb.SessionResponse(
-            event_id=request.event_id,
-            model_version=recommender.model_version,
-            index_version=recommender.index_version,
-            session_id=session.id,
-        )
+        response = pb.SessionResponse(event_id=request.event_id, model_version=recommender.model_version,
+                                      session_id=session.id)
         try:
             update = await session.handle(convert.session_event(request))
         except Exception as error:  # per-event status, never the end of the session
@@ -248,7 +245,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             response.status.code = code_number(code)
             response.status.message = message
             response.history_length = session.state.history_length
+            response.index_version = recommender.index_version
             return response
+        response.index_version = recommender.index_version
         response.status.code = 0
         response.status.message = update.message
         response.items.extend(convert.recommended_items(update.items))
@@ -257,19 +256,22 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_unary
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        recommender = self._ready()
         items = [convert.item_fields(text) for text in request.items]
         users = [convert.user(u.history, u.context) for u in request.users]
-        item_vectors, user_vectors = await recommender.embed(items, users, self.settings.max_embed_inputs)
-        return pb.EmbedResponse(
-            items=[pb.Vector(values=row.tolist()) for row in item_vectors],
-            users=[pb.Vector(values=row.tolist()) for row in user_vectors],
-            model_version=recommender.model_version,
-        )
+        with self.models.slot.lease() as recommender:
+            item_vectors, user_vectors = await recommender.embed(items, users, self.settings.max_embed_inputs)
+            return pb.EmbedResponse(
+                items=[pb.Vector(values=row.tolist()) for row in item_vectors],
+                users=[pb.Vector(values=row.tolist()) for row in user_vectors],
+                model_version=recommender.model_version,
+            )
 
     @_unary
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
-        recommender = self._ready()
+        with self.models.slot.lease() as recommender:
+            return self._model_info(recommender)
+
+    def _model_info(self, recommender: Recommender) -> pb.GetModelInfoResponse:
         bundle = recommender.bundle
         manifest = bundle.manifest
         return pb.GetModelInfoResponse(
@@ -289,7 +291,17 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             cooccurrence_weight=manifest.cooccurrence.weight,
             history_vector_weight=manifest.history_vector.weight,
             sequence_model_weight=manifest.sequence_model.weight if manifest.sequence_model is not None else 0.0,
+            last_load=convert.load_attempt_message(self.models.last_attempt),
         )
+
+    @_unary
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        check_bundle_path(request.bundle_path, Limits.from_settings(self.settings))
+        result = await self.models.swap(Path(request.bundle_path) if request.bundle_path else None, "rpc")
+        return pb.LoadModelResponse(
+            swapped=result.swapped, model_version=result.model_version,
+            previous_model_version=result.previous_model_version, index_version=result.index_version,
+            carried_changes=result.carried_changes, swap_seconds=result.seconds)
 
     @_unary
     async def ForgetSession(self, request: pb.ForgetSessionRequest, context) -> pb.ForgetSessionResponse:
@@ -300,29 +312,32 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_unary
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context) -> pb.UpsertItemsResponse:
-        result = await self._ready().upsert_items([convert.catalogue_item(item) for item in request.items])
+        items = [convert.catalogue_item(item) for item in request.items]
+        async with self.models.slot.writing() as recommender:  # waits while a hot swap carries changes over
+            result = await recommender.upsert_items(items)
         return pb.UpsertItemsResponse(created=result.created, replaced=result.replaced,
                                       item_count=result.item_count, index_version=result.index_version)
 
     @_unary
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context) -> pb.DeleteItemsResponse:
-        result = await self._ready().delete_items(list(request.item_ids), request.allow_missing)
+        async with self.models.slot.writing() as recommender:
+            result = await recommender.delete_items(list(request.item_ids), request.allow_missing)
         return pb.DeleteItemsResponse(deleted=result.deleted, item_count=result.item_count,
                                       index_version=result.index_version)
 
     @_unary
     async def GetItem(self, request: pb.GetItemRequest, context) -> pb.GetItemResponse:
-        recommender = self._ready()
-        check_item_id(request.item_id, "item_id", recommender.limits)
-        item, row = recommender.catalogue.get(request.item_id, include_vector=request.include_vector)
+        with self.models.slot.lease() as recommender:
+            check_item_id(request.item_id, "item_id", recommender.limits)
+            item, row = recommender.catalogue.get(request.item_id, include_vector=request.include_vector)
         return pb.GetItemResponse(item=convert.catalogue_item_message(item), upserted=item.upserted,
                                   vector=pb.Vector(values=row.tolist()) if row is not None else None)
 
     @_unary
     async def ListItems(self, request: pb.ListItemsRequest, context) -> pb.ListItemsResponse:
-        recommender = self._ready()
-        page_size = check_list_page_size(request.page_size, recommender.limits)
-        items, next_token, total = recommender.catalogue.list_page(page_size, request.page_token)
+        with self.models.slot.lease() as recommender:
+            page_size = check_list_page_size(request.page_size, recommender.limits)
+            items, next_token, total = recommender.catalogue.list_page(page_size, request.page_token)
         # Bounded by bytes too: page_size large items can outgrow the message limit (the send would fail with
         # RESOURCE_EXHAUSTED). A page stops before the item that would pass the budget and its token continues
         # there; one item always goes, so every page makes progress.

@@ -17,9 +17,17 @@ render_user gives); an event that leaves the text unchanged (k, exclusions, filt
 cached vector and costs no inference. Catalogue items keep the text they had when they entered the window.
 
 Lifetime: a session lives as long as its Session stream. It ends when the client half-closes, after
-session_idle_timeout_s without an event (DEADLINE_EXCEEDED), or by ForgetSession(session_id) (ABORTED), and
-its state is dropped then; nothing of it is written anywhere. The registry caps live sessions server-wide
-(RESOURCE_EXHAUSTED when full).
+session_idle_timeout_s without an event (DEADLINE_EXCEEDED), by ForgetSession(session_id) (ABORTED), or when the
+server shuts down (UNAVAILABLE, reason SHUTTING_DOWN, with a RetryInfo: reconnect, to another replica), and its
+state is dropped then; nothing of it is written anywhere. An event being answered when the server starts to shut
+down is answered first. The registry caps live sessions server-wide (RESOURCE_EXHAUSTED when full).
+
+Hot model swaps (server.models): a session is not ended by one. An event in flight when the model is swapped is
+answered by the model it started on; the session then continues on the new model (`rebind`: at the swap for
+sessions waiting for their next event, so that they do not keep the old model in memory, else at the next): its
+history, context and settings stay, the vectors the old model made are dropped (the next event encodes the user
+text afresh), and the catalogue items of its window take the new catalogue's text and vectors (an item the new
+catalogue lacks keeps its text and counts as an item given as text). Every response names the model that made it.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from llmrec.server.catalogue import ResolvedItem
 from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
 from llmrec.server.errors import (
     REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND, REASON_TOO_MANY_SESSIONS, Aborted,
-    DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted,
+    DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError,
 )
 
 NOTHING_YET_MESSAGE = "nothing to recommend from yet: send an interaction or a query"
@@ -150,6 +158,8 @@ class Session:
         self.state = SessionState(k=default_k)
         self.encodes = 0  # user-text inferences so far: at most one per event, none when the text is unchanged
         self.forgotten = False
+        self.answering = False  # an event is being answered
+        self._ending: ServiceError | None = None  # set by end(): the status the stream ends with
         self._ended = asyncio.Event()
         self._ended_waiter: asyncio.Future | None = None
         self._cached_text: str | None = None
@@ -205,6 +215,13 @@ class Session:
             InvalidArgument, NotFound: the event is bad. On any error the session state stays as it was.
             Aborted: the session was forgotten meanwhile.
         """
+        self.answering = True  # one model answers the whole event: rebind waits until it is done
+        try:
+            return await self._answer(event)
+        finally:
+            self.answering = False
+
+    async def _answer(self, event: SessionEvent) -> SessionUpdate:
         self._check_live()
         state = self.apply(event)
         if not state.has_content:
@@ -226,6 +243,27 @@ class Session:
         self._cached_text, self._cached_vector = text, vector
         return SessionUpdate(items=items, history_length=state.history_length)
 
+    def rebind(self, recommender) -> None:
+        """Go on with another recommender (a hot-swapped model); see the module docstring. Not while an event is
+        being answered."""
+        if recommender is self.recommender:
+            return
+        window_size = max(recommender.max_history_items, 0)
+        entries = self.state.window[-window_size:] if window_size else ()
+        found = recommender.catalogue.find(e.resolved.item_id for e in entries if e.resolved.item_id is not None)
+        window = tuple(WindowEntry.of(found.get(e.resolved.item_id) or ResolvedItem(e.resolved.item_id,
+                                                                                     e.resolved.fields))
+                       if e.resolved.item_id is not None else e for e in entries)
+        self.recommender = recommender
+        self.state = dataclasses.replace(self.state, window=window)
+        self._cached_text = self._cached_vector = None
+        self._text_vectors = {}
+
+    def end(self, error: ServiceError) -> None:
+        """End the stream with `error` once the event being answered (if any) has been answered."""
+        self._ending = error
+        self._ended.set()
+
     def forget(self) -> None:
         """Drop everything the session holds and end its stream (ABORTED)."""
         self.forgotten = True
@@ -245,8 +283,11 @@ class Session:
         Raises:
             DeadlineExceeded: nothing came for idle_timeout_s seconds.
             Aborted: ForgetSession ended the session.
+            ServiceError: the error end() was given (the server is shutting down).
         """
         self._check_live()
+        if self._ending is not None:
+            raise self._ending
         if self._ended_waiter is None:
             self._ended_waiter = _quiet(asyncio.ensure_future(self._ended.wait()))
         # Its outcome is always collected (_quiet), also when this call is cancelled or times out first: a read
@@ -261,6 +302,8 @@ class Session:
                 reading.cancel()
         if self.forgotten:
             self._check_live()
+        if self._ending is not None:
+            raise self._ending
         if reading not in done:
             raise DeadlineExceeded(f"session closed after {idle_timeout_s:g} s without an event",
                                    reason=REASON_SESSION_IDLE)
@@ -311,6 +354,20 @@ class SessionRegistry:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
         session.close()
+
+    def rebind_idle(self, recommender) -> None:
+        """Move every session that is not answering an event to `recommender` now (the others move at their next
+        event), so that a swapped-out model is not kept in memory by idle sessions."""
+        for session in list(self._sessions.values()):
+            if not session.answering:
+                session.rebind(recommender)
+
+    def end_all(self, error: ServiceError) -> int:
+        """End every live session's stream with `error` (each after the event it is answering). Returns how many."""
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session.end(error)
+        return len(sessions)
 
     def forget(self, session_id: str) -> None:
         """Drop a live session's state and end its stream.

@@ -53,7 +53,12 @@ class ServerSettings(BaseSettings):
         "Serve exactly this bundle directory. On the command line it wins over a bundle_root from the same or a "
         "weaker source (flags > LLMREC_* > --config)."))
     bundle_root: Path | None = Field(None, description=(
-        "Serve the newest complete bundle under this directory (llmrec.manifest.latest_bundle)."))
+        "Serve the newest complete bundle under this directory (llmrec.manifest.latest_bundle), and swap in a "
+        "newer one without a restart when one appears there (bundle_poll_seconds)."))
+    bundle_poll_seconds: float = Field(30.0, ge=0, description=(
+        "How often, in seconds, to look under bundle_root for a new newest bundle and hot-swap to it (load, "
+        "verify, warm up, carry catalogue changes over, swap); 0 = never (LoadModel still can). Ignored with "
+        "bundle."))
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for all).")
     port: Port = Field(50051, description=(
         "TCP port; 0 lets the OS pick a free one (the bound port is logged and returned by start())."))
@@ -73,8 +78,12 @@ class ServerSettings(BaseSettings):
         "Never use a GPU: the same as --no-prefer-gpu, kept for existing scripts. Wins over --prefer-gpu."))
     prefer_gpu: bool = Field(True, validate_default=True, description=(
         "Serve the FP32 model on CUDA when a GPU is present (the INT8 model on CPU otherwise)."))
+    drain_seconds: float = Field(0.0, ge=0, description=(
+        "After SIGTERM/SIGINT, how long the server keeps accepting and serving with health NOT_SERVING, so that "
+        "load balancers move traffic away first, in seconds (a second signal cuts it short). Then grace_seconds."))
     grace_seconds: float = Field(5.0, ge=0, description=(
-        "How long in-flight RPCs may run on after SIGTERM/SIGINT, in seconds."))
+        "Once the drain period is over and no new RPC is accepted, how long in-flight unary RPCs may run on, in "
+        "seconds (live Session streams end at once with UNAVAILABLE: reconnect elsewhere)."))
     max_message_mib: Positive = Field(16, description=(
         "gRPC send and receive limit in MiB, set explicitly rather than trusting gRPC's defaults."))
     max_concurrent_rpcs: Positive | None = Field(None, description=(

@@ -106,9 +106,12 @@ class CatalogueStore:
         bundle_version: the served bundle; its changes live in root/<bundle_version>/.
         index_dimension: values per index row, checked on every stored row.
         snapshot_every: write a snapshot (and empty the journal) after this many journaled changes.
+        warn_other_versions: warn at open() that other versions' changes are not applied (not when a hot swap
+            opens the store: it carries the served version's changes over itself, server.models).
     """
 
-    def __init__(self, root: Path, bundle_version: str, index_dimension: int, snapshot_every: int = 1000) -> None:
+    def __init__(self, root: Path, bundle_version: str, index_dimension: int, snapshot_every: int = 1000,
+                 warn_other_versions: bool = True) -> None:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
         if not re.fullmatch(BUNDLE_VERSION_PATTERN, bundle_version):  # it names a directory under root
@@ -118,6 +121,7 @@ class CatalogueStore:
         self.directory = self.root / bundle_version
         self.index_dimension = index_dimension
         self.snapshot_every = snapshot_every
+        self.warn_other_versions = warn_other_versions
         self.records_since_snapshot = 0
         self.broken = False  # set after a failed journal write: the file's state is unknown
         self._journal_fd: int | None = None
@@ -171,7 +175,8 @@ class CatalogueStore:
         except BaseException:
             self.close()
             raise
-        self._warn_about_other_versions()
+        if self.warn_other_versions:
+            self._warn_about_other_versions()
         logger.info("catalogue state %s: %d changes to replay, revision %d", self.directory, len(operations),
                     sequence)
         return operations, sequence

@@ -31,6 +31,11 @@ class Limits:
     max_attributes: int = 64         # attributes of one catalogue item
     max_page_size: int = 1000        # ListItems
 
+    @classmethod
+    def from_settings(cls, settings) -> Limits:
+        """The limits a server's settings (server.settings.ServerSettings) set; the rest keep their defaults."""
+        return cls(settings.max_k, settings.max_request_history, settings.max_text_chars)
+
 
 def check_k(k: int, limits: Limits, field: str = "k") -> None:
     if not 1 <= k <= limits.max_k:
@@ -187,3 +192,10 @@ def check_catalogue_items(items: tuple[CatalogueItem, ...] | list[CatalogueItem]
                 raise InvalidArgument(f"{where}.attributes has an empty key", field=f"{where}.attributes")
             check_text(key, f"{where}.attributes key", limits, path=f"{where}.attributes")
             check_text(value, f"{where}.attributes[{shown_id(key)}]", limits, path=f"{where}.attributes")
+
+
+def check_bundle_path(path: str, limits: Limits) -> None:
+    """LoadModel.bundle_path: "" (the newest bundle under bundle_root) or a directory name the OS can take."""
+    check_text(path, "bundle_path", limits)
+    if "\0" in path:
+        raise InvalidArgument("bundle_path contains a NUL character", field="bundle_path")

@@ -55,6 +55,9 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "DeleteItems": COMMON | {C.NOT_FOUND},
     "GetItem": COMMON | {C.NOT_FOUND},
     "ListItems": COMMON,
+    # LoadModel: a path that is not a servable bundle (FAILED_PRECONDITION, the old model serves on), another load
+    # running (ABORTED).
+    "LoadModel": COMMON | {C.FAILED_PRECONDITION, C.ABORTED},
 }
 # SessionResponse.status.code of one event: OK, INVALID_ARGUMENT, NOT_FOUND, or the encoder queue being full.
 EVENT_CODES = {0, 3, 5, 8}

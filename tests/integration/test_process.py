@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
-from llmrec.clients.client import RecommenderClient
+from llmrec.clients.client import RecommenderClient, RecommenderError
+from llmrec.clients.status_details import details_of
+from llmrec.v1 import recommender_pb2 as pb
+from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 from llmrec.server.cli import app as server_app
+from llmrec.server.errors import REASON_SHUTTING_DOWN
 
 REPO = Path(__file__).parents[2]
 SECRET_QUERY = "zanzibar-private-query"
@@ -71,6 +78,52 @@ def test_sigterm_stops_the_server_cleanly_and_logs_stay_private(tiny_bundle: Pat
     assert any(r["message"].startswith("SERVING model") for r in records)
     assert any(r["message"].startswith("Recommend OK") and r["rpc_method"] == "Recommend" and r["request_id"]
                for r in records)
+
+
+def test_sigterm_drains_first_then_ends_sessions_with_a_retryable_status(tiny_bundle: Path, tmp_path: Path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        # A drain period far longer than the test: the second SIGTERM below ends it, so nothing here races a clock.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmrec.server", "--bundle", str(tiny_bundle), "--port", str(port), "--cpu-only",
+             "--drain-seconds", "600", "--grace-seconds", "5"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    try:
+        with RecommenderClient(target, timeout_s=10) as client, grpc.insecure_channel(target) as channel:
+            client.wait_until_serving(timeout_s=90)
+            events: queue.Queue = queue.Queue()
+            session = pb_grpc.RecommenderStub(channel).Session(iter(events.get, None), timeout=120)
+            events.put(pb.SessionRequest(event_id="1", query="space adventure"))
+            assert next(session).status.code == 0
+
+            process.send_signal(signal.SIGTERM)
+            while client.health() != "NOT_SERVING":  # load balancers are told at once ...
+                time.sleep(0.05)
+            # ... but while the drain period lasts, everything is still accepted and served.
+            assert len(client.recommend(["m1"], k=3).items) == 3
+            events.put(pb.SessionRequest(event_id="2", query="robots"))
+            assert next(session).status.code == 0
+            with client.session() as fresh:
+                assert fresh.query("comedy").ok
+            assert client.health() == "NOT_SERVING" and process.poll() is None
+
+            process.send_signal(signal.SIGTERM)  # a second signal ends the drain period now
+            with pytest.raises(grpc.RpcError) as ended:
+                next(session)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "reconnect" in ended.value.details()
+            details = details_of(ended.value)
+            assert details.reason == REASON_SHUTTING_DOWN and details.retry_after_s is not None
+            assert RecommenderError.from_rpc_error(ended.value).retryable
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = log_path.read_text()
+    assert "draining" in log and "ended 1 live sessions" in log and "stopped" in log and "Traceback" not in log
 
 
 def test_server_cli_refuses_a_missing_bundle_root(tmp_path: Path):

@@ -150,9 +150,10 @@ def test_a_read_token_reads_but_cannot_write_or_administer(token_server, pki):
         for call, args in ((reader.upsert_items, [{"id": "x1", "title": "X"}]), (reader.delete_items, ["m1"])):
             error = failure(call, args)
             assert error.code == grpc.StatusCode.PERMISSION_DENIED and "needs the 'write' role" in error.message
-        error = failure(reader.forget_session, "s")
-        assert error.code == grpc.StatusCode.PERMISSION_DENIED and "needs the 'admin' role" in error.message
-        assert "reader has read" in error.message
+        for call, args in ((reader.forget_session, "s"), (reader.load_model, "")):
+            error = failure(call, args)
+            assert error.code == grpc.StatusCode.PERMISSION_DENIED and "needs the 'admin' role" in error.message
+            assert "reader has read" in error.message
         assert reader.get_item("m1").item_id == "m1"  # nothing was deleted
 
 
@@ -163,12 +164,15 @@ def test_a_write_token_changes_the_catalogue(token_server, pki):
         assert writer.get_item("sec-1").title == "Arrival (2016)"
         assert writer.delete_items(["sec-1"]).deleted == 1
         assert failure(writer.forget_session, "s").code == grpc.StatusCode.PERMISSION_DENIED
+        assert failure(writer.load_model, "").code == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_an_admin_token_ends_another_callers_session_and_roles_do_not_imply_each_other(token_server, pki):
+def test_an_admin_token_ends_another_callers_session_and_roles_do_not_imply_each_other(token_server, pki,
+                                                                                       tiny_bundle):
     with client(token_server, pki, token=TOKENS["reader"]) as reader, reader.session(timeout_s=10) as live:
         session_id = live.configure(k=3).session_id
         with client(token_server, pki, token=TOKENS["admin"]) as admin:
+            assert not admin.load_model(str(tiny_bundle)).swapped  # the served bundle: allowed, nothing to do
             admin.forget_session(session_id)
             error = failure(admin.recommend, ["m1"])
             assert error.code == grpc.StatusCode.PERMISSION_DENIED and "needs the 'read' role" in error.message

@@ -98,7 +98,7 @@ def test_entries_split_on_spaces_semicolons_and_the_commas_of_repeated_flags():
 def test_every_method_has_its_role_and_unlisted_ones_are_admin_only():
     expected = {"Recommend": "read", "RecommendStream": "read", "Session": "read", "Embed": "read",
                 "GetModelInfo": "read", "GetItem": "read", "ListItems": "read", "UpsertItems": "write",
-                "DeleteItems": "write", "ForgetSession": "admin"}
+                "DeleteItems": "write", "ForgetSession": "admin", "LoadModel": "admin"}
     service = pb.DESCRIPTOR.services_by_name["Recommender"]
     for method in service.methods:
         assert security.required_role(f"/{service.full_name}/{method.name}") == expected.get(method.name, "admin")

@@ -34,7 +34,8 @@ def test_exactly_one_bundle_source():
                                           ("session_idle_timeout_s", 0), ("ort_spinning", "sometimes"),
                                           ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1),
                                           ("log_format", "xml"), ("otlp_endpoint", "collector:4317"),
-                                          ("otlp_endpoint", "grpc://collector:4317")])
+                                          ("otlp_endpoint", "grpc://collector:4317"), ("drain_seconds", -1),
+                                          ("bundle_poll_seconds", -0.5)])
 def test_bad_values(field, value):
     with pytest.raises(ValueError):
         ServerSettings(bundle=Path("b"), **{field: value})
@@ -48,6 +49,7 @@ def test_defaults():
     # Observability: metrics on at 9090 on the gRPC host, JSON logs, no tracing.
     assert settings.metrics and settings.metrics_port == 9090 and settings.metrics_host is None
     assert settings.log_format == "json" and settings.otlp_endpoint is None
+    assert settings.drain_seconds == 0 and settings.bundle_poll_seconds == 30  # drain: opt-in; polling: on
 
 
 def test_settings_built_in_code_read_neither_environment_nor_argv(monkeypatch: pytest.MonkeyPatch):
