@@ -220,7 +220,7 @@ def test_an_expired_upsert_stops_encoding_changes_nothing_and_is_counted_as_such
     with grpc.insecure_channel(writable.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         before = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-        expired_before = rpc_count("UpsertItems", "DEADLINE_EXCEEDED")
+        expired_before = gone_count()
         ran_before = encodes()
         with pytest.raises(grpc.RpcError) as caught:
             stub.UpsertItems(pb.UpsertItemsRequest(items=items), timeout=0.5)
@@ -245,10 +245,18 @@ def test_an_expired_upsert_stops_encoding_changes_nothing_and_is_counted_as_such
         missing = call_error(stub.GetItem, pb.GetItemRequest(item_id="late-000"))
         assert missing.code() == grpc.StatusCode.NOT_FOUND
     deadline = time.monotonic() + 10
-    while rpc_count("UpsertItems", "DEADLINE_EXCEEDED") == expired_before and time.monotonic() < deadline:
+    while gone_count() == expired_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert rpc_count("UpsertItems", "DEADLINE_EXCEEDED") == expired_before + 1
-    assert "UpsertItems DEADLINE_EXCEEDED" in caplog.text and "UpsertItems OK" not in caplog.text
+    assert gone_count() == expired_before + 1
+    assert "UpsertItems OK" not in caplog.text
+    assert "UpsertItems DEADLINE_EXCEEDED" in caplog.text or "UpsertItems CANCELLED" in caplog.text
+
+
+def gone_count() -> float:
+    """UpsertItems calls counted as expired or cancelled. Usually the server's own deadline ends the call; on a
+    loaded machine the request can reach the server late, so its deadline (the time left when it was sent) is
+    still running when the client's expires and the client's cancel ends the call: CANCELLED, never OK."""
+    return rpc_count("UpsertItems", "DEADLINE_EXCEEDED") + rpc_count("UpsertItems", "CANCELLED")
 
 
 def test_cancelled_sessions_are_counted_cancelled_and_leave_no_unretrieved_task_errors(server, caplog):
