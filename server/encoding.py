@@ -29,6 +29,7 @@ What happens to a request:
      throughput comes from): texts of all requests in the micro-batch are grouped by padded width and run
      together, at most max_tokens padded tokens per run (the token budget).
 4. Each request's future is resolved as soon as its own texts are done (not at the end of the batch).
+   (RecommendBatch's texts are split into one request per worker beforehand: encode_users_each.)
 """
 
 from __future__ import annotations
@@ -222,6 +223,27 @@ class AsyncEncoder:
     async def encode_items(self, texts: Sequence[str]) -> np.ndarray:
         """Rendered item texts -> (len(texts), dimension) float32 unit vectors."""
         return await self._submit(list(texts), self.max_item_tokens)
+
+    async def encode_users_each(self, texts: Sequence[str]) -> list[np.ndarray | Exception]:
+        """Many users' texts at once (RecommendBatch): per text its unit vector, or the exception that stopped
+        its job. Per text on CPU, the texts are split into one job per worker, so every worker takes a share at
+        once; batching across requests (CUDA), they are one job, run in padded batches per width. A job that
+        fails (a full queue, its deadline) fails only its own texts.
+        """
+        texts = list(texts)
+        if not texts:
+            return []
+        parts = 1 if self.across_requests else min(len(self._workers), len(texts))
+        size = math.ceil(len(texts) / parts)
+        chunks = [texts[start : start + size] for start in range(0, len(texts), size)]
+        results = await asyncio.gather(*(self._submit(chunk, self.max_user_tokens) for chunk in chunks),
+                                       return_exceptions=True)
+        out: list[np.ndarray | Exception] = []
+        for chunk, result in zip(chunks, results):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancelled: the call is over
+            out.extend([result] * len(chunk) if isinstance(result, Exception) else list(result))
+        return out
 
     async def _submit(self, texts: list[str], max_tokens: int) -> np.ndarray:
         if not texts:

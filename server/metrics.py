@@ -51,11 +51,17 @@ QUEUE_DEPTH = Gauge("llmrec_queue_depth", "Requests waiting in the encoder queue
 DROPPED = Counter("llmrec_dropped_total", "Requests dropped before compute.", ["reason"], registry=REGISTRY)
 RPCS = Counter("llmrec_rpcs_total", "Finished RPCs by method and status code.",
                ["method", "code"], registry=REGISTRY)
+REJECTED_UNKNOWN = Counter("llmrec_rejected_unknown_ids_total", "Rejected item ids a ranking ignored because the "
+                           "catalogue does not hold them (once per ranking).", registry=REGISTRY)
+CLIENT_REFUSED = Counter("llmrec_client_refused_total", "Calls refused by a per-client cap (server.fairness), by "
+                         "limit: sessions or in_flight.", ["limit"], registry=REGISTRY)
 
 for _reason in ("cancelled", "deadline", "queue_full"):
     DROPPED.labels(_reason)
 for _lane in ("alone", "parallel"):
     RUNS.labels(_lane)
+for _limit in ("sessions", "in_flight"):
+    CLIENT_REFUSED.labels(_limit)
 
 
 def start_metrics_server(host: str, port: int) -> tuple[Any, int]:

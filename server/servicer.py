@@ -42,7 +42,7 @@ from llmrec.server.errors import (
 from llmrec.server.recommender import Recommender
 from llmrec.server.session import Session, SessionRegistry
 from llmrec.server.settings import ServerSettings
-from llmrec.server.validation import check_item_id, check_list_page_size, check_page_size
+from llmrec.server.validation import check_batch_size, check_item_id, check_list_page_size, check_page_size
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,17 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             index_version=recommender.index_version,
         )
 
+    @_unary
+    async def RecommendBatch(self, request: pb.RecommendBatchRequest, context) -> pb.RecommendBatchResponse:
+        recommender = self._ready()
+        check_batch_size(len(request.requests), self.settings.max_recommend_batch)
+        outcomes = await recommender.recommend_batch([convert.recommend_query(r) for r in request.requests])
+        return pb.RecommendBatchResponse(
+            results=[convert.batch_result(outcome) for outcome in outcomes],
+            model_version=recommender.model_version,
+            index_version=recommender.index_version,
+        )
+
     @_streaming
     async def RecommendStream(self, request: pb.RecommendRequest, context) -> AsyncIterator[pb.RecommendStreamResponse]:
         recommender = self._ready()
@@ -311,6 +322,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             cooccurrence_weight=manifest.cooccurrence.weight,
             history_vector_weight=manifest.history_vector.weight,
             sequence_model_weight=manifest.sequence_model.weight if manifest.sequence_model is not None else 0.0,
+            rejected_item_weight=recommender.rule.rejected_weight,
+            max_rejected_items=recommender.limits.max_rejected_items,
+            max_recommend_batch=self.settings.max_recommend_batch,
         )
 
     @_unary

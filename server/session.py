@@ -7,6 +7,9 @@ Semantics (documented for callers in the proto comments and here):
   items; older ones fall off (the model only reads the most recent few anyway).
 - context: replaces the whole context, its query included.
 - query: replaces only the query ("" clears it).
+- rejection: adds one rejected item id (at most max_rejected_items per session; a config with a non-empty
+  rejected_item_ids replaces them all). Rejected items are never returned, and the query moves away from them
+  (llmrec.scoring). A rejection costs no inference: the user text, and so the cached vector, stay the same.
 An event that fails (unknown id, bad k, oversized text, or an internal error) leaves the state as it was.
 
 Cost per event is bounded whatever the history length: the state keeps the resolved and rendered window
@@ -52,6 +55,8 @@ class SessionConfigEvent:
     history: tuple[HistoryRef, ...] = ()
     explain: bool = False
     filters: tuple[AttributeFilter, ...] = ()
+    rejected_item_ids: tuple[str, ...] = ()
+    min_score: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +74,12 @@ class QueryEvent:
     query: str
 
 
-SessionEvent = SessionConfigEvent | InteractionEvent | ContextEvent | QueryEvent
+@dataclasses.dataclass(frozen=True)
+class RejectionEvent:
+    item_id: str
+
+
+SessionEvent = SessionConfigEvent | InteractionEvent | ContextEvent | QueryEvent | RejectionEvent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +104,8 @@ class SessionState:
             first, at most max_request_history.
         window: the most recent max_history_items entries, resolved and rendered.
         context: the current context; context_text is its rendering.
+        rejected_ids: the items the user rejected, distinct, in the order they came.
+        min_score: drop items scoring below it (None: no threshold).
     """
 
     k: int
@@ -105,6 +117,8 @@ class SessionState:
     exclude_history: bool = False
     explain: bool = False
     filters: tuple[AttributeFilter, ...] = ()
+    rejected_ids: tuple[str, ...] = ()
+    min_score: float | None = None
 
     @property
     def history_length(self) -> int:
@@ -172,10 +186,14 @@ class Session:
             validation.check_exclusions(event.exclude_item_ids, limits, "config.exclude_item_ids")
             validation.check_filters(event.filters, limits, "config.filters")
             validation.check_history(event.history, limits, "config.history")
+            validation.check_rejected(event.rejected_item_ids, limits, "config.rejected_item_ids")
+            validation.check_min_score(event.min_score, "config.min_score")
             state = dataclasses.replace(
                 state, k=k, exclude_item_ids=event.exclude_item_ids, exclude_history=event.exclude_history,
-                explain=event.explain, filters=event.filters,
+                explain=event.explain, filters=event.filters, min_score=event.min_score,
             )
+            if event.rejected_item_ids:
+                state = dataclasses.replace(state, rejected_ids=tuple(dict.fromkeys(event.rejected_item_ids)))
             if event.history:
                 resolved = recommender.resolve(event.history, with_window_vectors=True)
                 window = tuple(WindowEntry.of(r) for r in resolved[len(resolved) - window_size:]) \
@@ -194,8 +212,16 @@ class Session:
             validation.check_text(event.query, "query", limits)
             context = dataclasses.replace(state.context, query=event.query)
             state = dataclasses.replace(state, context=context, context_text=render_context(context))
+        elif isinstance(event, RejectionEvent):
+            validation.check_item_id(event.item_id, "rejection", limits)
+            if event.item_id not in state.rejected_ids:
+                if len(state.rejected_ids) >= limits.max_rejected_items:
+                    raise InvalidArgument(
+                        f"the session already holds {limits.max_rejected_items} rejected items, the limit; send a "
+                        "config with rejected_item_ids to replace them", field="rejection")
+                state = dataclasses.replace(state, rejected_ids=(*state.rejected_ids, event.item_id))
         else:
-            raise InvalidArgument("the event sets none of config, interaction, context and query")
+            raise InvalidArgument("the event sets none of config, interaction, context, query and rejection")
         return state
 
     async def handle(self, event: SessionEvent) -> SessionUpdate:
@@ -217,7 +243,8 @@ class Session:
             vector = await self.recommender.encode_user(text)
             self.encodes += 1
         recommender = self.recommender
-        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters, state.history_ids)
+        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters, state.history_ids,
+                                   state.rejected_ids, state.min_score)
         if state.explain:
             items = await recommender.explain(items, [entry.resolved for entry in state.window],
                                               state.context.query, self._text_vectors)

@@ -93,6 +93,7 @@ class ServerSettings(BaseSettings):
         "Catalogue changes between snapshots (each snapshot empties the journal)."))
     max_sessions: Positive = Field(1000, description=(
         "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
+    max_recommend_batch: Positive = Field(100, description="The most requests one RecommendBatch call may carry.")
     ort_spinning: Literal["during-runs", "always", "never"] = Field("during-runs", description=(
         "When idle ONNX Runtime threads busy-wait: during-runs (between the parallel sections of a run, never "
         "between runs), always (ONNX Runtime's default: also between runs, taking the cores gRPC and Python "
