@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 from llmrec.server import convert, metrics
 from llmrec.server.catalogue import page_token_after
 from llmrec.server.encoding import set_request_deadline
+from llmrec.server.fairness import FairShare
 from llmrec.server.errors import (
     REASON_NOT_LOADED, REASON_UNDECODABLE, InvalidArgument, ThrottledWarning, Unavailable, abort_with_described,
     code_number, describe, status_for,
@@ -190,6 +192,26 @@ def _streaming(method: Callable) -> Callable:
     return wrapper
 
 
+def _client_work(method: Callable) -> Callable:
+    """Counts a call that uses the encoder against its client's in-flight cap while it runs (server.fairness;
+    RESOURCE_EXHAUSTED past it). Goes inside _unary/_streaming, so a refusal gets its rich status there."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            async with self.fairness.work(context):
+                async for response in method(self, request, context):
+                    yield response
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        async with self.fairness.work(context):
+            return await method(self, request, context)
+
+    return unary
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """Serves one Recommender; answers UNAVAILABLE until `attach` gives it one (the model loads after bind).
 
@@ -200,7 +222,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self._recommender: Recommender | None = None
-        self.sessions = SessionRegistry(settings.max_sessions)
+        self.fairness = FairShare.from_settings(settings)
+        self.sessions = SessionRegistry(settings.max_sessions, self.fairness.max_sessions_per_client)
 
     def attach(self, recommender: Recommender | None) -> None:
         """Start (or, with None, stop) answering with this recommender."""
@@ -213,6 +236,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return self._recommender
 
     @_unary
+    @_client_work
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         recommender = self._ready()
         items = await recommender.recommend(convert.recommend_query(request))
@@ -223,6 +247,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
 
     @_unary
+    @_client_work
     async def RecommendBatch(self, request: pb.RecommendBatchRequest, context) -> pb.RecommendBatchResponse:
         recommender = self._ready()
         check_batch_size(len(request.requests), self.settings.max_recommend_batch)
@@ -234,6 +259,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
 
     @_streaming
+    @_client_work
     async def RecommendStream(self, request: pb.RecommendRequest, context) -> AsyncIterator[pb.RecommendStreamResponse]:
         recommender = self._ready()
         check_page_size(request.page_size)
@@ -252,7 +278,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @_streaming
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
         recommender = self._ready()
-        session = self.sessions.open(recommender, self.settings.default_session_k)  # RESOURCE_EXHAUSTED if full
+        session = self.sessions.open(recommender, self.settings.default_session_k,  # RESOURCE_EXHAUSTED if full
+                                     self.fairness.identify(context))
         try:
             requests = aiter(request_iterator)
             while (request := await session.next_request(requests, self.settings.session_idle_timeout_s)) is not None:
@@ -275,7 +302,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             session_id=session.id,
         )
         try:
-            update = await session.handle(convert.session_event(request))
+            async with self.fairness.event(session.client):  # waits while the client has its cap in flight
+                update = await session.handle(convert.session_event(request))
         except Exception as error:  # per-event status, never the end of the session
             code, message = status_for(error, "Session event")
             response.status.code = code_number(code)
@@ -289,6 +317,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return response
 
     @_unary
+    @_client_work
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         recommender = self._ready()
         items = [convert.item_fields(text) for text in request.items]
@@ -335,6 +364,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     # --- catalogue -----------------------------------------------------------------------------------------
 
     @_unary
+    @_client_work
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context) -> pb.UpsertItemsResponse:
         result = await self._ready().upsert_items([convert.catalogue_item(item) for item in request.items])
         return pb.UpsertItemsResponse(created=result.created, replaced=result.replaced,

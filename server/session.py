@@ -21,13 +21,14 @@ cached vector and costs no inference. Catalogue items keep the text they had whe
 
 Lifetime: a session lives as long as its Session stream. It ends when the client half-closes, after
 session_idle_timeout_s without an event (DEADLINE_EXCEEDED), or by ForgetSession(session_id) (ABORTED), and
-its state is dropped then; nothing of it is written anywhere. The registry caps live sessions server-wide
-(RESOURCE_EXHAUSTED when full).
+its state is dropped then; nothing of it is written anywhere. The registry caps live sessions server-wide and
+per client (server.fairness; RESOURCE_EXHAUSTED with a RetryInfo when full).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator
@@ -36,12 +37,12 @@ import numpy as np
 
 from llmrec.template import RequestContext, join_user_text, render_context, render_history_item
 
-from llmrec.server import validation
+from llmrec.server import metrics, validation
 from llmrec.server.catalogue import ResolvedItem
 from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
 from llmrec.server.errors import (
-    REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND, REASON_TOO_MANY_SESSIONS, Aborted,
-    DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted,
+    REASON_CLIENT_SESSIONS, REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND,
+    REASON_TOO_MANY_SESSIONS, Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, shown_id,
 )
 
 NOTHING_YET_MESSAGE = "nothing to recommend from yet: send an interaction or a query"
@@ -155,12 +156,14 @@ class Session:
         recommender: the core that resolves, encodes, ranks and explains (server.recommender.Recommender).
         default_k: k until a config event sets one.
         session_id: the server-assigned id (SessionResponse.session_id).
+        client: the client it belongs to (server.fairness.client_key).
     """
 
-    def __init__(self, recommender, default_k: int, session_id: str = "") -> None:
+    def __init__(self, recommender, default_k: int, session_id: str = "", client: str = "") -> None:
         self.recommender = recommender
         self.default_k = default_k
         self.id = session_id
+        self.client = client
         self.state = SessionState(k=default_k)
         self.encodes = 0  # user-text inferences so far: at most one per event, none when the text is unchanged
         self.forgotten = False
@@ -310,34 +313,51 @@ def _quiet(task: asyncio.Future) -> asyncio.Future:
 
 
 class SessionRegistry:
-    """The live sessions of one server, by id; at most max_sessions at once.
+    """The live sessions of one server, by id; at most max_sessions at once, max_per_client of one client.
 
     Args:
         max_sessions: the server-wide cap; opening one more raises ResourceExhausted.
+        max_per_client: the cap of one client (server.fairness); None: only the server-wide one.
     """
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, max_per_client: int | None = None) -> None:
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
         self._sessions: dict[str, Session] = {}
+        self._per_client: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, recommender, default_k: int) -> Session:
+    def open(self, recommender, default_k: int, client: str = "") -> Session:
+        """A new session of `client`. Raises ResourceExhausted when the server or the client is at its cap."""
         if len(self._sessions) >= self.max_sessions:
             raise ResourceExhausted(f"the server already holds its maximum of {self.max_sessions} live sessions; "
                                     "retry later or end idle sessions", reason=REASON_TOO_MANY_SESSIONS,
                                     metadata={"max_sessions": str(self.max_sessions)}, retry_after_s=5.0)
+        if self.max_per_client is not None and self._per_client[client] >= self.max_per_client:
+            metrics.CLIENT_REFUSED.labels("sessions").inc()
+            raise ResourceExhausted(
+                f"this client ({shown_id(client)}) already holds its maximum of {self.max_per_client} live sessions; "
+                "end one (half-close or ForgetSession) or retry later", reason=REASON_CLIENT_SESSIONS,
+                metadata={"client": client, "max_sessions_per_client": str(self.max_per_client)}, retry_after_s=5.0)
         session_id = secrets.token_urlsafe(16)  # unguessable: knowing it is what allows ForgetSession
-        session = Session(recommender, default_k, session_id)
+        session = Session(recommender, default_k, session_id, client)
         self._sessions[session_id] = session
+        self._per_client[client] += 1
         return session
 
     def close(self, session: Session) -> None:
-        """The stream ended: forget the session's state and free its slot."""
+        """The stream ended: forget the session's state and free its slots."""
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
+            self._release_client(session.client)
         session.close()
+
+    def _release_client(self, client: str) -> None:
+        self._per_client[client] -= 1
+        if self._per_client[client] <= 0:
+            del self._per_client[client]
 
     def forget(self, session_id: str) -> None:
         """Drop a live session's state and end its stream.
@@ -351,4 +371,5 @@ class SessionRegistry:
         if session is None:
             raise NotFound("no live session has this id; a session that ended holds no state on this server",
                            reason=REASON_SESSION_NOT_FOUND)
+        self._release_client(session.client)
         session.forget()

@@ -199,6 +199,20 @@ def test_forget_during_an_event_wins(session):
     assert session.state.history_ids == ()
 
 
+def test_registry_caps_each_clients_sessions_and_frees_them_on_close_and_forget():
+    registry = SessionRegistry(max_sessions=10, max_per_client=2)
+    recommender = FakeRecommender()
+    first, second = registry.open(recommender, 4, "peer:a"), registry.open(recommender, 4, "peer:a")
+    with pytest.raises(ResourceExhausted, match="already holds its maximum of 2") as caught:
+        registry.open(recommender, 4, "peer:a")
+    assert caught.value.reason == "CLIENT_SESSION_LIMIT" and caught.value.retry_after_s > 0
+    registry.open(recommender, 4, "peer:b")  # another client is not held back
+    registry.forget(first.id)
+    third = registry.open(recommender, 4, "peer:a")
+    registry.close(second), registry.close(third), registry.close(first)  # closing a forgotten one frees nothing
+    assert registry._per_client == {"peer:b": 1}
+
+
 def test_registry_caps_sessions_and_forgets_by_id():
     registry = SessionRegistry(max_sessions=2)
     recommender = FakeRecommender()
