@@ -15,7 +15,8 @@ The caps (settings; RESOURCE_EXHAUSTED with ErrorInfo and a RetryInfo beyond the
         enforces it beside the server-wide cap).
     max_inflight_per_client: RPCs of one client that use the encoder (Recommend, RecommendStream,
         RecommendBatch, Embed, UpsertItems), running at once (default: half of max_queue, so that one client
-        alone never fills the encoder queue that the others need too). One more is refused at once: reason
+        alone does not fill the encoder queue that the others need too; a RecommendBatch counts once but may wait
+        in one queue slot per encoder worker). One more is refused at once: reason
         CLIENT_BUSY, retry after BUSY_RETRY_S. Session events count against the same cap but wait for a slot
         instead of failing: a stream has at most one event in flight, and not reading it is the stream's own
         back-pressure (a backend that multiplexes many users' sessions gets its share, not errors).
