@@ -5,7 +5,7 @@ served."""
 from __future__ import annotations
 
 import asyncio
-import threading
+import queue
 import time
 
 import grpc
@@ -30,8 +30,6 @@ def recommend(item: str = "m1", k: int = 5) -> pb.RecommendRequest:
 
 def open_session(stub, metadata) -> tuple[object, pb.SessionResponse]:
     """A session stream (its calls made lock-step by a queue-fed iterator) and the answer to its first event."""
-    import queue
-
     requests: queue.Queue = queue.Queue()
     requests.put(pb.SessionRequest(event_id="1", query="space"))
     responses = stub.Session(iter(requests.get, None), timeout=60, metadata=metadata)

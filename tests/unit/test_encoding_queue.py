@@ -189,6 +189,18 @@ def test_a_batch_of_users_is_split_one_job_per_worker_and_a_refused_job_fails_on
     assert isinstance(third, ResourceExhausted) and fourth is third
 
 
+def test_a_batch_of_users_is_one_job_when_batching_across_requests():
+    fake = FakeEncoder()
+    encoder = _encoder(fake, workers=2, across_requests=True, max_tokens=64)
+    texts = ["u1", "u2", "u3", "u4444", "u5555"]
+    try:
+        vectors = asyncio.run(encoder.encode_users_each(texts))
+    finally:
+        encoder.close()
+    assert [v[0] for v in vectors] == [sum(map(ord, t)) for t in texts]
+    assert sorted(map(sorted, fake.runs)) == [["u1", "u2", "u3"], ["u4444", "u5555"]]  # one run per width
+
+
 def test_requests_past_their_deadline_or_cancelled_are_dropped_before_compute():
     fake = FakeEncoder()
     fake.gate.clear()
