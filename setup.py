@@ -25,14 +25,29 @@ def generate_stubs(out_dir: str | Path = ROOT) -> list[Path]:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     well_known = protoc._get_resource_file_name("grpc_tools", "_proto")  # google/protobuf/timestamp.proto
+    googleapis = _googleapis_protos()  # google/rpc/status.proto
     status = protoc.main([
-        "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}",
+        "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"-I{googleapis}",
         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", f"--pyi_out={out_dir}",
         *(str(PROTO_ROOT / proto) for proto in PROTOS),
     ])
     if status != 0:
         raise RuntimeError(f"protoc failed with status {status} on {', '.join(PROTOS)}")
     return [out_dir / stub for stub in STUBS]
+
+
+def _googleapis_protos() -> Path:
+    """The import root of the .proto files googleapis-common-protos ships (a build requirement, and a runtime one:
+    the stubs import google.rpc.status_pb2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("google.rpc.status_pb2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("googleapis-common-protos is needed to build the stubs (google/rpc/status.proto)")
+    root = Path(spec.origin).parents[2]  # <root>/google/rpc/status_pb2.py
+    if not (root / "google" / "rpc" / "status.proto").is_file():
+        raise RuntimeError(f"googleapis-common-protos under {root} ships no google/rpc/status.proto")
+    return root
 
 
 class BuildPyWithStubs(build_py):

@@ -1,6 +1,7 @@
 """`llmrec`: talk to an llmrec server from the shell (recommend, session, items, upsert, delete, info, ...).
 
 Errors print "error: <CODE>: <message>" on stderr, then the field at fault or when to retry if the server says.
+`batch` prints each request's error the same way and exits with the worst status among them.
 
 Exit status:
   0  success
@@ -25,7 +26,9 @@ from typing import Annotated, TextIO
 import typer
 from google.protobuf.json_format import MessageToDict
 
-from llmrec.clients.client import CatalogueItem, Recommendation, RecommenderClient, RecommenderError, SessionUpdate
+from llmrec.clients.client import (
+    CatalogueItem, Recommendation, RecommenderClient, RecommenderError, SessionUpdate,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -37,6 +40,10 @@ Category = Annotated[list[str] | None, typer.Option(
     "--category", help="Only items in this category (repeatable: any of them).")]
 Attr = Annotated[list[str] | None, typer.Option(
     "--attr", help="Only items with this attribute, KEY=VALUE (repeatable: every key must match, any value).")]
+Reject = Annotated[list[str] | None, typer.Option(
+    "--reject", help="An item id the user rejected (repeatable): never returned, and items like it move down.")]
+MinScore = Annotated[float | None, typer.Option(
+    "--min-score", help="Only items scoring at least this (the list may be shorter than k).")]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -51,17 +58,21 @@ TlsKey = Annotated[Path | None, typer.Option(
     envvar="LLMREC_TLS_KEY", help="The client certificate's private key (PEM).", **PemFile)]
 Token = Annotated[str | None, typer.Option(
     envvar="LLMREC_TOKEN", show_default=False, help="Bearer token sent with every call (prefer LLMREC_TOKEN).")]
+ClientId = Annotated[str | None, typer.Option(
+    envvar="LLMREC_CLIENT_ID", show_default=False,
+    help="Who this caller is for the server's per-client fair sharing when authorization is off.")]
 
 _connection: dict = {}
 
 
 @app.callback()
 def _connection_options(tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None,
-                        token: Token = None) -> None:
+                        token: Token = None, client_id: ClientId = None) -> None:
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert/--tls-key")
     _connection.clear()
-    _connection.update(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token or None)
+    _connection.update(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token or None,
+                       client_id=client_id or None)
 
 
 def _connect(target: str, timeout: float) -> RecommenderClient:
@@ -78,6 +89,8 @@ session commands, one per line:
   locale TAG         set the locale (e.g. en-US); keeps query and device
   k N                return N items
   exclude ID         never return this item
+  reject ID          the user rejected this item: never return it, and move items like it down
+  min-score X        only items scoring at least X (just `min-score` clears it)
   exclude-history    stop returning items already in the history
   help               this text
   quit               end the session"""
@@ -94,12 +107,16 @@ def exit_code(error: RecommenderError) -> int:
 
 
 def _fail(error: RecommenderError) -> None:
-    typer.echo(f"error: {error.code.name}: {error.message}", err=True)
+    _print_error(error)
+    raise typer.Exit(code=exit_code(error))
+
+
+def _print_error(error: RecommenderError, prefix: str = "") -> None:
+    typer.echo(f"{prefix}error: {error.code.name}: {error.message}", err=True)
     for violation in error.field_violations:
         typer.echo(f"  field: {violation.field}", err=True)
     if error.retryable and error.retry_after_s is not None:
         typer.echo(f"  retry after {error.retry_after_s:g} s", err=True)
-    raise typer.Exit(code=exit_code(error))
 
 
 def format_items(items: Sequence[Recommendation]) -> str:
@@ -143,6 +160,8 @@ def recommend(
     explain: Explain = False,
     category: Category = None,
     attr: Attr = None,
+    reject: Reject = None,
+    min_score: MinScore = None,
     json_output: Json = False,
     timeout: Timeout = 10.0,
 ) -> None:
@@ -153,7 +172,8 @@ def recommend(
         with _connect(target, timeout) as client:
             result = client.recommend(history, k=k, query=query, device=device, locale=locale,
                                       exclude=exclude or [], exclude_history=exclude_history, explain=explain,
-                                      filters=filters, category=category or [])
+                                      filters=filters, category=category or [], rejected=reject or [],
+                                      min_score=min_score)
     except RecommenderError as error:
         _fail(error)
     if json_output:
@@ -161,6 +181,63 @@ def recommend(
         return
     typer.echo(format_items(result.items))
     typer.echo(f"\nmodel {result.model_version}  index {result.index_version}")
+
+
+_BATCH_KEYS = {"history", "k", "query", "device", "locale", "timestamp", "utc_offset_minutes", "exclude",
+               "exclude_history", "explain", "filters", "category", "rejected", "min_score"}
+
+
+@app.command()
+def batch(
+    file: Annotated[typer.FileText, typer.Argument(
+        help='JSON lines, one request each: recommend()\'s arguments, e.g. {"history": ["50", {"title": "Alien"}], '
+             '"k": 5, "query": "...", "rejected": ["172"], "min_score": 0.3} ("-" for stdin).')],
+    target: Target = DEFAULT_TARGET,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per request.")] = False,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Recommend for many users in one RecommendBatch call; a bad request fails only its own entry.
+
+    Exits 0 when every request succeeded, else with the worst status among them (3 over 4).
+    """
+    requests: list[dict] = []
+    for number, line in enumerate(file, 1):
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise typer.BadParameter(f"line {number} is not JSON ({error})", param_hint="FILE") from None
+        unknown = set(request) - _BATCH_KEYS if isinstance(request, dict) else {"(not an object)"}
+        if unknown:
+            raise typer.BadParameter(f"line {number}: unknown fields {sorted(unknown)}; use {sorted(_BATCH_KEYS)}",
+                                     param_hint="FILE")
+        requests.append(request)
+    if not requests:
+        raise typer.BadParameter("the file holds no requests", param_hint="FILE")
+    try:
+        with _connect(target, timeout) as client:
+            result = client.recommend_batch(requests)
+    except RecommenderError as error:
+        _fail(error)
+    except ValueError as error:  # a malformed history entry in a request
+        raise typer.BadParameter(str(error), param_hint="FILE") from None
+    failures = [entry.error for entry in result.results if entry.error is not None]
+    for number, entry in enumerate(result.results):
+        if json_output:
+            record = {"request": number, "items": [dataclasses.asdict(i) for i in entry.items]}
+            if entry.error is not None:
+                record["error"] = {"code": entry.error.code.name, "message": entry.error.message,
+                                   "fields": [v.field for v in entry.error.field_violations]}
+            typer.echo(json.dumps(record))
+        elif entry.error is not None:
+            _print_error(entry.error, prefix=f"request {number}: ")
+        else:
+            typer.echo(f"request {number}:\n{format_items(entry.items)}")
+    if not json_output:
+        typer.echo(f"\nmodel {result.model_version}  index {result.index_version}")
+    if failures:
+        raise typer.Exit(code=EXIT_RETRYABLE if all(error.retryable for error in failures) else EXIT_PERMANENT)
 
 
 @app.command()
@@ -185,7 +262,8 @@ def session(
     try:
         with _connect(target, timeout) as client, client.session() as live:
             state = {"k": k, "exclude": [], "exclude_history": exclude_history, "query": "", "device": "",
-                     "locale": "", "explain": explain, "filters": filters, "category": category or []}
+                     "locale": "", "explain": explain, "filters": filters, "category": category or [],
+                     "min_score": None}
             first = live.configure(k=k, exclude_history=exclude_history, explain=explain, filters=filters,
                                    category=category or [])
             typer.echo(f"session {live.session_id}", err=True)
@@ -228,18 +306,26 @@ def _session_event(live, state: dict, line: str):
         return live.interact(argument)
     if command == "text" and argument:
         return live.interact({"title": argument})
+    if command == "reject" and argument:
+        return live.reject(argument)
     if command == "query":
         state["query"] = argument
         return live.query(argument)
     if command in ("device", "locale"):
         state[command] = argument
         return live.set_context(query=state["query"], device=state["device"], locale=state["locale"])
-    if command in ("k", "exclude", "exclude-history"):
+    if command in ("k", "exclude", "exclude-history", "min-score"):
         if command == "k":
             if not argument.isdigit():
                 typer.echo("usage: k N", err=True)
                 return None
             state["k"] = int(argument)
+        elif command == "min-score":
+            try:
+                state["min_score"] = float(argument) if argument else None
+            except ValueError:
+                typer.echo("usage: min-score X (a number; none clears it)", err=True)
+                return None
         elif command == "exclude":
             if not argument:
                 typer.echo("usage: exclude ID", err=True)
@@ -248,7 +334,8 @@ def _session_event(live, state: dict, line: str):
         else:
             state["exclude_history"] = True
         return live.configure(k=state["k"], exclude=state["exclude"], exclude_history=state["exclude_history"],
-                              explain=state["explain"], filters=state["filters"], category=state["category"])
+                              explain=state["explain"], filters=state["filters"], category=state["category"],
+                              min_score=state["min_score"])
     typer.echo(f"not understood: {line!r} (type `help`)", err=True)
     return None
 

@@ -10,6 +10,9 @@ History entries are oldest first and each is a catalogue id (str), an ItemText-l
 Failures raise RecommenderError carrying the gRPC status code and the server's message.
 
     client.recommend(["50"], k=5, explain=True, category="Sci-Fi")   # reasons + a sentence per item
+    client.recommend(["50"], rejected=["172"], min_score=0.3)         # negative feedback, a score threshold
+    batch = client.recommend_batch([{"history": ["50"]}, {"query": "space", "k": 3}])  # many users, one call
+    for entry in batch.results: print(entry.items if entry.ok else entry.error)
     client.upsert_items([{"id": "new-1", "title": "Arrival (2016)", "categories": ["Sci-Fi"],
                           "attributes": {"studio": "Paramount"}}])
     for item in client.iter_items(): ...
@@ -17,6 +20,9 @@ Failures raise RecommenderError carrying the gRPC status code and the server's m
 Secured servers (server.security): TLS with the server's CA, mutual TLS with a client certificate, a token:
 
     RecommenderClient("recs.internal:50051", tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key", token=TOKEN)
+
+client_id names the caller for the server's per-client fair sharing when authorization is off (sent as
+`llmrec-client-id` metadata; with authorization on, the token or certificate decides and it is ignored).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
-from llmrec.clients.status_details import FieldViolation, StatusDetails, details_of
+from llmrec.clients.status_details import FieldViolation, StatusDetails, details_of, status_details
 
 HistoryLike = str | Mapping[str, Any] | pb.ItemText | pb.HistoryItem
 # {"category": "Sci-Fi"} or {"category": ["Sci-Fi", "Horror"], "studio": "A24"}: each key must match, any value.
@@ -48,6 +54,7 @@ FiltersLike = Mapping[str, str | Sequence[str]] | Sequence[pb.AttributeFilter]
 TimestampLike = dt.datetime | float | int | None
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+CLIENT_ID_METADATA = "llmrec-client-id"  # server.fairness reads it
 _ITEM_TEXT_KEYS = {"title", "categories", "brand", "description"}
 
 
@@ -91,6 +98,12 @@ class RecommenderError(Exception):
         details = error.details() if hasattr(error, "details") else str(error)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", details_of(error))
 
+    @classmethod
+    def from_status(cls, status: Any) -> RecommenderError:
+        """The error a google.rpc.Status describes (one RecommendBatch entry)."""
+        code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+        return cls(code, status.message, status_details(status))
+
 
 @dataclasses.dataclass(frozen=True)
 class Reason:
@@ -121,6 +134,25 @@ class Recommendation:
 @dataclasses.dataclass(frozen=True)
 class Recommendations:
     items: list[Recommendation]
+    model_version: str
+    index_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchEntry:
+    """One request's outcome in a RecommendBatch: its items, or the error it alone got (error is None if ok)."""
+
+    items: list[Recommendation]
+    error: RecommenderError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRecommendations:
+    results: list[BatchEntry]  # one per request, in request order
     model_version: str
     index_version: str
 
@@ -324,15 +356,18 @@ class RecommenderClient:
         token: a bearer token, sent as `authorization: Bearer <token>` metadata with every call.
         tls: use TLS; None (the default) = when any of tls_ca, tls_cert, tls_key is given.
         tls_server_name: the name to check the server's certificate against, when not the target's host.
+        client_id: who this client is for the server's fair sharing when authorization is off
+            (`llmrec-client-id` metadata on every call); None = the server goes by this host's address.
     """
 
     def __init__(self, target: str, timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  *, tls_ca: PemLike | None = None, tls_cert: PemLike | None = None, tls_key: PemLike | None = None,
-                 token: str | None = None, tls: bool | None = None, tls_server_name: str | None = None):
+                 token: str | None = None, tls: bool | None = None, tls_server_name: str | None = None,
+                 client_id: str | None = None):
         self.target = target
         self.timeout_s = timeout_s
         self.channel = open_channel(target, max_message_bytes, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                                    token=token, tls=tls, tls_server_name=tls_server_name)
+                                    token=token, tls=tls, tls_server_name=tls_server_name, client_id=client_id)
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -350,14 +385,17 @@ class RecommenderClient:
         history: Sequence[HistoryLike] = (), *, k: int = 10, query: str = "", device: str = "", locale: str = "",
         timestamp: TimestampLike = None, utc_offset_minutes: int = 0, exclude: Iterable[str] = (),
         exclude_history: bool = False, page_size: int = 0, explain: bool = False, filters: FiltersLike = (),
-        category: str | Sequence[str] = (),
+        category: str | Sequence[str] = (), rejected: Iterable[str] = (), min_score: float | None = None,
     ) -> pb.RecommendRequest:
-        """The RecommendRequest the keyword arguments describe (filters and category: attribute_filters)."""
+        """The RecommendRequest the keyword arguments describe (filters and category: attribute_filters;
+        rejected: ids the user rejected, never returned and pushing items like them down; min_score: drop
+        items scoring below it)."""
         return pb.RecommendRequest(
             history=[history_item(h) for h in history],
             context=context(query, device, locale, timestamp, utc_offset_minutes),
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history, page_size=page_size,
-            explain=explain, filters=attribute_filters(filters, category),
+            explain=explain, filters=attribute_filters(filters, category), rejected_item_ids=list(rejected),
+            min_score=min_score,
         )
 
     def recommend(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Recommendations:
@@ -366,11 +404,25 @@ class RecommenderClient:
         Args:
             history: catalogue ids and/or item texts, oldest first.
             **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history,
-                explain, filters, category.
+                explain, filters, category, rejected, min_score.
         """
         request = self.build_request(history, **kwargs)
         response = self._call(self.stub.Recommend, request)
         return Recommendations(_recommendations(response.items), response.model_version, response.index_version)
+
+    def recommend_batch(self, requests: Sequence[Mapping[str, Any] | pb.RecommendRequest]) -> BatchRecommendations:
+        """recommend() for many users in one call: one entry per request, in order, each ok or with its own
+        error (a bad request fails only its entry; RecommenderError is raised only when the whole call fails).
+
+        Args:
+            requests: RecommendRequest messages, or mappings of recommend()'s arguments ({"history": [...],
+                "k": 5, "query": ..., "rejected": [...], ...}).
+        """
+        messages = [r if isinstance(r, pb.RecommendRequest) else self.build_request(**r) for r in requests]
+        response = self._call(self.stub.RecommendBatch, pb.RecommendBatchRequest(requests=messages))
+        results = [BatchEntry(_recommendations(r.items)) if r.status.code == 0
+                   else BatchEntry([], RecommenderError.from_status(r.status)) for r in response.results]
+        return BatchRecommendations(results, response.model_version, response.index_version)
 
     def recommend_stream(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Iterator[Page]:
         """The same ranking as recommend(), page by page (page_size=0 means the server default of 10)."""
@@ -484,8 +536,10 @@ class RecommenderClient:
 
 def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, tls_ca: PemLike | None = None,
                  tls_cert: PemLike | None = None, tls_key: PemLike | None = None, token: str | None = None,
-                 tls: bool | None = None, tls_server_name: str | None = None) -> grpc.Channel:
-    """A channel to `target`: TLS when asked for (or when any tls_* is given), the token on every call.
+                 tls: bool | None = None, tls_server_name: str | None = None,
+                 client_id: str | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS when asked for (or when any tls_* is given), the token and the client id on
+    every call.
 
     The token travels as call metadata added by a client interceptor, not as gRPC call credentials: gRPC
     refuses call credentials on plaintext channels, and a token over plaintext to a loopback address (tests, a
@@ -507,12 +561,15 @@ def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         raise ValueError("tls=False with TLS files: drop the files or the tls=False")
     else:
         channel = grpc.insecure_channel(target, options=options)
+    headers = []
     if token:
         if not secure and not _is_local(target):
             warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it",
                           stacklevel=3)
-        channel = grpc.intercept_channel(channel, _BearerToken(token))
-    return channel
+        headers.append(("authorization", f"Bearer {token}"))
+    if client_id:
+        headers.append((CLIENT_ID_METADATA, client_id))
+    return grpc.intercept_channel(channel, _CallMetadata(headers)) if headers else channel
 
 
 def _pem(value: PemLike | None) -> bytes | None:
@@ -541,15 +598,16 @@ class _CallDetails(collections.namedtuple(
     pass
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to the metadata of every call, streams and health checks too."""
+class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the same metadata (`authorization: Bearer <token>`, the client id) to every call, streams and health
+    checks too."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, headers: Sequence[tuple[str, str]]) -> None:
+        self._headers = list(headers)
 
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._header],
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), *self._headers],
                             details.credentials, details.wait_for_ready, details.compression)
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
@@ -628,12 +686,14 @@ class ClientSession:
 
     def configure(self, *, k: int = 0, exclude: Iterable[str] = (), exclude_history: bool = False,
                   history: Sequence[HistoryLike] = (), explain: bool = False, filters: FiltersLike = (),
-                  category: str | Sequence[str] = ()) -> SessionUpdate:
-        """Set k (0 = server default), exclusions, filters, explain and, when given, the history known so far."""
+                  category: str | Sequence[str] = (), rejected: Iterable[str] = (),
+                  min_score: float | None = None) -> SessionUpdate:
+        """Set k (0 = server default), exclusions, filters, explain, the score threshold (None: none) and, when
+        given, the history known so far and the rejected items (each replacing the session's)."""
         return self.send(pb.SessionRequest(config=pb.SessionConfig(
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history,
             history=[history_item(h) for h in history], explain=explain,
-            filters=attribute_filters(filters, category),
+            filters=attribute_filters(filters, category), rejected_item_ids=list(rejected), min_score=min_score,
         )))
 
     def interact(self, item: HistoryLike) -> SessionUpdate:
@@ -648,6 +708,10 @@ class ClientSession:
     def query(self, text: str) -> SessionUpdate:
         """Replace the query only ("" clears it)."""
         return self.send(pb.SessionRequest(query=text))
+
+    def reject(self, item_id: str) -> SessionUpdate:
+        """The user rejected an item: never returned again in this session, and items like it move down."""
+        return self.send(pb.SessionRequest(rejection=item_id))
 
     def close(self) -> None:
         """Half-close the stream and let the server finish it."""

@@ -1,8 +1,8 @@
-"""Read the rich error details an llmrec server sends (google.rpc.Status in `grpc-status-details-bin`).
+"""Read the rich error details an llmrec server sends: a google.rpc.Status, in the `grpc-status-details-bin`
+trailer of a failed call, or per entry of a RecommendBatch response.
 
-The client install depends on grpcio and protobuf only, not on googleapis-common-protos, so the few google.rpc
-messages read here (Status, ErrorInfo, BadRequest, RetryInfo) are declared in a private descriptor pool: the
-same wire format, and no clash with the real google.rpc modules when a program imports those too.
+The google.rpc messages come from googleapis-common-protos, which the client installs anyway (the stubs import
+google.rpc.status_pb2 for RecommendBatch); grpcio-status, a server dependency, is not needed.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
-_F = descriptor_pb2.FieldDescriptorProto
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,71 +34,35 @@ class StatusDetails:
     retry_after_s: float | None = None
 
 
-def _field(name: str, number: int, kind: int, type_name: str = "", repeated: bool = False) -> _F:
-    field = _F(name=name, number=number, type=kind,
-               label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL)
-    if type_name:
-        field.type_name = type_name
-    return field
-
-
-def _message_classes() -> dict[str, Any]:
-    pool = descriptor_pool.DescriptorPool()
-    for dependency in (any_pb2, duration_pb2):
-        pool.AddSerializedFile(dependency.DESCRIPTOR.serialized_pb)
-    file = descriptor_pb2.FileDescriptorProto(
-        name="llmrec/clients/google_rpc_subset.proto", package="google.rpc", syntax="proto3",
-        dependency=["google/protobuf/any.proto", "google/protobuf/duration.proto"])
-    file.message_type.add(name="Status", field=[
-        _field("code", 1, _F.TYPE_INT32), _field("message", 2, _F.TYPE_STRING),
-        _field("details", 3, _F.TYPE_MESSAGE, ".google.protobuf.Any", repeated=True)])
-    info = file.message_type.add(name="ErrorInfo", field=[
-        _field("reason", 1, _F.TYPE_STRING), _field("domain", 2, _F.TYPE_STRING),
-        _field("metadata", 3, _F.TYPE_MESSAGE, ".google.rpc.ErrorInfo.MetadataEntry", repeated=True)])
-    entry = info.nested_type.add(name="MetadataEntry", field=[
-        _field("key", 1, _F.TYPE_STRING), _field("value", 2, _F.TYPE_STRING)])
-    entry.options.map_entry = True
-    request = file.message_type.add(name="BadRequest", field=[
-        _field("field_violations", 1, _F.TYPE_MESSAGE, ".google.rpc.BadRequest.FieldViolation", repeated=True)])
-    request.nested_type.add(name="FieldViolation", field=[
-        _field("field", 1, _F.TYPE_STRING), _field("description", 2, _F.TYPE_STRING),
-        _field("reason", 3, _F.TYPE_STRING)])
-    file.message_type.add(name="RetryInfo", field=[
-        _field("retry_delay", 1, _F.TYPE_MESSAGE, ".google.protobuf.Duration")])
-    pool.AddSerializedFile(file.SerializeToString())
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"google.rpc.{name}"))
-            for name in ("Status", "ErrorInfo", "BadRequest", "RetryInfo")}
-
-
-_CLASSES: dict[str, Any] | None = None
-
-
-def parse_status_details(status_bytes: bytes) -> StatusDetails:
-    """The details of a serialized google.rpc.Status; unknown detail types are skipped.
-
-    Raises:
-        google.protobuf.message.DecodeError: the bytes are not a Status.
-    """
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _message_classes()
-    status = _CLASSES["Status"].FromString(status_bytes)
+def status_details(status: status_pb2.Status) -> StatusDetails:
+    """The details of a google.rpc.Status; detail types other than ErrorInfo, BadRequest, RetryInfo are skipped."""
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
     retry_after_s = None
     for detail in status.details:
-        kind = detail.type_url.rsplit("/", 1)[-1]
-        if kind == "google.rpc.ErrorInfo":
-            info = _CLASSES["ErrorInfo"].FromString(detail.value)
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
             reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
-        elif kind == "google.rpc.BadRequest":
-            violations.extend(FieldViolation(v.field, v.description)
-                              for v in _CLASSES["BadRequest"].FromString(detail.value).field_violations)
-        elif kind == "google.rpc.RetryInfo":
-            delay = _CLASSES["RetryInfo"].FromString(detail.value).retry_delay
-            retry_after_s = delay.seconds + delay.nanos / 1e9
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            violations.extend(FieldViolation(v.field, v.description) for v in request.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after_s = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
     return StatusDetails(reason, domain, metadata, tuple(violations), retry_after_s)
+
+
+def parse_status_details(status_bytes: bytes) -> StatusDetails:
+    """The details of a serialized google.rpc.Status.
+
+    Raises:
+        google.protobuf.message.DecodeError: the bytes are not a Status.
+    """
+    return status_details(status_pb2.Status.FromString(status_bytes))
 
 
 def details_of(error: Any) -> StatusDetails:

@@ -30,7 +30,9 @@ Any violation is a BundleError with one line naming every bad field.
 Format 6 (this one) added manifest.sha256 and the strict schema; the server refuses every other format.
 
 Scoring: vectors.npy rows are llmrec.scoring.item_rows; history_item_score and the cooccurrence, history_vector
-and sequence_model weights and recencies are the scoring rule the server applies (Manifest.scoring_rule).
+and sequence_model weights and recencies, and rejected_item_weight, are the scoring rule the server applies
+(Manifest.scoring_rule). rejected_item_weight may be absent (bundles exported before it existed): it then takes
+llmrec.scoring.DEFAULT_REJECTED_WEIGHT, so those bundles stay valid and keep their digest.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from llmrec.scoring import Adjustments, Recency, ScoringRule
+from llmrec.scoring import DEFAULT_REJECTED_WEIGHT, Adjustments, Recency, ScoringRule
 
 FORMAT_VERSION = 6
 MANIFEST_FILE = "manifest.json"
@@ -138,6 +140,8 @@ class Manifest:
     quality: dict[str, Any]  # export checks: INT8 vs PyTorch cosine and ranking agreement
     training: dict[str, Any]  # data set, config and evaluation of the checkpoint
     versions: dict[str, str]  # library versions that built the bundle
+    # How far the items a user rejected pull the query away from them (llmrec.scoring); 0 turns it off.
+    rejected_item_weight: Weight = DEFAULT_REJECTED_WEIGHT
     format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
 
     @field_validator("bundle_version")
@@ -189,7 +193,8 @@ class Manifest:
         return ScoringRule(
             Adjustments(self.history_item_score, self.cooccurrence.weight, self.history_vector.weight, sequence_weight),
             cooccurrence_recency=Recency(self.cooccurrence.recent_items, self.cooccurrence.recency_decay),
-            history_vector_recency=Recency(self.history_vector.recent_items, self.history_vector.recency_decay))
+            history_vector_recency=Recency(self.history_vector.recent_items, self.history_vector.recency_decay),
+            rejected_weight=self.rejected_item_weight)
 
     @property
     def required_files(self) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """The scoring rule: how a user, their history and the catalogue become item scores (numpy only).
 
     query = user_vector + history_vector_weight * history_vector(recent history) + sequence_weight * sequence_vector
+            - rejected_weight * mean(unit vectors of the items the user rejected)
     score(item) = [query, 1] . [unit item vector, temperature * bias]
                   + history_item_score * [item in history]
                   + cooccurrence_weight * cooccurrence_score(recent history, item)
@@ -8,6 +9,12 @@
 One definition for everyone: evaluation and calibration score every item at once (`dense_scores`,
 `ScoreTerms`); the server searches the index and re-scores exactly (`top_k`). Both views are built from the
 same `query` and `adjustments`, and a unit test holds them to the same ranking.
+
+Negative feedback (items the user rejected) is a term of the query, not an adjustment: it is linear in the item
+vector, so the index searches the adjusted query directly and both views stay exact. An item as close to the
+rejected ones as they are to each other loses about rejected_weight (a cosine's scale); the server also never
+returns the rejected items themselves. The weight is not chosen on validation (the training data holds no
+rejections): DEFAULT_REJECTED_WEIGHT unless a bundle's manifest says otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from llmrec.history_vector import history_vector
 # Logits are cosine / TEMPERATURE + bias: the recipe that works for text retrieval (softmax over the catalogue).
 # Rows carry temperature * bias so that one inner product ranks exactly like the training logits.
 DEFAULT_TEMPERATURE = 0.05
+# How far the mean of the rejected items' unit vectors pulls the query away (a cosine's scale: the user vector is a
+# unit vector). Measured by experiments/rejection_weight.py (simulated users reject their top item) on the test
+# catalogue with the pretrained encoder: at 0.5, 17% of the other top-10 items close to the rejected one (cosine
+# > 0.65) stay in the top 10 and 99% of those unlike it (cosine <= 0.5) do; 0.3 keeps half of the close ones,
+# 1.0 drops 12% of the unlike ones. Rerun it on a trained bundle to choose its manifest's weight.
+DEFAULT_REJECTED_WEIGHT = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +93,7 @@ class ScoringRule:
     adjustments: Adjustments = Adjustments()
     cooccurrence_recency: Recency = COOCCURRENCE_RECENCY
     history_vector_recency: Recency = HISTORY_VECTOR_RECENCY
+    rejected_weight: float = DEFAULT_REJECTED_WEIGHT  # negative feedback (the module docstring); 0 turns it off
 
     @property
     def history_items_read(self) -> int:
@@ -90,12 +104,17 @@ class ScoringRule:
     # --- the query: vectors ------------------------------------------------------------------------------
 
     def query(self, user_vectors: np.ndarray, history_item_vectors: Sequence[np.ndarray],
-              sequence_vectors: np.ndarray | None = None) -> np.ndarray:
+              sequence_vectors: np.ndarray | None = None,
+              rejected_item_vectors: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """(n, dim) user vectors -> (n, dim) float32 queries. history_item_vectors[r]: user r's catalogued history
         item vectors, oldest first (zero rows for items deleted since); sequence_vectors: (n, dim), needed when
-        the sequence weight is set."""
+        the sequence weight is set; rejected_item_vectors[r]: the unit vectors of the catalogued items user r
+        rejected (any order; None or empty: no rejections)."""
         weights = self.adjustments
         queries = np.array(user_vectors, dtype=np.float32, copy=True)
+        if self.rejected_weight and rejected_item_vectors is not None:
+            queries -= np.float32(self.rejected_weight) * self.rejected_vectors(rejected_item_vectors,
+                                                                                queries.shape[1])
         if weights.history_vector_weight:
             queries += np.float32(weights.history_vector_weight) * self.history_vectors(history_item_vectors,
                                                                                         queries.shape[1])
@@ -112,6 +131,15 @@ class ScoringRule:
         for row, vectors in enumerate(history_item_vectors):
             if len(vectors):
                 out[row] = history_vector(vectors, recency.recent_items, recency.decay)
+        return out
+
+    @staticmethod
+    def rejected_vectors(rejected_item_vectors: Sequence[np.ndarray], dimension: int) -> np.ndarray:
+        """(n, dim) the mean of each user's rejected item vectors, unweighted; zero rows for users with none."""
+        out = np.zeros((len(rejected_item_vectors), dimension), np.float32)
+        for row, vectors in enumerate(rejected_item_vectors):
+            if len(vectors):
+                out[row] = np.asarray(vectors, dtype=np.float32).mean(axis=0)
         return out
 
     # --- the adjustments: items ----------------------------------------------------------------------------
@@ -152,12 +180,16 @@ class ScoringRule:
     # --- the dense view: every item (evaluation, calibration) -----------------------------------------------
 
     def dense_scores(self, user_vectors: np.ndarray, rows: np.ndarray, histories: Sequence[Sequence[int]],
-                     table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None = None) -> np.ndarray:
+                     table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None = None,
+                     rejected: Sequence[Sequence[int]] | None = None) -> np.ndarray:
         """(n, num_items) float64 scores of every item in `rows` (item_rows) for n users with these histories
-        (item numbers = row numbers). Memory is n x num_items: callers score users in chunks."""
+        (item numbers = row numbers) and, when given, these rejected items (the scores of the rejected items
+        themselves are left in: callers that serve never return them). Memory is n x num_items: callers score
+        users in chunks."""
         unit = rows[:, :-1]
         queries = self.query(user_vectors, [unit[np.asarray(h, dtype=np.int64)] for h in histories],
-                             sequence_vectors)
+                             sequence_vectors,
+                             None if rejected is None else [unit[np.asarray(r, dtype=np.int64)] for r in rejected])
         scores = query_rows(queries).astype(np.float64) @ rows.T.astype(np.float64)
         for row, history in enumerate(histories):
             items, values = self.adjustments_of(history, table)

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import status_pb2
 
 from llmrec.template import ItemFields, RequestContext
 from llmrec.v1 import recommender_pb2 as pb
@@ -13,7 +14,10 @@ from llmrec.v1 import recommender_pb2 as pb
 from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, Explanation, HistoryRef, RecommendQuery, ScoredItem, UserInput,
 )
-from llmrec.server.session import ContextEvent, InteractionEvent, QueryEvent, SessionConfigEvent, SessionEvent
+from llmrec.server.errors import rich_status
+from llmrec.server.session import (
+    ContextEvent, InteractionEvent, QueryEvent, RejectionEvent, SessionConfigEvent, SessionEvent,
+)
 
 if TYPE_CHECKING:
     from llmrec.server.models import LoadAttempt
@@ -69,6 +73,8 @@ def recommend_query(request: pb.RecommendRequest) -> RecommendQuery:
         exclude_history=request.exclude_history,
         explain=request.explain,
         filters=filters(request.filters),
+        rejected_item_ids=tuple(request.rejected_item_ids),
+        min_score=request.min_score if request.HasField("min_score") else None,
     )
 
 
@@ -85,6 +91,8 @@ def session_event(request: pb.SessionRequest) -> SessionEvent | None:
             k=config.k, exclude_item_ids=frozenset(config.exclude_item_ids),
             exclude_history=config.exclude_history, history=history(config.history),
             explain=config.explain, filters=filters(config.filters),
+            rejected_item_ids=tuple(config.rejected_item_ids),
+            min_score=config.min_score if config.HasField("min_score") else None,
         )
     if which == "interaction":
         return InteractionEvent(history_ref(request.interaction))
@@ -92,6 +100,8 @@ def session_event(request: pb.SessionRequest) -> SessionEvent | None:
         return ContextEvent(context(request.context))
     if which == "query":
         return QueryEvent(request.query)
+    if which == "rejection":
+        return RejectionEvent(request.rejection)
     return None
 
 
@@ -99,6 +109,13 @@ def recommended_items(items: Iterable[ScoredItem]) -> list[pb.RecommendedItem]:
     return [pb.RecommendedItem(item_id=i.item_id, score=i.score, title=i.title, rank=i.rank,
                                explanation=explanation(i.explanation))
             for i in items]
+
+
+def batch_result(outcome: list[ScoredItem] | Exception) -> pb.RecommendBatchResult:
+    """One RecommendBatch entry: OK with its items, or the rich status of its error (server.errors)."""
+    if isinstance(outcome, Exception):
+        return pb.RecommendBatchResult(status=rich_status(outcome, "RecommendBatch"))
+    return pb.RecommendBatchResult(status=status_pb2.Status(code=0), items=recommended_items(outcome))
 
 
 _REASON_KINDS = {"history": pb.Reason.HISTORY_ITEM, "query_term": pb.Reason.QUERY_TERM}

@@ -45,6 +45,9 @@ class RecommendQuery:
         exclude_history: also never return catalogued items from the history.
         explain: attach an Explanation to every returned item.
         filters: only items that pass every filter.
+        rejected_item_ids: catalogue ids the user rejected, in request order: never returned, and the query
+            moves away from them (llmrec.scoring); unknown ids are ignored.
+        min_score: drop items scoring below it (None: no threshold).
     """
 
     user: UserInput
@@ -53,6 +56,8 @@ class RecommendQuery:
     exclude_history: bool = False
     explain: bool = False
     filters: tuple[AttributeFilter, ...] = ()
+    rejected_item_ids: tuple[str, ...] = ()
+    min_score: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

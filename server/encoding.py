@@ -7,19 +7,25 @@ and run ONNX Runtime (both release the GIL), so health checks and other streams 
 What happens to a request:
 1. `put`: a full queue (BatchPolicy.max_queue waiting requests) answers ResourceExhausted at once, before
    any work, so callers back off early instead of timing out late.
-2. A free worker takes what is waiting as one micro-batch (at most max_requests; it waits up to max_delay_s
-   for more only when batching across requests). Requests whose caller cancelled, or whose gRPC deadline
-   (carried in the REQUEST_DEADLINE context variable, set by the servicer) has passed, are dropped here and
-   again right before their own compute: they never cost a model run. A request already running is checked
-   again between its texts (between runs when batching) and stops there: a 300-text UpsertItems whose caller
-   gave up costs at most one more run, not 300.
+2. Waiting requests are taken in fair order between clients (the REQUEST_CLIENT context variable, set by the
+   servicer from the caller's identity: server.fairness), not first come first served: start-time fair
+   queueing, each request costing its number of texts. A client that queues 60 requests delays another
+   client's next request by at most one request's worth of each, not by all 60; one client alone is served
+   in arrival order, as before.
+   A free worker takes the next request, or, when batching across requests, what is waiting as one
+   micro-batch (at most max_requests; it waits up to max_delay_s for more). Per text, one at a time: a worker
+   runs what it took to the end, so taking a dozen at once would make a newcomer wait behind all of them
+   (fairness lost), to save a lock and a wake-up against runs of milliseconds. Requests whose caller
+   cancelled, or whose gRPC deadline (carried in the REQUEST_DEADLINE context variable, set by the servicer)
+   has passed, are dropped here and again right before their own compute: they never cost a model run. A
+   request already running is checked again between its texts (between runs when batching) and stops there:
+   a 300-text UpsertItems whose caller gave up costs at most one more run, not 300.
 3. Compute, in one of two modes:
    * per text (the default on CPU): every text is its own session.run at its own padded width.
      Dynamic INT8 quantises activations per tensor, i.e. per run, with the padding included: a text's
      vector would otherwise depend on which other texts share its run (cosine ~0.99 batched vs alone, and
      results shift with other users' traffic). On these 2-core CPUs batching also buys little (docs/benchmarks.md,
      measured by `make bench`), so determinism wins: a user's result never depends on load.
-     Micro-batching then only amortises hand-offs (one queue lock and one worker wake-up per batch).
      Two lanes, one per kind of load: a request that finds the encoder otherwise idle runs on the wide
      session (intra-op threads = cores: the lowest latency); while several are in flight, each worker (one
      per core) runs its own request on a single-threaded session, in parallel. Splitting one batch-1
@@ -29,6 +35,7 @@ What happens to a request:
      throughput comes from): texts of all requests in the micro-batch are grouped by padded width and run
      together, at most max_tokens padded tokens per run (the token budget).
 4. Each request's future is resolved as soon as its own texts are done (not at the end of the batch).
+   (RecommendBatch's texts are split into one request per worker beforehand: encode_users_each.)
 
 Traced calls (server.tracing) get llmrec.queue, llmrec.tokenize and llmrec.model spans from the worker threads:
 the job carries the submitting call's context (a Handoff), since the workers run outside it.
@@ -40,6 +47,8 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
+import heapq
+import itertools
 import logging
 import math
 import threading
@@ -60,6 +69,10 @@ logger = logging.getLogger(__name__)
 # time.monotonic() by which the current request must be answered; None = no deadline. Set per RPC.
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmrec_request_deadline",
                                                                                default=None)
+
+
+# Who the current request is for, as server.fairness names clients: the unit of fair queueing. Set per RPC.
+REQUEST_CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("llmrec_request_client", default="")
 
 
 def set_request_deadline(time_remaining: float | None) -> None:
@@ -106,6 +119,7 @@ class _Job:
     submitted: float  # perf_counter
     deadline: float | None  # monotonic
     trace: tracing.Handoff | None  # the submitting call's span context, when it is traced
+    client: str = ""  # REQUEST_CLIENT when submitted
     vectors: np.ndarray | None = None
     pending: int = 0  # texts not yet encoded (batched mode)
 
@@ -113,11 +127,58 @@ class _Job:
         return self.deadline is not None and now >= self.deadline
 
 
+class _FairJobs:
+    """Waiting jobs in start-time fair queueing order between clients (not thread-safe: _JobQueue locks).
+
+    Each client's jobs get consecutive virtual start tags, spaced by their cost (texts); a job's tag is at least
+    the virtual time (the tag of the job taken last), so a client that was idle starts level with the others
+    instead of behind every job already waiting, and cannot bank credit for later. Smallest tag first; ties in
+    arrival order. A single client's jobs keep their arrival order.
+    """
+
+    _PRUNE_ABOVE = 64  # finish tags kept for clients with nothing waiting before they are pruned
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Job]] = []
+        self._arrival = itertools.count()
+        self._virtual = 0.0
+        self._finish: dict[str, float] = {}  # client -> the tag after its last job
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def append(self, job: _Job) -> None:
+        start = max(self._virtual, self._finish.get(job.client, self._virtual))
+        self._finish[job.client] = start + max(len(job.texts), 1)
+        heapq.heappush(self._heap, (start, next(self._arrival), job))
+
+    def popleft(self) -> _Job:
+        start, _, job = heapq.heappop(self._heap)
+        self._virtual = start
+        if not self._heap:  # nothing waits: no client is ahead of another any more
+            self._virtual = 0.0
+            self._finish.clear()
+        elif len(self._finish) > self._PRUNE_ABOVE + len(self._heap):  # tags at or behind the virtual time
+            self._finish = {c: f for c, f in self._finish.items() if f > self._virtual}  # change nothing
+        return job
+
+    def clear(self) -> list[_Job]:
+        jobs = [job for _, _, job in sorted(self._heap)]
+        self._heap.clear()
+        self._virtual = 0.0
+        self._finish.clear()
+        return jobs
+
+
 class _JobQueue:
-    """A bounded FIFO shared by the event loop (put) and the worker threads (take)."""
+    """A bounded queue, fair between clients (_FairJobs), shared by the event loop (put) and the worker threads
+    (take)."""
 
     def __init__(self, limit: int) -> None:
-        self._jobs: collections.deque[_Job] = collections.deque()
+        self._jobs = _FairJobs()
         self._limit = limit
         self._ready = threading.Condition(threading.Lock())
         self._closed = False
@@ -136,13 +197,10 @@ class _JobQueue:
             metrics.QUEUE_DEPTH.set(len(self._jobs))
             self._ready.notify()
 
-    def take(self, max_jobs: int, share: int, max_delay: float) -> tuple[list[_Job], bool] | None:
-        """Block until a job is waiting; return up to max_jobs of them (None once closed and empty), and
-        whether this is all the work there is (no other worker busy, nothing left waiting). Every take must be
-        followed by finished().
-
-        share > 1 leaves work for the other idle workers: at most ceil(waiting / share) jobs are taken.
-        """
+    def take(self, max_jobs: int, max_delay: float) -> tuple[list[_Job], bool] | None:
+        """Block until a job is waiting; return up to max_jobs of them in fair order (None once closed and
+        empty), and whether this is all the work there is (no other worker busy, nothing left waiting). Every
+        take must be followed by finished()."""
         with self._ready:
             while not self._jobs and not self._closed:
                 self._ready.wait()
@@ -155,7 +213,7 @@ class _JobQueue:
                     if remaining <= 0:
                         break
                     self._ready.wait(remaining)
-            count = min(max_jobs, max(1, math.ceil(len(self._jobs) / max(share, 1))))
+            count = min(max_jobs, len(self._jobs))
             taken = [self._jobs.popleft() for _ in range(count)]
             metrics.QUEUE_DEPTH.set(len(self._jobs))
             alone = self._busy == 0 and not self._jobs and count == 1
@@ -172,8 +230,7 @@ class _JobQueue:
         """Refuse new jobs, wake every worker, and return the jobs still waiting."""
         with self._ready:
             self._closed = True
-            left = list(self._jobs)
-            self._jobs.clear()
+            left = self._jobs.clear()
             metrics.QUEUE_DEPTH.set(0)
             self._ready.notify_all()
             return left
@@ -227,6 +284,27 @@ class AsyncEncoder:
         """Rendered item texts -> (len(texts), dimension) float32 unit vectors."""
         return await self._submit(list(texts), self.max_item_tokens)
 
+    async def encode_users_each(self, texts: Sequence[str]) -> list[np.ndarray | Exception]:
+        """Many users' texts at once (RecommendBatch): per text its unit vector, or the exception that stopped
+        its job. Per text on CPU, the texts are split into one job per worker, so every worker takes a share at
+        once; batching across requests (CUDA), they are one job, run in padded batches per width. A job that
+        fails (a full queue, its deadline) fails only its own texts.
+        """
+        texts = list(texts)
+        if not texts:
+            return []
+        parts = 1 if self.across_requests else min(len(self._workers), len(texts))
+        size = math.ceil(len(texts) / parts)
+        chunks = [texts[start : start + size] for start in range(0, len(texts), size)]
+        results = await asyncio.gather(*(self._submit(chunk, self.max_user_tokens) for chunk in chunks),
+                                       return_exceptions=True)
+        out: list[np.ndarray | Exception] = []
+        for chunk, result in zip(chunks, results):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancelled: the call is over
+            out.extend([result] * len(chunk) if isinstance(result, Exception) else list(result))
+        return out
+
     async def _submit(self, texts: list[str], max_tokens: int) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.encoder.dimension), dtype=np.float32)
@@ -235,7 +313,8 @@ class AsyncEncoder:
             metrics.DROPPED.labels("deadline").inc()
             raise DeadlineExceeded("the request's deadline passed before it could be encoded", reason=REASON_DEADLINE)
         loop = asyncio.get_running_loop()
-        job = _Job(texts, max_tokens, loop.create_future(), loop, time.perf_counter(), deadline, tracing.handoff())
+        job = _Job(texts, max_tokens, loop.create_future(), loop, time.perf_counter(), deadline, tracing.handoff(),
+                   REQUEST_CLIENT.get())
         self._queue.put(job)
         # If the caller is cancelled (client gone), awaiting cancels the future: the worker then skips the job.
         return await job.future
@@ -244,10 +323,10 @@ class AsyncEncoder:
 
     def _work(self) -> None:
         policy = self.policy
-        share = 1 if policy.across_requests else len(self._workers)
+        max_jobs = policy.max_requests if policy.across_requests else 1  # see the module docstring, step 2
         delay = policy.max_delay_s if policy.across_requests else 0.0
         while True:
-            taken = self._queue.take(policy.max_requests, share, delay)
+            taken = self._queue.take(max_jobs, delay)
             if taken is None:
                 return
             jobs, alone = taken

@@ -15,6 +15,8 @@ Per call, with streams measured per message and per event (a 300 s Session never
     llmrec_session_events_total     Session events by kind and the status their response carries
     llmrec_model_swaps_total        hot model swaps by outcome (ok, failed)
     llmrec_model_swap_seconds       one hot model swap: start of the load to swapped in (server.models)
+    llmrec_client_refused_total     calls refused by a per-client cap (server.fairness), by limit
+    llmrec_rejected_unknown_ids_total  rejected item ids a ranking ignored: the catalogue does not hold them
 plus batch-size histograms (requests per micro-batch, texts and padded tokens per run), runs per lane, the queue
 depth and encoder requests dropped by reason.
 
@@ -84,6 +86,10 @@ MODEL_SWAPS = Counter("llmrec_model_swaps_total", "Hot model swaps by outcome: o
 MODEL_SWAP_SECONDS = Histogram("llmrec_model_swap_seconds", "Hot model swap time: start of the load (verify, "
                                "warm-up, catalogue carry-over) to swapped in, successful swaps only.",
                                buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600), registry=REGISTRY)
+REJECTED_UNKNOWN = Counter("llmrec_rejected_unknown_ids_total", "Rejected item ids a ranking ignored because the "
+                           "catalogue does not hold them (once per ranking).", registry=REGISTRY)
+CLIENT_REFUSED = Counter("llmrec_client_refused_total", "Calls refused by a per-client cap (server.fairness), by "
+                         "limit: sessions or in_flight.", ["limit"], registry=REGISTRY)
 
 for _reason in ("cancelled", "deadline", "queue_full"):
     DROPPED.labels(_reason)
@@ -91,6 +97,8 @@ for _lane in ("alone", "parallel"):
     RUNS.labels(_lane)
 for _outcome in ("ok", "failed"):
     MODEL_SWAPS.labels(_outcome)
+for _limit in ("sessions", "in_flight"):
+    CLIENT_REFUSED.labels(_limit)
 
 
 def start_metrics_server(host: str, port: int) -> tuple[Any, int]:

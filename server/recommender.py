@@ -5,6 +5,7 @@ No gRPC here: inputs and outputs are server.domain types, failures are server.er
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
@@ -14,15 +15,14 @@ import numpy as np
 from llmrec.template import ItemFields, UserText, render_item, render_user
 
 from llmrec.server import explain as explaining
-from llmrec.server import metrics, tracing
-from llmrec.server import validation
+from llmrec.server import metrics, tracing, validation
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.catalogue import Catalogue, ResolvedItem
 from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, ScoredItem, UserInput, WriteResult,
 )
 from llmrec.server.encoding import AsyncEncoder
-from llmrec.server.errors import InvalidArgument
+from llmrec.server.errors import InvalidArgument, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,15 @@ _TEXT_CACHE_LIMIT = 256
 # UpsertItems encodes its texts this many at a time: each chunk is one encoder request, so other requests are
 # served between chunks, and a call whose client gave up (or whose deadline passed) stops at the next one.
 UPSERT_ENCODE_CHUNK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedQuery:
+    """A checked RecommendQuery with its history resolved and its user text rendered: all but the encoding."""
+
+    query: RecommendQuery
+    resolved: list[ResolvedItem]
+    text: str
 
 
 class Recommender:
@@ -98,14 +107,53 @@ class Recommender:
             InvalidArgument: the query breaks a limit or has neither history nor query text.
             NotFound: the history names an unknown item id.
         """
+        prepared = self.prepare(query)
+        return await self.rank(prepared, await self.encode_user(prepared.text))
+
+    async def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[list[ScoredItem] | Exception]:
+        """recommend() for many users: per query its items, or the exception it alone would have raised (field
+        paths prefixed with "requests[i]."). The user texts go to the encoder together (encode_users_each), and
+        a failure there (a full queue) fails only the queries whose texts it held.
+        """
+        outcomes: list[PreparedQuery | list[ScoredItem] | Exception] = []
+        for position, query in enumerate(queries):
+            try:
+                outcomes.append(self.prepare(query))
+            except ServiceError as error:
+                if error.field:
+                    error.field = f"requests[{position}].{error.field}"
+                outcomes.append(error)
+        ready = [(n, p) for n, p in enumerate(outcomes) if isinstance(p, PreparedQuery)]
+        vectors = await self.encoder.encode_users_each([p.text for _, p in ready])
+
+        async def finish(prepared: PreparedQuery, vector: np.ndarray | Exception) -> list[ScoredItem] | Exception:
+            if isinstance(vector, Exception):
+                return vector
+            try:
+                return await self.rank(prepared, vector)
+            except Exception as error:  # noqa: BLE001 - this entry's status (INTERNAL, logged, if not ours)
+                return error
+
+        finished = await asyncio.gather(*(finish(p, v) for (_, p), v in zip(ready, vectors)))
+        for (position, _), outcome in zip(ready, finished):
+            outcomes[position] = outcome
+        return outcomes  # type: ignore[return-value] - every PreparedQuery was replaced
+
+    def prepare(self, query: RecommendQuery) -> PreparedQuery:
+        """Check a query, resolve its history and render its user text (raises like recommend)."""
         validation.check_query(query, self.limits)
         resolved = self.resolve(query.user.history, with_window_vectors=query.explain)
         text = render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
-        user_vector = await self.encode_user(text)
+        return PreparedQuery(query, resolved, text)
+
+    async def rank(self, prepared: PreparedQuery, user_vector: np.ndarray) -> list[ScoredItem]:
+        """The ranking (and explanations) of a prepared query, given its user vector."""
+        query = prepared.query
         history_ids = [ref.item_id for ref in query.user.history]
-        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids)
+        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids,
+                            query.rejected_item_ids, query.min_score)
         if query.explain:
-            items = await self.explain(items, self.window(resolved), query.user.context.query)
+            items = await self.explain(items, self.window(prepared.resolved), query.user.context.query)
         return items
 
     def window(self, resolved: Sequence[ResolvedItem]) -> list[ResolvedItem]:
@@ -120,32 +168,54 @@ class Recommender:
         return query.exclude_item_ids | {ref.item_id for ref in query.user.history if ref.item_id is not None}
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
-               filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = ()) -> list[ScoredItem]:
-        """Top-k items for a user with history_ids (oldest first; None for items given as text) under the
-        bundle's scoring rule (llmrec.scoring), the same rule evaluation applies.
+               filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = (),
+               rejected_ids: Sequence[str] = (), min_score: float | None = None) -> list[ScoredItem]:
+        """Top-k items for a user with history_ids (oldest first; None for items given as text) and rejected_ids
+        under the bundle's scoring rule (llmrec.scoring), the same rule evaluation applies; rejected items are
+        excluded too.
 
-        Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
+        Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue, or
+        when min_score drops some: those whose score, as sent (float32), is below it.
         """
         catalogued = [i for i in history_ids if i is not None]
         with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
-            return self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued), k, catalogued,
-                                        self.bundle.cooccurrence, frozenset(exclude_ids), filters)
+            items = self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued, rejected_ids), k,
+                                         catalogued, self.bundle.cooccurrence,
+                                         frozenset(exclude_ids).union(rejected_ids), filters)
+        if min_score is None:
+            return items
+        return [item for item in items if np.float32(item.score) >= np.float32(min_score)]
 
-    def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None]) -> np.ndarray:
-        """The scoring rule's query for a user vector and catalogued history, oldest first; items given as text,
-        or deleted since, add nothing."""
+    def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None],
+                     rejected_ids: Sequence[str] = ()) -> np.ndarray:
+        """The scoring rule's query for a user vector, catalogued history (oldest first) and rejected items;
+        items given as text, or not in the catalogue (deleted since, never there), add nothing."""
         sequence_spec = self.bundle.manifest.sequence_model
         sequence_items = sequence_spec.max_items if sequence_spec is not None and sequence_spec.weight else 0
         ids = [i for i in history_ids if i is not None]
         needed = max(self.rule.history_items_read, sequence_items)
-        if not needed or not ids:
+        rejected = self.rejected_vectors(rejected_ids) if self.rule.rejected_weight else None
+        if (not needed or not ids) and rejected is None:
             return user_vector
-        recent = self.catalogue.unit_vectors(ids[-needed:])  # one read of the catalogue for both
+        recent = self.catalogue.unit_vectors(ids[-needed:]) if needed and ids else \
+            np.zeros((0, self.catalogue.dimension), np.float32)  # one read of the catalogue for both
         sequence = None
         if sequence_items:
             window = recent[-sequence_items:]
-            sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]])  # deleted: zero rows
-        return self.rule.query(user_vector[None, :], [recent], sequence)[0]
+            sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]]) if len(window) else \
+                np.zeros((1, self.catalogue.dimension), np.float32)  # no catalogued history: no sequence term
+        return self.rule.query(user_vector[None, :], [recent], sequence, None if rejected is None else [rejected])[0]
+
+    def rejected_vectors(self, rejected_ids: Sequence[str]) -> np.ndarray | None:
+        """The unit vectors of the distinct rejected items the catalogue holds (None when there are none); the
+        others are ignored and counted (llmrec_rejected_unknown_ids_total)."""
+        if not rejected_ids:
+            return None
+        vectors = self.catalogue.unit_vectors(list(dict.fromkeys(rejected_ids)))
+        known = vectors.any(axis=1)  # unit vectors: only a missing item gives a zero row
+        if not known.all():
+            metrics.REJECTED_UNKNOWN.inc(int((~known).sum()))
+        return vectors[known] if known.any() else None
 
     async def explain(self, items: list[ScoredItem], window: Sequence[ResolvedItem], query: str,
                       text_cache: dict[str, np.ndarray] | None = None) -> list[ScoredItem]:

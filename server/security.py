@@ -10,10 +10,10 @@ TLS (settings tls_cert, tls_key, tls_client_ca):
     and the previous certificate stays in use until the pair is whole). tls_client_ca set = mutual TLS: every
     client must present a certificate that CA signed (the CA file is reloaded the same way).
 
-Roles (METHOD_ROLES): read (Recommend, RecommendStream, Session, Embed, GetModelInfo, GetItem, ListItems),
-    write (UpsertItems, DeleteItems), admin (ForgetSession, LoadModel and every Recommender method not listed, so an
-    RPC added later is admin-only until someone says otherwise). Roles do not imply each other: a catalogue
-    feeder that also reads needs "read,write". grpc.health.v1.Health and server reflection are public:
+Roles (METHOD_ROLES): read (Recommend, RecommendStream, RecommendBatch, Session, Embed, GetModelInfo, GetItem,
+    ListItems), write (UpsertItems, DeleteItems), admin (ForgetSession, LoadModel and every Recommender method not
+    listed, so an RPC added later is admin-only until someone says otherwise). Roles do not imply each other: a
+    catalogue feeder that also reads needs "read,write". grpc.health.v1.Health and server reflection are public:
     orchestrators probe health without credentials, and reflection only describes the (public) API.
 
 Credentials (AuthInterceptor; on when auth_tokens or auth_mtls_roles is set, otherwise every caller may call
@@ -66,7 +66,8 @@ ROLES = ("read", "write", "admin")
 SERVICE = "llmrec.v1.Recommender"
 METHOD_ROLES: dict[str, str] = {
     **{f"/{SERVICE}/{name}": "read" for name in (
-        "Recommend", "RecommendStream", "Session", "Embed", "GetModelInfo", "GetItem", "ListItems")},
+        "Recommend", "RecommendStream", "RecommendBatch", "Session", "Embed", "GetModelInfo", "GetItem",
+        "ListItems")},
     **{f"/{SERVICE}/{name}": "write" for name in ("UpsertItems", "DeleteItems")},
     **{f"/{SERVICE}/{name}": "admin" for name in ("ForgetSession", "LoadModel")},
 }

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +40,7 @@ from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 from llmrec.server import convert, metrics, tracing
 from llmrec.server.catalogue import page_token_after
 from llmrec.server.encoding import set_request_deadline
+from llmrec.server.fairness import FairShare
 from llmrec.server.errors import (
     REASON_UNDECODABLE, InvalidArgument, ThrottledWarning, abort_with_described, code_number, describe, status_for,
 )
@@ -47,7 +49,7 @@ from llmrec.server.recommender import Recommender
 from llmrec.server.session import Session, SessionRegistry
 from llmrec.server.settings import ServerSettings
 from llmrec.server.validation import (
-    Limits, check_bundle_path, check_item_id, check_list_page_size, check_page_size,
+    Limits, check_batch_size, check_bundle_path, check_item_id, check_list_page_size, check_page_size,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,6 +164,26 @@ def _streaming(method: Callable) -> Callable:
     return wrapper
 
 
+def _client_work(method: Callable) -> Callable:
+    """Counts a call that uses the encoder against its client's in-flight cap while it runs (server.fairness;
+    RESOURCE_EXHAUSTED past it). Goes inside _unary/_streaming, so a refusal gets its rich status there."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            async with self.fairness.work(context):
+                async for response in method(self, request, context):
+                    yield response
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        async with self.fairness.work(context):
+            return await method(self, request, context)
+
+    return unary
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """Serves the model that `models` holds; answers UNAVAILABLE while it holds none (the model loads after bind).
 
@@ -173,10 +195,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, settings: ServerSettings, models: ModelManager) -> None:
         self.settings = settings
         self.models = models
-        self.sessions = SessionRegistry(settings.max_sessions)
+        self.fairness = FairShare.from_settings(settings)
+        self.sessions = SessionRegistry(settings.max_sessions, self.fairness.max_sessions_per_client)
         models.swap_listeners.append(self.sessions.rebind_idle)
 
     @_unary
+    @_client_work
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         with self.models.slot.lease() as recommender:
             items = await recommender.recommend(convert.recommend_query(request))
@@ -186,7 +210,20 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 index_version=recommender.index_version,
             )
 
+    @_unary
+    @_client_work
+    async def RecommendBatch(self, request: pb.RecommendBatchRequest, context) -> pb.RecommendBatchResponse:
+        with self.models.slot.lease() as recommender:  # every entry is answered by this one model
+            check_batch_size(len(request.requests), self.settings.max_recommend_batch)
+            outcomes = await recommender.recommend_batch([convert.recommend_query(r) for r in request.requests])
+            return pb.RecommendBatchResponse(
+                results=[convert.batch_result(outcome) for outcome in outcomes],
+                model_version=recommender.model_version,
+                index_version=recommender.index_version,
+            )
+
     @_streaming
+    @_client_work
     async def RecommendStream(self, request: pb.RecommendRequest, context) -> AsyncIterator[pb.RecommendStreamResponse]:
         started = time.perf_counter()
         check_page_size(request.page_size)
@@ -209,8 +246,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     @_streaming
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
-        with self.models.slot.lease() as recommender:
-            session = self.sessions.open(recommender, self.settings.default_session_k)  # RESOURCE_EXHAUSTED if full
+        with self.models.slot.lease() as recommender:  # RESOURCE_EXHAUSTED if full (server-wide or this client's)
+            session = self.sessions.open(recommender, self.settings.default_session_k, self.fairness.identify(context))
         try:
             requests = aiter(request_iterator)
             while (request := await session.next_request(requests, self.settings.session_idle_timeout_s)) is not None:
@@ -218,12 +255,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     raise request.error("Session")
                 received = time.perf_counter()
                 kind = request.WhichOneof("event") or "none"
-                # Each event leases the model it is answered by: after a hot swap, the next event moves the
-                # session to the new model (Session.rebind).
-                with tracing.span(tracing.SESSION_EVENT, {"llmrec.session.event": kind}), \
-                        self.models.slot.lease() as recommender:
-                    session.rebind(recommender)
-                    response = await self._session_step(session, recommender, request)
+                # Each event first waits while its client has its cap of requests in flight (server.fairness),
+                # then leases the model it is answered by: after a hot swap, the next event moves the session to
+                # the new model (Session.rebind). A waiting event holds no model, so it keeps no old one alive.
+                with tracing.span(tracing.SESSION_EVENT, {"llmrec.session.event": kind}):
+                    async with self.fairness.event(session.client):
+                        with self.models.slot.lease() as recommender:
+                            session.rebind(recommender)
+                            response = await self._session_step(session, recommender, request)
                 metrics.SESSION_EVENTS.labels(kind, _CODE_NAMES.get(response.status.code, "UNKNOWN")).inc()
                 metrics.SESSION_EVENT_SECONDS.labels(kind).observe(time.perf_counter() - received)
                 yield response  # outside the span: a stream may stay suspended here for minutes
@@ -255,6 +294,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return response
 
     @_unary
+    @_client_work
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         items = [convert.item_fields(text) for text in request.items]
         users = [convert.user(u.history, u.context) for u in request.users]
@@ -292,6 +332,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             history_vector_weight=manifest.history_vector.weight,
             sequence_model_weight=manifest.sequence_model.weight if manifest.sequence_model is not None else 0.0,
             last_load=convert.load_attempt_message(self.models.last_attempt),
+            rejected_item_weight=recommender.rule.rejected_weight,
+            max_rejected_items=recommender.limits.max_rejected_items,
+            max_recommend_batch=self.settings.max_recommend_batch,
         )
 
     @_unary
@@ -311,6 +354,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     # --- catalogue -----------------------------------------------------------------------------------------
 
     @_unary
+    @_client_work
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context) -> pb.UpsertItemsResponse:
         items = [convert.catalogue_item(item) for item in request.items]
         async with self.models.slot.writing() as recommender:  # waits while a hot swap carries changes over

@@ -7,6 +7,9 @@ Semantics (documented for callers in the proto comments and here):
   items; older ones fall off (the model only reads the most recent few anyway).
 - context: replaces the whole context, its query included.
 - query: replaces only the query ("" clears it).
+- rejection: adds one rejected item id (at most max_rejected_items per session; a config with a non-empty
+  rejected_item_ids replaces them all). Rejected items are never returned, and the query moves away from them
+  (llmrec.scoring). A rejection costs no inference: the user text, and so the cached vector, stay the same.
 An event that fails (unknown id, bad k, oversized text, or an internal error) leaves the state as it was.
 
 Cost per event is bounded whatever the history length: the state keeps the resolved and rendered window
@@ -20,19 +23,22 @@ Lifetime: a session lives as long as its Session stream. It ends when the client
 session_idle_timeout_s without an event (DEADLINE_EXCEEDED), by ForgetSession(session_id) (ABORTED), or when the
 server shuts down (UNAVAILABLE, reason SHUTTING_DOWN, with a RetryInfo: reconnect, to another replica), and its
 state is dropped then; nothing of it is written anywhere. An event being answered when the server starts to shut
-down is answered first. The registry caps live sessions server-wide (RESOURCE_EXHAUSTED when full).
+down is answered first. The registry caps live sessions server-wide and per client (server.fairness;
+RESOURCE_EXHAUSTED with a RetryInfo when full).
 
 Hot model swaps (server.models): a session is not ended by one. An event in flight when the model is swapped is
 answered by the model it started on; the session then continues on the new model (`rebind`: at the swap for
 sessions waiting for their next event, so that they do not keep the old model in memory, else at the next): its
-history, context and settings stay, the vectors the old model made are dropped (the next event encodes the user
-text afresh), and the catalogue items of its window take the new catalogue's text and vectors (an item the new
-catalogue lacks keeps its text and counts as an item given as text). Every response names the model that made it.
+history, rejected items, context and settings stay, the vectors the old model made are dropped (the next event
+encodes the user text afresh), and the catalogue items of its window take the new catalogue's text and vectors (an
+item the new catalogue lacks keeps its text and counts as an item given as text). Every response names the model
+that made it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator
@@ -41,12 +47,13 @@ import numpy as np
 
 from llmrec.template import RequestContext, join_user_text, render_context, render_history_item
 
-from llmrec.server import validation
+from llmrec.server import metrics, validation
 from llmrec.server.catalogue import ResolvedItem
 from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
 from llmrec.server.errors import (
-    REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND, REASON_TOO_MANY_SESSIONS, Aborted,
-    DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError,
+    REASON_CLIENT_SESSIONS, REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND,
+    REASON_TOO_MANY_SESSIONS, Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError,
+    shown_id,
 )
 
 NOTHING_YET_MESSAGE = "nothing to recommend from yet: send an interaction or a query"
@@ -60,6 +67,8 @@ class SessionConfigEvent:
     history: tuple[HistoryRef, ...] = ()
     explain: bool = False
     filters: tuple[AttributeFilter, ...] = ()
+    rejected_item_ids: tuple[str, ...] = ()
+    min_score: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +86,12 @@ class QueryEvent:
     query: str
 
 
-SessionEvent = SessionConfigEvent | InteractionEvent | ContextEvent | QueryEvent
+@dataclasses.dataclass(frozen=True)
+class RejectionEvent:
+    item_id: str
+
+
+SessionEvent = SessionConfigEvent | InteractionEvent | ContextEvent | QueryEvent | RejectionEvent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +116,8 @@ class SessionState:
             first, at most max_request_history.
         window: the most recent max_history_items entries, resolved and rendered.
         context: the current context; context_text is its rendering.
+        rejected_ids: the items the user rejected, distinct, in the order they came.
+        min_score: drop items scoring below it (None: no threshold).
     """
 
     k: int
@@ -113,6 +129,8 @@ class SessionState:
     exclude_history: bool = False
     explain: bool = False
     filters: tuple[AttributeFilter, ...] = ()
+    rejected_ids: tuple[str, ...] = ()
+    min_score: float | None = None
 
     @property
     def history_length(self) -> int:
@@ -149,12 +167,14 @@ class Session:
         recommender: the core that resolves, encodes, ranks and explains (server.recommender.Recommender).
         default_k: k until a config event sets one.
         session_id: the server-assigned id (SessionResponse.session_id).
+        client: the client it belongs to (server.fairness.client_key).
     """
 
-    def __init__(self, recommender, default_k: int, session_id: str = "") -> None:
+    def __init__(self, recommender, default_k: int, session_id: str = "", client: str = "") -> None:
         self.recommender = recommender
         self.default_k = default_k
         self.id = session_id
+        self.client = client
         self.state = SessionState(k=default_k)
         self.encodes = 0  # user-text inferences so far: at most one per event, none when the text is unchanged
         self.forgotten = False
@@ -182,10 +202,14 @@ class Session:
             validation.check_exclusions(event.exclude_item_ids, limits, "config.exclude_item_ids")
             validation.check_filters(event.filters, limits, "config.filters")
             validation.check_history(event.history, limits, "config.history")
+            validation.check_rejected(event.rejected_item_ids, limits, "config.rejected_item_ids")
+            validation.check_min_score(event.min_score, "config.min_score")
             state = dataclasses.replace(
                 state, k=k, exclude_item_ids=event.exclude_item_ids, exclude_history=event.exclude_history,
-                explain=event.explain, filters=event.filters,
+                explain=event.explain, filters=event.filters, min_score=event.min_score,
             )
+            if event.rejected_item_ids:
+                state = dataclasses.replace(state, rejected_ids=tuple(dict.fromkeys(event.rejected_item_ids)))
             if event.history:
                 resolved = recommender.resolve(event.history, with_window_vectors=True)
                 window = tuple(WindowEntry.of(r) for r in resolved[len(resolved) - window_size:]) \
@@ -204,8 +228,16 @@ class Session:
             validation.check_text(event.query, "query", limits)
             context = dataclasses.replace(state.context, query=event.query)
             state = dataclasses.replace(state, context=context, context_text=render_context(context))
+        elif isinstance(event, RejectionEvent):
+            validation.check_item_id(event.item_id, "rejection", limits)
+            if event.item_id not in state.rejected_ids:
+                if len(state.rejected_ids) >= limits.max_rejected_items:
+                    raise InvalidArgument(
+                        f"the session already holds {limits.max_rejected_items} rejected items, the limit; send a "
+                        "config with rejected_item_ids to replace them", field="rejection")
+                state = dataclasses.replace(state, rejected_ids=(*state.rejected_ids, event.item_id))
         else:
-            raise InvalidArgument("the event sets none of config, interaction, context and query")
+            raise InvalidArgument("the event sets none of config, interaction, context, query and rejection")
         return state
 
     async def handle(self, event: SessionEvent) -> SessionUpdate:
@@ -234,7 +266,8 @@ class Session:
             vector = await self.recommender.encode_user(text)
             self.encodes += 1
         recommender = self.recommender
-        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters, state.history_ids)
+        items = recommender.search(vector, state.k, state.excluded_ids(), state.filters, state.history_ids,
+                                   state.rejected_ids, state.min_score)
         if state.explain:
             items = await recommender.explain(items, [entry.resolved for entry in state.window],
                                               state.context.query, self._text_vectors)
@@ -326,34 +359,51 @@ def _quiet(task: asyncio.Future) -> asyncio.Future:
 
 
 class SessionRegistry:
-    """The live sessions of one server, by id; at most max_sessions at once.
+    """The live sessions of one server, by id; at most max_sessions at once, max_per_client of one client.
 
     Args:
         max_sessions: the server-wide cap; opening one more raises ResourceExhausted.
+        max_per_client: the cap of one client (server.fairness); None: only the server-wide one.
     """
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, max_per_client: int | None = None) -> None:
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
         self._sessions: dict[str, Session] = {}
+        self._per_client: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, recommender, default_k: int) -> Session:
+    def open(self, recommender, default_k: int, client: str = "") -> Session:
+        """A new session of `client`. Raises ResourceExhausted when the server or the client is at its cap."""
         if len(self._sessions) >= self.max_sessions:
             raise ResourceExhausted(f"the server already holds its maximum of {self.max_sessions} live sessions; "
                                     "retry later or end idle sessions", reason=REASON_TOO_MANY_SESSIONS,
                                     metadata={"max_sessions": str(self.max_sessions)}, retry_after_s=5.0)
+        if self.max_per_client is not None and self._per_client[client] >= self.max_per_client:
+            metrics.CLIENT_REFUSED.labels("sessions").inc()
+            raise ResourceExhausted(
+                f"this client ({shown_id(client)}) already holds its maximum of {self.max_per_client} live sessions; "
+                "end one (half-close or ForgetSession) or retry later", reason=REASON_CLIENT_SESSIONS,
+                metadata={"client": client, "max_sessions_per_client": str(self.max_per_client)}, retry_after_s=5.0)
         session_id = secrets.token_urlsafe(16)  # unguessable: knowing it is what allows ForgetSession
-        session = Session(recommender, default_k, session_id)
+        session = Session(recommender, default_k, session_id, client)
         self._sessions[session_id] = session
+        self._per_client[client] += 1
         return session
 
     def close(self, session: Session) -> None:
-        """The stream ended: forget the session's state and free its slot."""
+        """The stream ended: forget the session's state and free its slots."""
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
+            self._release_client(session.client)
         session.close()
+
+    def _release_client(self, client: str) -> None:
+        self._per_client[client] -= 1
+        if self._per_client[client] <= 0:
+            del self._per_client[client]
 
     def rebind_idle(self, recommender) -> None:
         """Move every session that is not answering an event to `recommender` now (the others move at their next
@@ -381,4 +431,5 @@ class SessionRegistry:
         if session is None:
             raise NotFound("no live session has this id; a session that ended holds no state on this server",
                            reason=REASON_SESSION_NOT_FOUND)
+        self._release_client(session.client)
         session.forget()

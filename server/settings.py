@@ -103,6 +103,14 @@ class ServerSettings(BaseSettings):
         "Catalogue changes between snapshots (each snapshot empties the journal)."))
     max_sessions: Positive = Field(1000, description=(
         "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
+    # Fair sharing between clients (server.fairness: who a client is, and why half).
+    max_sessions_per_client: Positive | None = Field(None, description=(
+        "Live Session streams one client may hold at once (more get RESOURCE_EXHAUSTED); unset = half of "
+        "max_sessions, so one client can never take every slot."))
+    max_inflight_per_client: Positive | None = Field(None, description=(
+        "Encoder-using RPCs (Recommend, RecommendStream, RecommendBatch, Embed, UpsertItems) one client may have "
+        "in flight (more get RESOURCE_EXHAUSTED at once; Session events wait instead); unset = half of max_queue."))
+    max_recommend_batch: Positive = Field(100, description="The most requests one RecommendBatch call may carry.")
     ort_spinning: Literal["during-runs", "always", "never"] = Field("during-runs", description=(
         "When idle ONNX Runtime threads busy-wait: during-runs (between the parallel sections of a run, never "
         "between runs), always (ONNX Runtime's default: also between runs, taking the cores gRPC and Python "

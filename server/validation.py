@@ -4,6 +4,7 @@ with `field` set to that field's path (history[3].item_id, k), which the status 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from llmrec.template import ItemFields, RequestContext, describe_time
 
@@ -25,6 +26,7 @@ class Limits:
     max_request_history: int = 500
     max_text_chars: int = 2000
     max_exclude_ids: int = 10_000  # exclude_item_ids of one request or session
+    max_rejected_items: int = 1000  # rejected_item_ids of one request, or the rejections a session holds
     max_filters: int = 16          # filters of one request, each with at most max_filter_values values
     max_filter_values: int = 100
     max_catalogue_batch: int = 1000  # items of one UpsertItems or ids of one DeleteItems
@@ -145,11 +147,36 @@ def check_filters(filters: tuple[AttributeFilter, ...], limits: Limits, field: s
             check_text(value, f"{where}.values[{number}]", limits)
 
 
+def check_rejected(item_ids, limits: Limits, field: str = "rejected_item_ids") -> None:
+    """Rejected item ids: at most max_rejected_items, each a non-empty id (unknown ones are allowed: ignored)."""
+    if len(item_ids) > limits.max_rejected_items:
+        raise InvalidArgument(f"{field} has {len(item_ids)} ids; the limit is {limits.max_rejected_items}",
+                              field=field)
+    for position, item_id in enumerate(item_ids):
+        check_item_id(item_id, f"{field}[{position}]", limits)
+
+
+def check_min_score(min_score: float | None, field: str = "min_score") -> None:
+    if min_score is not None and not math.isfinite(min_score):
+        raise InvalidArgument(f"{field} must be a finite number (or unset for no threshold), got {min_score}",
+                              field=field)
+
+
 def check_query(query: RecommendQuery, limits: Limits) -> None:
     check_k(query.k, limits)
     check_exclusions(query.exclude_item_ids, limits)
+    check_rejected(query.rejected_item_ids, limits)
+    check_min_score(query.min_score)
     check_filters(query.filters, limits)
     check_user(query.user, limits)
+
+
+def check_batch_size(count: int, max_requests: int, field: str = "requests") -> None:
+    """RecommendBatch: 1..max_requests requests."""
+    if not 1 <= count <= max_requests:
+        got = "none" if not count else str(count)
+        raise InvalidArgument(f"{field} must hold 1 to {max_requests} requests (max_recommend_batch), got {got}",
+                              field=field)
 
 
 def check_item_id(item_id: str, field: str, limits: Limits) -> None:

@@ -46,6 +46,7 @@ COMMON = {C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED}
 ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "Recommend": COMMON | {C.NOT_FOUND},
     "RecommendStream": COMMON | {C.NOT_FOUND},
+    "RecommendBatch": COMMON,  # each request's own outcome is in its entry: EVENT_CODES
     # Session: idle timeout (DEADLINE_EXCEEDED), ForgetSession (ABORTED), too many sessions (RESOURCE_EXHAUSTED).
     "Session": COMMON | {C.DEADLINE_EXCEEDED, C.ABORTED},
     "Embed": COMMON | {C.NOT_FOUND},
@@ -59,7 +60,8 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     # running (ABORTED).
     "LoadModel": COMMON | {C.FAILED_PRECONDITION, C.ABORTED},
 }
-# SessionResponse.status.code of one event: OK, INVALID_ARGUMENT, NOT_FOUND, or the encoder queue being full.
+# SessionResponse.status.code of one event, and RecommendBatchResult.status.code of one request: OK,
+# INVALID_ARGUMENT, NOT_FOUND, or the encoder queue being full.
 EVENT_CODES = {0, 3, 5, 8}
 assert set(ALLOWED) == set(METHODS), "a new RPC needs its documented codes here"
 
@@ -247,8 +249,12 @@ def call(server: ServerProcess, channel: grpc.Channel, method: str, request, raw
                                           response_deserializer=output.FromString)(request, timeout=CALL_TIMEOUT_S):
                 pass
         else:
-            channel.unary_unary(path, request_serializer=serialize,
-                                response_deserializer=output.FromString)(request, timeout=CALL_TIMEOUT_S)
+            response = channel.unary_unary(path, request_serializer=serialize,
+                                           response_deserializer=output.FromString)(request, timeout=CALL_TIMEOUT_S)
+            for number, result in enumerate(getattr(response, "results", ())):  # RecommendBatch
+                if result.status.code not in EVENT_CODES:
+                    problems.append(f"request {number} answered with code {result.status.code}: "
+                                    f"{result.status.message}")
         code, details = grpc.StatusCode.OK, ""
     except grpc.RpcError as error:
         code, details = error.code(), error.details() or ""

@@ -32,6 +32,7 @@ GRAVITY = pb.CatalogueItem(item_id="new-gravity", attributes={"studio": "Warner 
 CHANGED_M14 = pb.CatalogueItem(item_id="m14", text=pb.ItemText(title="Airplane! (1980, remastered)",
                                                                 categories=["Comedy"]))
 QUERY = pb.RecommendRequest(history=[pb.HistoryItem(item_id="m1"), pb.HistoryItem(item_id="m2")], k=5)
+BATCH = pb.RecommendBatchRequest(requests=[QUERY, pb.RecommendRequest(history=[pb.HistoryItem(item_id="m3")], k=3)])
 
 
 def swaps(outcome: str) -> float:
@@ -69,6 +70,7 @@ def test_load_model_swaps_the_model_and_carries_the_catalogue_over(tiny_bundle, 
             old_row = np.array(stub.GetItem(pb.GetItemRequest(item_id="new-gravity", include_vector=True),
                                             timeout=10).vector.values)
             assert stub.Recommend(QUERY, timeout=10).model_version == "a-old"
+            assert stub.RecommendBatch(BATCH, timeout=10).model_version == "a-old"
             events: list = [pb.SessionRequest(event_id="1", config=pb.SessionConfig(
                 k=3, history=[pb.HistoryItem(item_id="m1"), pb.HistoryItem(item_id="m2")]))]
             feed = threading.Semaphore(0)
@@ -81,6 +83,10 @@ def test_load_model_swaps_the_model_and_carries_the_catalogue_over(tiny_bundle, 
             session = stub.Session(session_requests(), timeout=60)
             first = next(session)
             assert first.model_version == "a-old" and first.status.code == 0
+            rejected = first.items[0].item_id
+            events.append(pb.SessionRequest(event_id="1b", rejection=rejected))
+            feed.release()
+            assert rejected not in [item.item_id for item in next(session).items]
 
             response = stub.LoadModel(pb.LoadModelRequest(bundle_path=str(new)), timeout=120)
 
@@ -101,12 +107,15 @@ def test_load_model_swaps_the_model_and_carries_the_catalogue_over(tiny_bundle, 
             assert stub.GetItem(pb.GetItemRequest(item_id="m14"), timeout=10).item.text.title == CHANGED_M14.text.title
             assert call_error(stub.GetItem, pb.GetItemRequest(item_id="m15")).code() == grpc.StatusCode.NOT_FOUND
             assert stub.Recommend(QUERY, timeout=10).model_version == "b-new"
-            # The live session goes on, on the new model, with its history.
+            batch = stub.RecommendBatch(BATCH, timeout=10)
+            assert batch.model_version == "b-new" and [r.status.code for r in batch.results] == [0, 0]
+            # The live session goes on, on the new model, with its history and its rejected item.
             events.append(pb.SessionRequest(event_id="2", interaction=pb.HistoryItem(item_id="new-gravity")))
             feed.release()
             second = next(session)
             assert second.status.code == 0 and second.model_version == "b-new" and second.history_length == 3
             assert second.session_id == first.session_id and len(second.items) == 3
+            assert rejected not in [item.item_id for item in second.items]
             feed.release()  # half-close
             assert list(session) == []
             # The version already served: nothing to do.
@@ -230,7 +239,12 @@ def test_no_request_fails_and_no_write_is_lost_across_a_swap_under_load(tiny_bun
             while not stop.is_set():
                 started = time.monotonic()
                 try:
-                    calls[index].append((started, stub.Recommend(QUERY, timeout=60).model_version))
+                    if index == 0:  # a batch: leased like Recommend, every entry answered by the model it names
+                        batch = stub.RecommendBatch(BATCH, timeout=60)
+                        codes = {result.status.code for result in batch.results}
+                        calls[index].append((started, batch.model_version if codes == {0} else f"entries {codes}"))
+                    else:
+                        calls[index].append((started, stub.Recommend(QUERY, timeout=60).model_version))
                 except grpc.RpcError as error:
                     calls[index].append((started, error.code().name))
 
@@ -261,8 +275,8 @@ def test_no_request_fails_and_no_write_is_lost_across_a_swap_under_load(tiny_bun
                 future.result()
             answers = [answer for made in calls for _, answer in made]
             failed = [answer for answer in answers if answer not in ("a-old", "b-new")]
-            print(f"\n{len(answers)} Recommend calls across a swap of {response.swap_seconds:.2f} s: {len(failed)} "
-                  f"failed; {len(acknowledged)} upserts acknowledged")
+            print(f"\n{len(answers)} Recommend and RecommendBatch calls across a swap of {response.swap_seconds:.2f} s: "
+                  f"{len(failed)} failed; {len(acknowledged)} upserts acknowledged")
             assert response.swapped and failed == []
             assert {"a-old", "b-new"} <= set(answers)
             assert all(answer == "b-new" for made in calls for started, answer in made if started >= swapped)

@@ -35,6 +35,7 @@ _spec.loader.exec_module(_conftest)
 BackgroundServer, settings_for = _conftest.BackgroundServer, _conftest.settings_for
 
 RECOMMEND = "/llmrec.v1.Recommender/Recommend"
+RECOMMEND_BATCH = "/llmrec.v1.Recommender/RecommendBatch"
 SESSION = "/llmrec.v1.Recommender/Session"
 
 
@@ -132,6 +133,37 @@ def test_one_recommend_yields_the_rpc_span_with_its_stage_spans(traced):
     (model,) = family[tracing.MODEL]  # one user text: one run
     assert queue.end_time <= model.start_time and model.end_time <= ranking.start_time
     assert model.attributes["llmrec.texts"] == 1 and model.attributes["llmrec.lane"] in ("alone", "parallel")
+
+
+def test_a_batch_queued_fairly_beside_another_client_keeps_its_encoder_spans_under_its_own_rpc(traced):
+    """RecommendBatch's encoder jobs (one per worker) go through the fair queue with another client's Recommends
+    waiting beside them: every queue, tokenize and model span still hangs under the call that submitted it."""
+    running, exporter = traced
+    exporter.clear()
+    users = [("m1", "m2"), ("m3",), ("m4", "m5", "m6"), ("m7",)]
+    batch = pb.RecommendBatchRequest(requests=[pb.RecommendRequest(history=history(*ids), k=3) for ids in users])
+    with grpc.insecure_channel(running.target) as channel, futures.ThreadPoolExecutor(2) as pool:
+        stub = pb_grpc.RecommenderStub(channel)
+        other = [pool.submit(stub.Recommend, pb.RecommendRequest(history=history("m8"), k=3), timeout=30,
+                             metadata=[("llmrec-client-id", "other")]) for _ in range(3)]
+        answer = stub.RecommendBatch(batch, timeout=30, metadata=[("llmrec-client-id", "batcher")])
+        assert all(len(call.result().items) == 3 for call in other)
+    assert [r.status.code for r in answer.results] == [0] * len(users) and answer.model_version
+
+    rpc, family = _trace_of(exporter, RECOMMEND_BATCH)
+    for name in (tracing.QUEUE, tracing.TOKENIZE, tracing.MODEL, tracing.RANKING):
+        assert family.get(name), name
+        for found in family[name]:
+            assert found.parent.span_id == rpc.context.span_id and _within(found, rpc), name
+    assert len(family[tracing.QUEUE]) == len(family[tracing.TOKENIZE]) >= 1  # one per encoder job
+    assert sum(m.attributes["llmrec.texts"] for m in family[tracing.MODEL]) == len(users)  # per text on CPU
+    assert len(family[tracing.RANKING]) == len(users)
+    others = [s for s in exporter.get_finished_spans() if s.name == RECOMMEND]
+    assert len(others) == 3 and rpc.context.trace_id not in {s.context.trace_id for s in others}
+    for call in others:  # the other client's work stays in its own traces
+        family_of_other = [s for s in exporter.get_finished_spans()
+                           if s.context.trace_id == call.context.trace_id and s.name == tracing.MODEL]
+        assert len(family_of_other) == 1 and family_of_other[0].parent.span_id == call.context.span_id
 
 
 def test_session_events_are_spans_of_the_session_span(traced):

@@ -58,7 +58,7 @@ def test_forget_session_ends_the_stream_and_drops_its_state(stub):
 
 
 def test_sessions_are_capped_server_wide(start_server):
-    capped = start_server(max_sessions=2)
+    capped = start_server(max_sessions=2, max_sessions_per_client=2)  # one client may take them all here
     with grpc.insecure_channel(capped.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         first, second = LiveSession(stub), LiveSession(stub)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llmrec.server import metrics
-from llmrec.server.encoding import REQUEST_DEADLINE, AsyncEncoder, BatchPolicy
+from llmrec.server.encoding import REQUEST_CLIENT, REQUEST_DEADLINE, AsyncEncoder, BatchPolicy
 from llmrec.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
@@ -52,8 +52,8 @@ class FakeEncoder:
         return out
 
 
-def _encoder(fake: FakeEncoder, **policy) -> AsyncEncoder:
-    return AsyncEncoder(fake, max_user_tokens=32, max_item_tokens=16, policy=BatchPolicy(**policy))
+def _encoder(fake: FakeEncoder, workers: int = 1, **policy) -> AsyncEncoder:
+    return AsyncEncoder(fake, max_user_tokens=32, max_item_tokens=16, workers=workers, policy=BatchPolicy(**policy))
 
 
 def _dropped(reason: str) -> float:
@@ -123,6 +123,82 @@ def test_a_full_queue_answers_resource_exhausted_at_once():
         encoder.close()
     assert _dropped("queue_full") == refused_before + 1
     assert ["one too many"] not in fake.runs
+
+
+@pytest.mark.parametrize("across_requests", [False, True])
+def test_waiting_requests_are_served_in_fair_order_between_clients(across_requests):
+    """Start-time fair queueing: a client that queued four requests first does not make another wait for all
+    four; each client's own requests keep their order."""
+    fake = FakeEncoder()
+    fake.gate.clear()
+    encoder = _encoder(fake, across_requests=across_requests, max_requests=1)  # batched: one request a run
+    try:
+        async def as_client(client: str, text: str):
+            REQUEST_CLIENT.set(client)
+            return await encoder.encode_users([text])
+
+        async def main():
+            running = asyncio.ensure_future(as_client("a", "run"))
+            await asyncio.to_thread(fake.running.wait, 5)
+            waiting = [asyncio.ensure_future(as_client(client, text)) for client, text in (
+                ("a", "a1"), ("a", "a2"), ("a", "a3"), ("a", "a4"), ("b", "b1"), ("a", "a5"), ("b", "b2"))]
+            await asyncio.sleep(0.05)
+            fake.gate.set()
+            await asyncio.gather(running, *waiting)
+
+        asyncio.run(main())
+    finally:
+        encoder.close()
+    # FIFO would be a1 a2 a3 a4 b1 a5 b2: b would wait for all of a's requests queued before it.
+    assert [run[0] for run in fake.runs] == ["run", "a1", "b1", "a2", "b2", "a3", "a4", "a5"]
+
+
+def test_a_batch_of_users_is_split_one_job_per_worker_and_a_refused_job_fails_only_its_texts():
+    fake = FakeEncoder()
+    encoder = _encoder(fake, workers=2)
+    texts = ["u1", "u22", "u333", "u4444", "u5"]
+    try:
+        vectors = asyncio.run(encoder.encode_users_each(texts))
+        assert [v[0] for v in vectors] == [sum(map(ord, t)) for t in texts]
+        assert sorted(run[0] for run in fake.runs) == sorted(texts)  # every text its own run, as ever
+    finally:
+        encoder.close()
+
+    fake = FakeEncoder()
+    fake.gate.clear()
+    encoder = _encoder(fake, workers=2, max_queue=1)
+    try:
+        async def main():
+            running = []
+            for number in range(2):  # one request for each worker to hold (the queue holds one at most)
+                running.append(asyncio.ensure_future(encoder.encode_users([f"run{number}"])))
+                for _ in range(500):
+                    await asyncio.sleep(0.01)
+                    if encoder.queued() == 0:
+                        break
+            batch = asyncio.ensure_future(encoder.encode_users_each(["x1", "x2", "y1", "y2"]))
+            await asyncio.sleep(0.05)  # the first half waits in the queue, the second half is refused
+            fake.gate.set()
+            await asyncio.gather(*running)
+            return await batch
+
+        first, second, third, fourth = asyncio.run(main())
+    finally:
+        encoder.close()
+    assert first[0] == sum(map(ord, "x1")) and second[0] == sum(map(ord, "x2"))
+    assert isinstance(third, ResourceExhausted) and fourth is third
+
+
+def test_a_batch_of_users_is_one_job_when_batching_across_requests():
+    fake = FakeEncoder()
+    encoder = _encoder(fake, workers=2, across_requests=True, max_tokens=64)
+    texts = ["u1", "u2", "u3", "u4444", "u5555"]
+    try:
+        vectors = asyncio.run(encoder.encode_users_each(texts))
+    finally:
+        encoder.close()
+    assert [v[0] for v in vectors] == [sum(map(ord, t)) for t in texts]
+    assert sorted(map(sorted, fake.runs)) == [["u1", "u2", "u3"], ["u4444", "u5555"]]  # one run per width
 
 
 def test_requests_past_their_deadline_or_cancelled_are_dropped_before_compute():

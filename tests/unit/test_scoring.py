@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule, item_rows, query_rows
+from llmrec.scoring import (
+    DEFAULT_REJECTED_WEIGHT, Adjustments, Recency, ScoreTerms, ScoringRule, item_rows, query_rows,
+)
 from llmrec.server.catalogue import Catalogue
 from llmrec.template import ItemFields
 
 DIM, COUNT = 16, 300
 RULE = ScoringRule(Adjustments(history_item_score=-0.3, cooccurrence_weight=0.2, history_vector_weight=0.5,
-                               sequence_weight=0.4), Recency(5, 0.7), Recency(4, 0.8))
+                               sequence_weight=0.4), Recency(5, 0.7), Recency(4, 0.8), rejected_weight=0.6)
 
 
 def catalogue_inputs(seed: int = 0):
@@ -30,6 +32,12 @@ def catalogue_inputs(seed: int = 0):
     return rows, table, users, histories, sequence_vectors
 
 
+def rejections(seed: int = 0) -> list[np.ndarray]:
+    """Per user, 0 to 4 rejected items."""
+    rng = np.random.default_rng(seed + 100)
+    return [rng.choice(COUNT, size=rng.integers(0, 5), replace=False) for _ in range(20)]
+
+
 def catalogue_of(rows: np.ndarray) -> Catalogue:
     index = hnswlib.Index(space="ip", dim=DIM + 1)
     index.init_index(max_elements=COUNT, ef_construction=200, M=32, allow_replace_deleted=True)
@@ -42,18 +50,49 @@ def catalogue_of(rows: np.ndarray) -> Catalogue:
     return Catalogue(bundle)
 
 
-@pytest.mark.parametrize("rule", [RULE, ScoringRule(), ScoringRule(Adjustments(history_item_score=2.0))])
-def test_the_top_k_view_ranks_like_the_dense_view(rule):
+@pytest.mark.parametrize("rule", [RULE, ScoringRule(), ScoringRule(Adjustments(history_item_score=2.0)),
+                                  ScoringRule(rejected_weight=0.0), ScoringRule(rejected_weight=3.0)])
+@pytest.mark.parametrize("with_rejections", [False, True])
+def test_the_top_k_view_ranks_like_the_dense_view(rule, with_rejections):
     rows, table, users, histories, sequence_vectors = catalogue_inputs()
+    rejected = rejections() if with_rejections else None
     catalogue = catalogue_of(rows)
-    dense = rule.dense_scores(users, rows, histories, table, sequence_vectors)
+    dense = rule.dense_scores(users, rows, histories, table, sequence_vectors, rejected)
     for user in range(len(users)):
         history = histories[user]
-        query = rule.query(users[user:user + 1], [rows[history, :DIM]], sequence_vectors[user:user + 1])[0]
-        got = catalogue.top_k(rule, query, 10, [f"i{n:03d}" for n in history], table)
-        want = np.argsort(-dense[user], kind="stable")[:10]
+        mine = [] if rejected is None else rejected[user]
+        query = rule.query(users[user:user + 1], [rows[history, :DIM]], sequence_vectors[user:user + 1],
+                           [rows[mine, :DIM]])[0]
+        got = catalogue.top_k(rule, query, 10, [f"i{n:03d}" for n in history], table,
+                              exclude_ids={f"i{n:03d}" for n in mine})  # the server never returns them
+        scores = dense[user].copy()
+        scores[mine] = -np.inf
+        want = np.argsort(-scores, kind="stable")[:10]
         assert [item.item_id for item in got] == [f"i{n:03d}" for n in want]
         assert [item.score for item in got] == pytest.approx(dense[user, want].tolist(), abs=1e-5)
+
+
+def test_rejections_move_the_query_away_from_the_mean_of_the_rejected_items():
+    rng = np.random.default_rng(4)
+    user, rejected = rng.normal(size=(2, DIM)), rng.normal(size=(3, DIM))
+    rule = ScoringRule(rejected_weight=0.4)
+    expected = user[0] - 0.4 * rejected.mean(axis=0)
+    got = rule.query(user, [np.zeros((0, DIM)), np.zeros((0, DIM))], None, [rejected, np.zeros((0, DIM))])
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(got[1], user[1], rtol=1e-6)  # no rejections, no change
+    assert ScoringRule().rejected_weight == DEFAULT_REJECTED_WEIGHT > 0
+    np.testing.assert_allclose(ScoringRule(rejected_weight=0.0).query(user[:1], [rejected], None, [rejected]),
+                               user[:1], rtol=1e-6)
+
+
+def test_a_rejection_lowers_each_item_by_the_weight_times_its_cosine_with_the_rejected_item():
+    rows, _, users, _, _ = catalogue_inputs(5)
+    unit = rows[:, :DIM]
+    rule = ScoringRule(rejected_weight=DEFAULT_REJECTED_WEIGHT)
+    before = rule.dense_scores(users[:1], rows, [[]], None)[0]
+    rejected = int(np.argmax(before))
+    after = rule.dense_scores(users[:1], rows, [[]], None, rejected=[[rejected]])[0]
+    np.testing.assert_allclose(before - after, DEFAULT_REJECTED_WEIGHT * (unit @ unit[rejected]), atol=1e-5)
 
 
 def test_the_top_k_view_keeps_exclusions_out_however_much_an_item_is_raised():

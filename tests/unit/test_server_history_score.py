@@ -1,5 +1,5 @@
 """The server adds the bundle's adjustments (history item score, co-occurrence, history vector, sequence model)
-exactly as evaluation does."""
+and negative feedback (rejected items) exactly as evaluation does."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ RECENT, DECAY = 3, 0.5
 def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
                 cooccurrence: CooccurrenceTable | None = None,
                 history_vector_weight: float = 0.0, sequence_model: SequenceRunner | None = None,
-                sequence_weight: float = 0.0) -> tuple[Recommender, np.ndarray]:
+                sequence_weight: float = 0.0, rejected_weight: float = 0.0) -> tuple[Recommender, np.ndarray]:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(COUNT, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -44,7 +44,7 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
                                      cooccurrence=CooccurrenceSpec(cooccurrence_weight, RECENT, DECAY, 1),
                                      history_vector=HistoryVectorSpec(history_vector_weight, RECENT, DECAY),
                                      sequence_model=SequenceModelSpec(sequence_weight, sequence_model.max_items)
-                                     if sequence_model is not None else None)
+                                     if sequence_model is not None else None, rejected_item_weight=rejected_weight)
     manifest.scoring_rule = types.MethodType(Manifest.scoring_rule, manifest)
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
@@ -54,11 +54,13 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
 
 
 def reference(rec: Recommender, rows: np.ndarray, user: np.ndarray, history: list[str | None], k: int,
-              sequence_vector: np.ndarray | None = None) -> list[tuple[str, float]]:
-    """The top k by the scoring rule's dense view (what evaluation computes) over every item."""
+              sequence_vector: np.ndarray | None = None, rejected: list[str] = ()) -> list[tuple[str, float]]:
+    """The top k by the scoring rule's dense view (what evaluation computes) over every item but the rejected."""
     catalogued = [int(i[1:]) for i in history if i is not None]
     scores = rec.rule.dense_scores(user[None, :], rows, [catalogued], rec.bundle.cooccurrence,
-                                   None if sequence_vector is None else sequence_vector[None, :])[0]
+                                   None if sequence_vector is None else sequence_vector[None, :],
+                                   [[int(i[1:]) for i in rejected]])[0]
+    scores[[int(i[1:]) for i in rejected]] = -np.inf
     order = np.argsort(-scores, kind="stable")[:k]
     return [(f"i{n:02d}", float(scores[n])) for n in order]
 
@@ -76,6 +78,29 @@ def test_history_items_are_lowered_and_the_ranking_matches_exact_scoring(score):
     assert [item.rank for item in got] == list(range(1, 11))
     if score == -4.0:
         assert not set(history) & {item.item_id for item in got}
+
+
+def test_rejected_items_are_left_out_and_the_ranking_matches_exact_scoring():
+    rec, rows = recommender(-0.3, history_vector_weight=0.5, rejected_weight=0.8)
+    user = rows[0, :DIM]
+    plain = [item.item_id for item in rec.search(user, 10)]
+    rejected = plain[:2] + ["unknown"]  # the two best items, and an id the catalogue lacks (ignored)
+    for history in (["i10", "i11"], []):  # with no catalogued history, the query still moves away
+        got = rec.search(user, 10, history_ids=history, rejected_ids=rejected)
+        want = reference(rec, rows, user, history, 10, rejected=rejected[:2])
+        assert [item.item_id for item in got] == [item_id for item_id, _ in want]
+        assert [item.score for item in got] == pytest.approx([s for _, s in want], abs=1e-5)
+        assert not set(rejected) & {item.item_id for item in got}
+    assert [item.item_id for item in rec.search(user, 10, rejected_ids=["unknown"])] == plain
+
+
+def test_min_score_cuts_the_ranking_at_the_score_as_sent():
+    rec, rows = recommender(0.0)
+    user = rows[0, :DIM]
+    plain = rec.search(user, 10)
+    threshold = float(np.float32(plain[3].score))  # what a client read from a response, sent back
+    assert rec.search(user, 10, min_score=threshold) == plain[:4]
+    assert rec.search(user, 10, min_score=plain[0].score + 1) == []
 
 
 def test_a_zero_score_leaves_the_ranking_alone():
@@ -200,6 +225,16 @@ def test_the_sequence_vector_joins_the_query_and_the_ranking_matches_exact_scori
     assert [item.item_id for item in got] != [item.item_id for item in recommender(score)[0].search(user, 10, history_ids=history)]
     off, _ = recommender(score, sequence_model=runner, sequence_weight=0.0)
     np.testing.assert_array_equal(off.query_vector(user, history), user)  # weight 0: the model is not run
+
+
+def test_rejections_with_a_sequence_model_and_no_catalogued_history(sequence_model):
+    runner, _ = sequence_model
+    rec, rows = recommender(0.0, sequence_model=runner, sequence_weight=1.0, rejected_weight=0.5)
+    user = rows[20, :DIM]
+    got = rec.search(user, 10, history_ids=[None], rejected_ids=["i20"])  # only an item given as text
+    want = reference(rec, rows, user, [], 10, np.zeros(DIM, np.float32), ["i20"])  # no history: no sequence term
+    assert [item.item_id for item in got] == [item_id for item_id, _ in want]
+    np.testing.assert_allclose(rec.query_vector(user, [], ["i20"]), user - 0.5 * rows[20, :DIM], atol=1e-6)
 
 
 def test_the_sequence_model_skips_deleted_items(sequence_model, tmp_path):

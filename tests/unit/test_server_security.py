@@ -96,7 +96,8 @@ def test_entries_split_on_spaces_semicolons_and_the_commas_of_repeated_flags():
 
 
 def test_every_method_has_its_role_and_unlisted_ones_are_admin_only():
-    expected = {"Recommend": "read", "RecommendStream": "read", "Session": "read", "Embed": "read",
+    expected = {"Recommend": "read", "RecommendStream": "read", "RecommendBatch": "read", "Session": "read",
+                "Embed": "read",
                 "GetModelInfo": "read", "GetItem": "read", "ListItems": "read", "UpsertItems": "write",
                 "DeleteItems": "write", "ForgetSession": "admin", "LoadModel": "admin"}
     service = pb.DESCRIPTOR.services_by_name["Recommender"]

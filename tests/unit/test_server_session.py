@@ -12,7 +12,8 @@ from llmrec.server.catalogue import ResolvedItem
 from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
 from llmrec.server.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
 from llmrec.server.session import (
-    NOTHING_YET_MESSAGE, ContextEvent, InteractionEvent, QueryEvent, Session, SessionConfigEvent, SessionRegistry,
+    NOTHING_YET_MESSAGE, ContextEvent, InteractionEvent, QueryEvent, RejectionEvent, Session, SessionConfigEvent,
+    SessionRegistry,
 )
 from llmrec.server.validation import Limits
 
@@ -20,7 +21,7 @@ from llmrec.server.validation import Limits
 class FakeRecommender:
     """Knows ids "a".."e"; records what it is asked to resolve, encode and search."""
 
-    limits = Limits(max_k=10, max_request_history=3, max_text_chars=50)
+    limits = Limits(max_k=10, max_request_history=3, max_text_chars=50, max_rejected_items=3)
     max_history_items = 2
     catalogue = set("abcde")
 
@@ -41,9 +42,10 @@ class FakeRecommender:
         self.encoded.append(text)
         return np.ones(4, dtype=np.float32)
 
-    def search(self, vector, k, exclude_ids, filters, history_ids):
+    def search(self, vector, k, exclude_ids, filters, history_ids, rejected_ids=(), min_score=None):
         self.searches.append((k, frozenset(exclude_ids), tuple(filters)))
         self.history_ids = tuple(history_ids)
+        self.rejected_ids, self.min_score = tuple(rejected_ids), min_score
         return [ScoredItem(item_id=i, score=1.0, title=i, rank=n) for n, i in enumerate("abcde"[:k], 1)]
 
 
@@ -115,6 +117,22 @@ def test_config_keeps_history_unless_it_brings_one(session):
     assert session.state.history_ids == ("c", "d") and session.state.k == 4  # k 0 = default
 
 
+def test_rejections_accumulate_without_inference_until_a_config_replaces_them(session):
+    handle(session, InteractionEvent(ref("a")))
+    for item_id in ("b", "zz", "b"):  # unknown ids are kept (the ranking ignores them); repeats count once
+        handle(session, RejectionEvent(item_id))
+    assert session.state.rejected_ids == ("b", "zz") and session.recommender.rejected_ids == ("b", "zz")
+    assert session.encodes == 1  # a rejection leaves the user text, and so the cached vector, as they were
+    handle(session, SessionConfigEvent(k=2, min_score=0.25))  # an empty list keeps them
+    assert session.state.rejected_ids == ("b", "zz") and session.recommender.min_score == 0.25
+    handle(session, SessionConfigEvent(rejected_item_ids=("c", "c", "d")))
+    assert session.state.rejected_ids == ("c", "d") and session.state.min_score is None
+    handle(session, RejectionEvent("e"))
+    with pytest.raises(InvalidArgument, match="already holds 3 rejected items") as caught:
+        handle(session, RejectionEvent("a"))
+    assert caught.value.field == "rejection" and session.state.rejected_ids == ("c", "d", "e")
+
+
 def test_history_keeps_the_most_recent_items(session):
     for item_id in "abcde":
         update = handle(session, InteractionEvent(ref(item_id)))
@@ -132,6 +150,10 @@ def test_history_keeps_the_most_recent_items(session):
     (SessionConfigEvent(filters=(AttributeFilter("category", ()),)), InvalidArgument),
     (ContextEvent(RequestContext(device="d" * 51)), InvalidArgument),
     (QueryEvent("q" * 51), InvalidArgument),
+    (RejectionEvent(""), InvalidArgument),
+    (SessionConfigEvent(rejected_item_ids=("a", "")), InvalidArgument),
+    (SessionConfigEvent(rejected_item_ids=tuple("abcd")), InvalidArgument),
+    (SessionConfigEvent(min_score=float("nan")), InvalidArgument),
     (None, InvalidArgument),
 ])
 def test_a_bad_event_leaves_the_state_unchanged(session, event, error):
@@ -175,6 +197,20 @@ def test_forget_during_an_event_wins(session):
     with pytest.raises(Aborted):
         handle(session, InteractionEvent(ref("a")))
     assert session.state.history_ids == ()
+
+
+def test_registry_caps_each_clients_sessions_and_frees_them_on_close_and_forget():
+    registry = SessionRegistry(max_sessions=10, max_per_client=2)
+    recommender = FakeRecommender()
+    first, second = registry.open(recommender, 4, "peer:a"), registry.open(recommender, 4, "peer:a")
+    with pytest.raises(ResourceExhausted, match="already holds its maximum of 2") as caught:
+        registry.open(recommender, 4, "peer:a")
+    assert caught.value.reason == "CLIENT_SESSION_LIMIT" and caught.value.retry_after_s > 0
+    registry.open(recommender, 4, "peer:b")  # another client is not held back
+    registry.forget(first.id)
+    third = registry.open(recommender, 4, "peer:a")
+    registry.close(second), registry.close(third), registry.close(first)  # closing a forgotten one frees nothing
+    assert registry._per_client == {"peer:b": 1}
 
 
 def test_registry_caps_sessions_and_forgets_by_id():
