@@ -143,7 +143,9 @@ def iteration(stub: pb_grpc.RecommenderStub, rng: random.Random, n: int, counts:
 @pytest.mark.timeout(600 + 10 * (WARMUP + ITERATIONS))  # generous: a loaded 2-core machine runs ~3 s an iteration
 def test_memory_stays_flat_under_a_mixed_load_with_abandoned_sessions(tiny_bundle: Path, tmp_path: Path):
     server = ServerProcess(tiny_bundle, tmp_path / "server.log", tmp_path / "state", "--snapshot-every", "25",
-                           "--max-sessions", str(MAX_SESSIONS)).start()
+                           "--max-sessions", str(MAX_SESSIONS),
+                           # one client counts the free slots: the per-client cap (half by default) must not hide them
+                           "--max-sessions-per-client", str(MAX_SESSIONS)).start()
     rng = random.Random(7)
     counts = {"iterations": 0, "sessions": 0, "session_cap_waits": 0}
     samples: list[tuple[int, int]] = []
