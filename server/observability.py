@@ -57,6 +57,13 @@ def gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+def _ended(context: grpc.aio.ServicerContext) -> bool:
+    with contextlib.suppress(Exception):
+        remaining = context.time_remaining()
+        return context.cancelled() or (remaining is not None and remaining <= 0.05)
+    return False
+
+
 def aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     with contextlib.suppress(Exception):
         code = context.code()
@@ -100,14 +107,19 @@ class CallObserver(grpc.aio.ServerInterceptor):
             yield
         except grpc.aio.AbortError:
             code = aborted_code(context)
+            if code is grpc.StatusCode.UNKNOWN and _ended(context):
+                # aborted after the deadline passed or the client left (the encoder saw it first): the call's
+                # code was no longer settable, and the caller already has DEADLINE_EXCEEDED or CANCELLED
+                code = gone_code(context)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             # grpc.aio cancels the handler when the client cancels or the deadline passes (a stream may instead be
             # closed at a yield): the call is neither OK nor an error of ours.
             code = gone_code(context)
             raise
-        except Exception:  # the servicer turns every error into a status; anything here is a bug below it
-            code = grpc.StatusCode.UNKNOWN
+        except Exception:  # the servicer turns every error into a status; anything here is a bug below it...
+            # ...unless the call had already ended: aborting an expired or cancelled call fails (ExecuteBatchError)
+            code = gone_code(context) if _ended(context) else grpc.StatusCode.UNKNOWN
             raise
         finally:
             # Never the request itself: histories and queries are personal data.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 
 import pytest
@@ -48,14 +49,15 @@ def test_log_lines_are_rate_limited(monkeypatch, caplog):
 
 
 def test_phases_record_their_time_and_own_peak(monkeypatch):
-    import numpy as np
-
     resets = track_memory(True)
     try:
         with phase("outer"):
             with phase("inner"):
-                block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
-                del block
+                # 40 MiB of fresh pages, touched, then unmapped: a heap allocation could reuse pages already
+                # resident after earlier tests and raise no peak at all
+                block = mmap.mmap(-1, 40 * 2**20)
+                block.write(b"\1" * len(block))
+                block.close()
         outer, inner = recorded_phases()
         assert (outer.name, outer.depth, inner.name, inner.depth) == ("outer", 0, "inner", 1)
         assert outer.seconds >= inner.seconds >= 0 and outer.cpu_seconds >= 0
