@@ -48,20 +48,24 @@ def request_id_of(metadata: Any) -> str:
     return secrets.token_hex(16)
 
 
-def gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """Why a call ended without an answer: its deadline passed (DEADLINE_EXCEEDED) or its client left (CANCELLED)."""
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     with contextlib.suppress(Exception):
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0.05:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+        return remaining is not None and remaining <= 0.05
+    return False
+
+
+def gone_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call ended without an answer: its deadline passed (DEADLINE_EXCEEDED) or its client left (CANCELLED)."""
+    return grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
 
 
 def _ended(context: grpc.aio.ServicerContext) -> bool:
+    """The call is over for the caller: its deadline passed or it was cancelled."""
     with contextlib.suppress(Exception):
-        remaining = context.time_remaining()
-        return context.cancelled() or (remaining is not None and remaining <= 0.05)
-    return False
+        if context.cancelled():
+            return True
+    return _deadline_passed(context)
 
 
 def aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
