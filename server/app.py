@@ -29,6 +29,7 @@ from llmrec.server import reflection
 from llmrec.server.servicer import RecommenderServicer, add_to_server
 from llmrec.server import security
 from llmrec.server.settings import ServerSettings
+from llmrec.server.store import store_for
 from llmrec.server.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class RecommenderServer:
         self.metrics_port: int | None = None
         self._metrics_http = None
         self.certificates: security.CertificateFiles | None = None  # TLS files, reloaded on change
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING, Recommender UNAVAILABLE). Returns the bound port."""
@@ -124,6 +126,7 @@ class RecommenderServer:
             BundleError: the bundle cannot be served.
         """
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         bundle_dir = settings.resolve_bundle_dir()
         logger.info("loading bundle %s", bundle_dir)
         bundle = await asyncio.to_thread(
@@ -141,7 +144,8 @@ class RecommenderServer:
         widths = await self._encoder.warm_up()
         logger.info("warmed up widths %s", widths)
         limits = Limits(settings.max_k, settings.max_request_history, settings.max_text_chars)
-        catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every)
+        store = store_for(settings, manifest, self._store_serving)
+        catalogue = await asyncio.to_thread(open_catalogue, bundle, store)
         self.recommender = Recommender(bundle, self._encoder, limits, catalogue)
         self._servicer.attach(self.recommender)
         assert self._health is not None
@@ -149,6 +153,19 @@ class RecommenderServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("SERVING model %s, index %s (%s, %d inference threads)", self.recommender.model_version,
                     self.recommender.index_version, bundle.encoder.provider, settings.threads)
+
+    def _store_serving(self, serving: bool) -> None:
+        """Called from a shared store's thread: NOT_SERVING while this replica may have fallen behind the shared
+        catalogue, SERVING once it has caught up (before load() finishes, load() reports SERVING itself)."""
+        if self._loop is None or self._health is None or self.recommender is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def report() -> None:  # ignored after enter_graceful_shutdown
+            for service in HEALTH_SERVICES:
+                await self._health.set(service, status)
+
+        asyncio.run_coroutine_threadsafe(report(), self._loop)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (load balancers drain), then let in-flight RPCs finish for up to `grace` seconds."""
