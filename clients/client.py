@@ -17,6 +17,12 @@ Failures raise RecommenderError carrying the gRPC status code and the server's m
 Secured servers (server.security): TLS with the server's CA, mutual TLS with a client certificate, a token:
 
     RecommenderClient("recs.internal:50051", tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key", token=TOKEN)
+
+Many replicas (docs/serving.md#many-replicas): one channel over all their addresses, calls spread round-robin over
+the replicas that are up, those that report NOT_SERVING skipped (client-side health checking):
+
+    RecommenderClient("ipv4:10.0.0.1:50051,10.0.0.2:50051", load_balancing="round_robin")
+    RecommenderClient("dns:///recs-headless.llmrec:50051", load_balancing="round_robin")
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
+import json
 import os
 import queue
 import time
@@ -324,15 +331,20 @@ class RecommenderClient:
         token: a bearer token, sent as `authorization: Bearer <token>` metadata with every call.
         tls: use TLS; None (the default) = when any of tls_ca, tls_cert, tls_key is given.
         tls_server_name: the name to check the server's certificate against, when not the target's host.
+        load_balancing: "round_robin" spreads calls over every address the target resolves to (several
+            replicas), skipping those whose health is not SERVING; None = gRPC's default (pick_first).
+        channel_options: further gRPC channel arguments, e.g. (("grpc.keepalive_time_ms", 30000),).
     """
 
     def __init__(self, target: str, timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  *, tls_ca: PemLike | None = None, tls_cert: PemLike | None = None, tls_key: PemLike | None = None,
-                 token: str | None = None, tls: bool | None = None, tls_server_name: str | None = None):
+                 token: str | None = None, tls: bool | None = None, tls_server_name: str | None = None,
+                 load_balancing: str | None = None, channel_options: Sequence[tuple[str, Any]] = ()):
         self.target = target
         self.timeout_s = timeout_s
         self.channel = open_channel(target, max_message_bytes, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                                    token=token, tls=tls, tls_server_name=tls_server_name)
+                                    token=token, tls=tls, tls_server_name=tls_server_name,
+                                    load_balancing=load_balancing, channel_options=channel_options)
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -474,8 +486,10 @@ class RecommenderClient:
 
 def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, tls_ca: PemLike | None = None,
                  tls_cert: PemLike | None = None, tls_key: PemLike | None = None, token: str | None = None,
-                 tls: bool | None = None, tls_server_name: str | None = None) -> grpc.Channel:
-    """A channel to `target`: TLS when asked for (or when any tls_* is given), the token on every call.
+                 tls: bool | None = None, tls_server_name: str | None = None, load_balancing: str | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to `target`: TLS when asked for (or when any tls_* is given), the token on every call, calls
+    balanced by `load_balancing` (a gRPC policy name such as "round_robin") with client-side health checking.
 
     The token travels as call metadata added by a client interceptor, not as gRPC call credentials: gRPC
     refuses call credentials on plaintext channels, and a token over plaintext to a loopback address (tests, a
@@ -485,7 +499,11 @@ def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give tls_cert and tls_key together (a client certificate and its key)")
     options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes)]
+               ("grpc.max_receive_message_length", max_message_bytes), *channel_options]
+    if load_balancing:
+        # The health service's "" entry: a replica that is loading or catching up is NOT_SERVING and gets no calls.
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}],
+                                                           "healthCheckConfig": {"serviceName": ""}})))
     secure = tls if tls is not None else any(value is not None for value in (tls_ca, tls_cert, tls_key))
     if secure:
         credentials = grpc.ssl_channel_credentials(

@@ -235,35 +235,7 @@ class PostgresStore(ChangeStore):
     def commit(self, operation: Operation) -> int:
         replica = self._replica
         assert replica is not None, "open() first"
-        record = change_record(operation)
-        # each touched item's new state (None: deleted), for the items table
-        states = [(item_id_from_record(item), Jsonb(item)) for item in record["items"]] \
-            if isinstance(operation, Upsert) else [(item_id, None) for item_id in record["ids"]]
-        try:
-            if self._writer is None or self._writer.closed:
-                self._writer = self._connect()
-            connection = self._writer
-            with connection.transaction():
-                (sequence,) = connection.execute(
-                    "UPDATE llmrec_catalogue_head SET last_seq = last_seq + 1 WHERE bundle_version = %s "
-                    "RETURNING last_seq", (self.bundle_version,)).fetchone()
-                connection.execute("INSERT INTO llmrec_catalogue_changes (bundle_version, seq, change) "
-                                   "VALUES (%s, %s, %s)", (self.bundle_version, sequence, Jsonb(record)))
-                with connection.cursor() as cursor:
-                    cursor.executemany(
-                        "INSERT INTO llmrec_catalogue_items (bundle_version, item_id, seq, item) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (bundle_version, item_id) "
-                        "DO UPDATE SET seq = EXCLUDED.seq, item = EXCLUDED.item",
-                        [(self.bundle_version, item_id, sequence, item) for item_id, item in states])
-                connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.bundle_version} {sequence}"))
-        except psycopg.Error as error:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            raise StoreUnavailable(
-                f"the shared catalogue database did not confirm the commit ({_first_line(error)}); if the "
-                "connection broke during the commit the change may still be committed, and is then applied on "
-                "every replica (retrying an upsert is safe)") from None
+        sequence = self._insert(change_record(operation), isinstance(operation, Upsert))
         deadline = time.monotonic() + self._apply_timeout_s
         with self._applied:
             while replica.revision < sequence:
@@ -275,6 +247,48 @@ class PostgresStore(ChangeStore):
                         "replica catches up")
                 self._applied.wait(remaining)
         return sequence
+
+    def _insert(self, record: dict[str, Any], upsert: bool) -> int:
+        """Commit one change record; its sequence number. A connection found broken before anything could commit
+        (the database restarted since the last write) is replaced once."""
+        # each touched item's new state (None: deleted), for the items table
+        states = [(item_id_from_record(item), Jsonb(item)) for item in record["items"]] if upsert \
+            else [(item_id, None) for item_id in record["ids"]]
+        for attempt in (1, 2):
+            reused = self._writer is not None and not self._writer.closed
+            committing = False
+            try:
+                if not reused:
+                    self._writer = self._connect()
+                connection = self._writer
+                assert connection is not None
+                with connection.transaction():
+                    (sequence,) = connection.execute(
+                        "UPDATE llmrec_catalogue_head SET last_seq = last_seq + 1 WHERE bundle_version = %s "
+                        "RETURNING last_seq", (self.bundle_version,)).fetchone()
+                    connection.execute("INSERT INTO llmrec_catalogue_changes (bundle_version, seq, change) "
+                                       "VALUES (%s, %s, %s)", (self.bundle_version, sequence, Jsonb(record)))
+                    with connection.cursor() as cursor:
+                        cursor.executemany(
+                            "INSERT INTO llmrec_catalogue_items (bundle_version, item_id, seq, item) "
+                            "VALUES (%s, %s, %s, %s) ON CONFLICT (bundle_version, item_id) "
+                            "DO UPDATE SET seq = EXCLUDED.seq, item = EXCLUDED.item",
+                            [(self.bundle_version, item_id, sequence, item) for item_id, item in states])
+                    connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.bundle_version} {sequence}"))
+                    committing = True  # leaving the block sends COMMIT
+                return sequence
+            except psycopg.Error as error:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+                if not committing and reused and attempt == 1 and isinstance(error, psycopg.OperationalError):
+                    continue  # a stale connection: nothing was committed, try once on a new one
+                outcome = ("if the connection broke during the commit the change may still be committed, and is "
+                           "then applied on every replica (retrying an upsert is safe)") if committing else \
+                    "nothing was committed"
+                raise StoreUnavailable(f"the shared catalogue database did not confirm the commit "
+                                       f"({_first_line(error)}); {outcome}") from None
+        raise AssertionError("unreachable")
 
     def refusal(self) -> str | None:
         if not self._caught_up:
