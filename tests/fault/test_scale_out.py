@@ -244,6 +244,16 @@ def test_a_database_crash_restart_during_writes_loses_nothing_and_every_replica_
             refused.append(error.value.code.name)
         outage["writes_during_outage"] = refused
         assert set(refused) == {"UNAVAILABLE"}
+        # a replica still answers reads itself, but the balanced client (client-side health checking) sends none
+        assert cluster.clients[0].recommend(query="space adventure", k=5).items
+        while True:
+            try:
+                cluster.balanced.recommend(query="space adventure", k=5)
+            except RecommenderError as error:
+                assert error.code == grpc.StatusCode.UNAVAILABLE
+                break
+            assert time.monotonic() < deadline, "the balanced client still sent calls to NOT_SERVING replicas"
+            time.sleep(0.05)
 
     def restart() -> None:
         cluster.postgres.start()
@@ -256,6 +266,16 @@ def test_a_database_crash_restart_during_writes_loses_nothing_and_every_replica_
     result = _writes_across(cluster, crash, restart, seed=3, during_fault=False)
     RESULTS["database_restart"] = {**result, **outage}
     assert result["lost"] == 0
+
+
+def test_a_database_holding_the_version_with_other_index_rows_is_refused(cluster, tiny_bundle):
+    from llmrec.server.state import StateError
+    from llmrec.server.store.postgres import PostgresStore
+
+    manifest = read_manifest(tiny_bundle)
+    store = PostgresStore(cluster.postgres.dsn, manifest.bundle_version, manifest.index_dimension + 1)
+    with pytest.raises(StateError, match="two different bundles share one version name"):
+        store.open(None)
 
 
 @pytest.mark.timeout(600 + 0.3 * CATCHUP)  # seeding and every replica's index growth run inside this test
