@@ -215,13 +215,14 @@ class PostgresStore(ChangeStore):
                 self._catch_up(connection, replica)
                 for _ in connection.notifies(timeout=POLL_S, stop_after=1):
                     pass  # any notification: look for changes (the payload is only a hint)
-            except (psycopg.Error, KeyError, TypeError, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 - whatever stops applying: NOT_SERVING, then start over
                 if self._stop.is_set():
                     break
                 if self._caught_up:
                     self._caught_up = False
                     logger.error("shared catalogue: lost at change %d (%s); NOT_SERVING until caught up again",
-                                 replica.revision, _first_line(error))
+                                 replica.revision, _first_line(error),
+                                 exc_info=not isinstance(error, psycopg.OperationalError))
                     self._on_serving(False)
                 if connection is not None:
                     connection.close()
