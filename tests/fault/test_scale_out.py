@@ -220,6 +220,9 @@ def test_kill_9_of_a_replica_during_writes_loses_nothing_and_it_converges(cluste
     def restart() -> None:
         victim.start()
         victim.wait_serving(START_TIMEOUT_S)
+        # a new channel: the old one may still be backing off from the refused reconnections after the kill
+        cluster.clients[1].close()
+        cluster.clients[1] = RecommenderClient(victim.target, timeout_s=CALL_TIMEOUT_S)
 
     result = _writes_across(cluster, victim.kill9, restart, seed=2, during_fault=True)
     RESULTS["kill_9_replica"] = result
