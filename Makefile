@@ -109,3 +109,20 @@ soak: setup  ## SOAK_ITERATIONS of every RPC with abandoned sessions; RSS may gr
 
 chaos: setup  ## CHAOS_ROUNDS of kill -9 during writes, then damaged journal/snapshot; reports/fault/chaos.json
 	LLMREC_CHAOS_ROUNDS=$(CHAOS_ROUNDS) LLMREC_FAULT_REPORTS=$(FAULT_REPORTS) $(PY) -m pytest -q -s tests/fault/test_chaos.py
+
+# Many replicas, one catalogue (tests/fault/test_scale_out.py; `make test` runs it small): three replicas on a real
+# PostgreSQL (the pgserver wheel), SCALE_WRITES changes per phase, a late replica catching up on SCALE_CATCHUP.
+# Its own --basetemp: pytest's retention of the last 3 /tmp/pytest-of-<user> directories would delete the database
+# under a long run when other pytest sessions start meanwhile.
+SCALE_WRITES ?= 300
+SCALE_CATCHUP ?= 100000
+SCALE_REPORTS ?= reports/scale
+CAPACITY_ITEMS ?= 20000 200000 1000000
+.PHONY: scale-test capacity
+
+scale-test: setup  ## 3 replicas + PostgreSQL: convergence p50/p99, kill -9, database restart, catch-up on 100k changes
+	LLMREC_SCALE_WRITES=$(SCALE_WRITES) LLMREC_SCALE_CATCHUP=$(SCALE_CATCHUP) LLMREC_FAULT_REPORTS=$(SCALE_REPORTS) \
+		$(PY) -m pytest -q -s --basetemp=build/scale-test tests/fault/test_scale_out.py
+
+capacity: setup  ## memory per catalogue item and start-up time at CAPACITY_ITEMS items; reports/scale/capacity.*
+	$(PY) -m bench.capacity --items $(CAPACITY_ITEMS) --out $(SCALE_REPORTS)

@@ -23,6 +23,12 @@ Secured servers (server.security): TLS with the server's CA, mutual TLS with a c
 
 client_id names the caller for the server's per-client fair sharing when authorization is off (sent as
 `llmrec-client-id` metadata; with authorization on, the token or certificate decides and it is ignored).
+
+Many replicas (docs/serving.md#many-replicas): one channel over all their addresses, calls spread round-robin over
+the replicas that are up, those that report NOT_SERVING skipped (client-side health checking):
+
+    RecommenderClient("ipv4:10.0.0.1:50051,10.0.0.2:50051", load_balancing="round_robin")
+    RecommenderClient("dns:///recs-headless.llmrec:50051", load_balancing="round_robin")
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import itertools
+import json
 import os
 import queue
 import time
@@ -358,16 +365,21 @@ class RecommenderClient:
         tls_server_name: the name to check the server's certificate against, when not the target's host.
         client_id: who this client is for the server's fair sharing when authorization is off
             (`llmrec-client-id` metadata on every call); None = the server goes by this host's address.
+        load_balancing: "round_robin" spreads calls over every address the target resolves to (several
+            replicas), skipping those whose health is not SERVING; None = gRPC's default (pick_first).
+        channel_options: further gRPC channel arguments, e.g. (("grpc.keepalive_time_ms", 30000),).
     """
 
     def __init__(self, target: str, timeout_s: float = 10.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  *, tls_ca: PemLike | None = None, tls_cert: PemLike | None = None, tls_key: PemLike | None = None,
                  token: str | None = None, tls: bool | None = None, tls_server_name: str | None = None,
-                 client_id: str | None = None):
+                 client_id: str | None = None, load_balancing: str | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()):
         self.target = target
         self.timeout_s = timeout_s
         self.channel = open_channel(target, max_message_bytes, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                                    token=token, tls=tls, tls_server_name=tls_server_name, client_id=client_id)
+                                    token=token, tls=tls, tls_server_name=tls_server_name, client_id=client_id,
+                                    load_balancing=load_balancing, channel_options=channel_options)
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -537,9 +549,11 @@ class RecommenderClient:
 def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, tls_ca: PemLike | None = None,
                  tls_cert: PemLike | None = None, tls_key: PemLike | None = None, token: str | None = None,
                  tls: bool | None = None, tls_server_name: str | None = None,
-                 client_id: str | None = None) -> grpc.Channel:
+                 client_id: str | None = None, load_balancing: str | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to `target`: TLS when asked for (or when any tls_* is given), the token and the client id on
-    every call.
+    every call, calls balanced by `load_balancing` (a gRPC policy name such as "round_robin") with client-side
+    health checking.
 
     The token travels as call metadata added by a client interceptor, not as gRPC call credentials: gRPC
     refuses call credentials on plaintext channels, and a token over plaintext to a loopback address (tests, a
@@ -549,7 +563,11 @@ def open_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give tls_cert and tls_key together (a client certificate and its key)")
     options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes)]
+               ("grpc.max_receive_message_length", max_message_bytes), *channel_options]
+    if load_balancing:
+        # The health service's "" entry: a replica that is loading or catching up is NOT_SERVING and gets no calls.
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}],
+                                                           "healthCheckConfig": {"serviceName": ""}})))
     secure = tls if tls is not None else any(value is not None for value in (tls_ca, tls_cert, tls_key))
     if secure:
         credentials = grpc.ssl_channel_credentials(

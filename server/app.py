@@ -64,6 +64,7 @@ class RecommenderServer:
         self.metrics_port: int | None = None
         self._metrics_http = None
         self.certificates: security.CertificateFiles | None = None  # TLS files, reloaded on change
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING, Recommender UNAVAILABLE). Returns the bound port."""
@@ -134,6 +135,8 @@ class RecommenderServer:
         Raises:
             BundleError: the bundle cannot be served. StateError: its state directory cannot be used.
         """
+        self._loop = asyncio.get_running_loop()
+        self.models.on_store_serving = self._store_serving
         generation = await self.models.load_first()
         assert self._health is not None
         for service in HEALTH_SERVICES:
@@ -146,6 +149,19 @@ class RecommenderServer:
                                                                  self.settings.bundle_poll_seconds))
             logger.info("looking for a newer bundle under %s every %g s", self.settings.bundle_root,
                         self.settings.bundle_poll_seconds)
+
+    def _store_serving(self, serving: bool) -> None:
+        """Called from a shared store's thread: NOT_SERVING while this replica may have fallen behind the shared
+        catalogue, SERVING once it has caught up (before load() finishes, load() reports SERVING itself)."""
+        if self._loop is None or self._health is None or self.recommender is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def report() -> None:  # ignored after enter_graceful_shutdown
+            for service in HEALTH_SERVICES:
+                await self._health.set(service, status)
+
+        asyncio.run_coroutine_threadsafe(report(), self._loop)
 
     async def stop(self, grace: float | None = None, drain: float | None = None,
                    cut_short: asyncio.Event | None = None) -> None:

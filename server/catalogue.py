@@ -6,10 +6,11 @@ which re-adds the label with its own vector (hnswlib unmarks and updates it in p
 the index. A new item with no free label gets the next row; the index is resized (doubled) when full.
 
 Concurrency: hnswlib must never add and query at once. Index reads hold the read side of a readers-writer lock;
-every change runs on the one writer thread, which journals it (durable before anything else happens, see
-server.state), then applies it under the write side in chunks of WRITE_CHUNK items, so a reader waits for at
-most one chunk. Writers are preferred: a waiting writer holds back new readers. A change is acknowledged
-only after it is applied, so the next search sees it.
+every change runs on the one writer thread, which commits it to the change store (durable before anything else
+happens, see server.store), then it is applied under the write side in chunks of WRITE_CHUNK items, so a reader
+waits for at most one chunk. Writers are preferred: a waiting writer holds back new readers. A change is
+acknowledged only after it is applied, so the next search sees it. Changes are applied by one thread at a time,
+in sequence order: the writer thread with the local store, the follower thread with a shared one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from llmrec.server import metrics, tracing
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
 from llmrec.server.errors import FailedPrecondition, InvalidArgument, Unavailable, unknown_items
-from llmrec.server.state import CatalogueStore, Delete, Upsert
+from llmrec.server.state import Delete, Upsert
+from llmrec.server.store import ChangeStore
 
 logger = logging.getLogger(__name__)
 
@@ -158,30 +160,24 @@ class Catalogue:
         self._changes: dict[str, tuple[CatalogueItem | None, np.ndarray | None]] = {}
         self.revision = 0  # sequence number of the last applied change (0: none since the state began)
         self._lock = ReadWriteLock()
-        self._store: CatalogueStore | None = None
+        self._store: ChangeStore | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmrec-catalogue")
 
     # --- durable state -------------------------------------------------------------------------------
 
-    def open_store(self, store: CatalogueStore) -> int:
-        """Replay the store (snapshot, then journal tail) into the catalogue and journal later changes there.
+    def open_store(self, store: ChangeStore) -> int:
+        """Replay the store into the catalogue (which it keeps up to date) and commit later changes there.
 
         Blocking; call before serving. Returns the number of changes replayed.
         """
-        operations, revision = store.open()
-        for operation in operations:
-            self._apply(operation)
-        self.revision = revision
+        replayed = store.open(self)
         self._store = store
-        return len(operations)
+        return replayed
 
     def close(self) -> None:
-        """Finish pending writes, snapshot what the journal holds and release the state directory."""
+        """Finish pending writes, then close the store (the local one writes a last snapshot)."""
         self._writer.shutdown(wait=True)
         if self._store is not None:
-            with contextlib.suppress(Exception):
-                if self._store.records_since_snapshot and not self._store.broken:
-                    self._store.snapshot(self._change_records(), self.revision)
             self._store.close()
             self._store = None
 
@@ -394,12 +390,14 @@ class Catalogue:
         return await loop.run_in_executor(self._writer, self._changes_now)
 
     def _changes_now(self) -> CatalogueChanges:
-        return CatalogueChanges({item_id: item for item_id, (item, _) in self._changes.items()},
-                                frozenset(self._label_of), self.revision)
+        with self._lock.read():  # a shared store's follower thread may be applying a change
+            return CatalogueChanges({item_id: item for item_id, (item, _) in self._changes.items()},
+                                    frozenset(self._label_of), self.revision)
 
     def upserted_ids(self) -> list[str]:
         """Ids of the live items that UpsertItems added or replaced (as opposed to the bundle's own)."""
-        return [item_id for item_id, (item, _) in list(self._changes.items()) if item is not None]
+        with self._lock.read():
+            return [item_id for item_id, (item, _) in self._changes.items() if item is not None]
 
     # --- writes ---------------------------------------------------------------------------------------
 
@@ -413,11 +411,12 @@ class Catalogue:
         """Raise the error a change would get now: FailedPrecondition without state, Unavailable once broken."""
         if self._store is None:
             raise FailedPrecondition(
-                "catalogue changes need durable state: start the server with --state-dir DIR (LLMREC_STATE_DIR)"
+                "catalogue changes need durable state: start the server with --state-dir DIR (LLMREC_STATE_DIR) or "
+                "--catalogue-store postgres"
             )
-        if self._store.broken:
-            raise Unavailable("catalogue changes are disabled after a storage error; the server log has the "
-                              "details (restart the server once the state directory is writable)")
+        refusal = self._store.refusal()
+        if refusal is not None:
+            raise Unavailable(refusal)
 
     async def upsert(self, items: Sequence[CatalogueItem], rows: np.ndarray) -> WriteResult:
         """Journal, then apply, new and changed items."""
@@ -438,7 +437,8 @@ class Catalogue:
         return await asyncio.shield(loop.run_in_executor(self._writer, function, *args))
 
     def _upsert_sync(self, items: list[CatalogueItem], rows: np.ndarray) -> WriteResult:
-        replaced = sum(item.item_id in self._label_of for item in items)  # only this thread changes it
+        # as this replica sees it: with a shared store another replica's change may land in between
+        replaced = sum(item.item_id in self._label_of for item in items)
         self._commit(Upsert([dataclasses.replace(i, upserted=True) for i in items], rows))
         return WriteResult(created=len(items) - replaced, replaced=replaced, item_count=self.count,
                            index_version=self.index_version)
@@ -454,23 +454,19 @@ class Catalogue:
         return WriteResult(deleted=len(present), item_count=self.count, index_version=self.index_version)
 
     def _commit(self, operation: Upsert | Delete) -> None:
-        """Writer thread only: make the change durable, then visible."""
+        """Writer thread only: make the change durable, then wait until it is visible (the store applies it)."""
         self.check_writable()
-        store = self._store
-        assert store is not None
-        sequence = self.revision + 1
+        assert self._store is not None
         try:
-            store.append(sequence, operation)
+            self._store.commit(operation)
         except OSError as error:
-            logger.error("cannot journal a catalogue change: %s", error)
-            raise Unavailable("the catalogue change could not be made durable and was not applied") from None
+            logger.error("catalogue change not acknowledged: %s", error)
+            raise Unavailable(f"the catalogue change was not acknowledged: {error}") from None
+
+    def apply_change(self, sequence: int, operation: Upsert | Delete) -> None:
+        """Apply one stored change (server.store.Replica): one thread at a time, in sequence order."""
         self._apply(operation)
         self.revision = sequence
-        if store.records_since_snapshot >= store.snapshot_every:
-            try:
-                store.snapshot(self._change_records(), sequence)
-            except OSError as error:  # the journal still holds everything: a failed snapshot loses nothing
-                logger.error("catalogue snapshot failed (the journal keeps every change): %s", error)
 
     def _apply(self, operation: Upsert | Delete) -> None:
         if isinstance(operation, Upsert):
@@ -559,7 +555,7 @@ class Catalogue:
                     if not labels:
                         del self._postings[key]
 
-    def _change_records(self) -> list[Upsert | Delete]:
+    def change_records(self) -> list[Upsert | Delete]:
         """The catalogue's difference from the bundle, as operations a snapshot stores."""
         upserts = [(item, row) for item, row in self._changes.values() if item is not None]
         deletes = [item_id for item_id, (item, _) in self._changes.items() if item is None]
@@ -593,17 +589,13 @@ def _decode_page_token(token: str) -> str | None:
     return text[len(_PAGE_TOKEN_PREFIX):]
 
 
-def open_catalogue(bundle: LoadedBundle, state_dir=None, snapshot_every: int = 1000,
-                   swapping: bool = False) -> Catalogue:
-    """The live catalogue of a bundle, with its durable changes replayed when a state directory is given.
-    swapping: for a hot swap, which carries the served catalogue's changes over (no warning about them).
+def open_catalogue(bundle: LoadedBundle, store: ChangeStore | None = None) -> Catalogue:
+    """The live catalogue of a bundle, with its durable changes replayed when a store is given (server.store).
 
     Blocking (replay applies every stored change to the index). Raises StateError for unusable state.
     """
     catalogue = Catalogue(bundle)
-    if state_dir is not None:
-        store = CatalogueStore(state_dir, bundle.manifest.bundle_version, bundle.manifest.index_dimension,
-                               snapshot_every, warn_other_versions=not swapping)
+    if store is not None:
         replayed = catalogue.open_store(store)
         logger.info("catalogue: %d items after replaying %d stored changes (revision %d)", catalogue.count,
                     replayed, catalogue.revision)

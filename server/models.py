@@ -49,6 +49,7 @@ from llmrec.server.errors import (
 from llmrec.server.recommender import Recommender
 from llmrec.server.settings import ServerSettings
 from llmrec.server.state import StateError
+from llmrec.server.store import store_for
 from llmrec.server.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -92,13 +93,14 @@ class Generation:
             self.encoder.close()
 
 
-async def load_generation(settings: ServerSettings, path: Path, stage: Callable[[str], None] | None = None) \
-        -> Generation:
+async def load_generation(settings: ServerSettings, path: Path, stage: Callable[[str], None] | None = None,
+                          on_store_serving: Callable[[bool], None] = lambda serving: None) -> Generation:
     """Load, verify and warm up a bundle and open its catalogue (replaying its version's stored changes).
 
     Args:
         stage: for a hot swap: called with "verify", "warm_up", then "catalogue" as each step starts (it may raise
             to stop the swap). None at start-up.
+        on_store_serving: a shared catalogue store's health (server.store.store_for's on_serving).
 
     Raises:
         BundleError: the bundle cannot be served. StateError: its state directory cannot be used.
@@ -122,8 +124,8 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
         widths = await encoder.warm_up()
         logger.info("warmed up widths %s", widths)
         stage("catalogue")
-        catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every,
-                                            swapping)
+        store = store_for(settings, manifest, on_store_serving, warn_other_versions=not swapping)
+        catalogue = await asyncio.to_thread(open_catalogue, bundle, store)
     except BaseException:
         encoder.close()  # its workers are idle: this returns at once
         raise
@@ -322,6 +324,8 @@ class ModelManager:
         self.last_attempt: LoadAttempt | None = None
         # Called with the new recommender right after each swap (the servicer moves idle sessions over).
         self.swap_listeners: list[Callable[[Recommender], None]] = []
+        # A shared catalogue store's health (server.app reports it): only the serving generation's store counts.
+        self.on_store_serving: Callable[[bool], None] = lambda serving: None
         self._swapping: asyncio.Task | None = None
         self._stopping = False
 
@@ -337,9 +341,17 @@ class ModelManager:
         """
         path = await asyncio.to_thread(self.settings.resolve_bundle_dir)
         logger.info("loading bundle %s", path)
-        generation = await load_generation(self.settings, path)
+        generation = await load_generation(self.settings, path, on_store_serving=self._store_health(path))
         self.slot.swap(generation)
         return generation
+
+    def _store_health(self, path: Path) -> Callable[[bool], None]:
+        """The on_serving callback for the store of the generation loaded from `path` (called from its thread)."""
+        def report(serving: bool) -> None:
+            current = self.slot.current
+            if current is None or current.path == Path(path):
+                self.on_store_serving(serving)
+        return report
 
     async def swap(self, bundle_path: Path | None, trigger: str) -> SwapResult:
         """Load the bundle at bundle_path (None: the newest under bundle_root) and swap it in (module docstring).
@@ -393,7 +405,7 @@ class ModelManager:
                 return SwapResult(False, old.model_version, old.model_version, old.recommender.index_version)
             logger.info("hot swap (%s): loading %s while model %s serves", trigger, path, old.model_version)
             await self.slot.released(manifest.bundle_version, RELEASE_TIMEOUT_S)
-            new = await load_generation(self.settings, path, at)
+            new = await load_generation(self.settings, path, at, self._store_health(path))
             at("carry")
             carried = await carry_changes(old.recommender, new.recommender, self._check_stopping)
             async with self.slot.frozen():  # what changed meanwhile, with no write running

@@ -101,6 +101,20 @@ class ServerSettings(BaseSettings):
         "version). Unset = the catalogue is read-only: UpsertItems/DeleteItems get FAILED_PRECONDITION."))
     snapshot_every: Positive = Field(1000, description=(
         "Catalogue changes between snapshots (each snapshot empties the journal)."))
+    catalogue_store: Literal["local", "postgres"] = Field("local", description=(
+        "Where catalogue changes are made durable: local = the journal in state_dir, owned by this one server; "
+        "postgres = one PostgreSQL database shared by many replicas, each applying every change in order "
+        "(server.store; needs postgres_dsn or postgres_dsn_file, and the psycopg package of the server extra)."))
+    postgres_dsn: str | None = Field(None, description=(
+        "libpq connection string or URI of the shared catalogue database, e.g. postgresql://llmrec@db/llmrec "
+        "(LLMREC_POSTGRES_DSN, e.g. from a Kubernetes Secret). Never logged."))
+    postgres_dsn_file: Path | None = Field(None, description=(
+        "A file holding postgres_dsn (a mounted Kubernetes Secret); read at start-up."))
+    postgres_connect_timeout_s: float = Field(60.0, gt=0, description=(
+        "How long start-up keeps trying to reach the catalogue database before the server exits (code 2)."))
+    postgres_apply_timeout_s: float = Field(30.0, gt=0, description=(
+        "How long a committed change may take to be applied on this replica before its call gets UNAVAILABLE "
+        "(it stays committed, and is applied once this replica catches up)."))
     max_sessions: Positive = Field(1000, description=(
         "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
     # Fair sharing between clients (server.fairness: who a client is, and why half).
@@ -209,6 +223,27 @@ class ServerSettings(BaseSettings):
         return level.lower() if isinstance(level, str) else level
 
     @model_validator(mode="after")
+    def _store_consistent(self) -> ServerSettings:
+        given = (self.postgres_dsn is not None) + (self.postgres_dsn_file is not None)
+        if self.catalogue_store == "postgres" and given != 1:
+            raise ValueError("catalogue_store postgres needs exactly one of postgres_dsn (--postgres-dsn, "
+                             f"{ENV_PREFIX}POSTGRES_DSN) and postgres_dsn_file (--postgres-dsn-file)")
+        if self.catalogue_store == "local" and given:
+            raise ValueError("postgres_dsn / postgres_dsn_file are read only with catalogue_store postgres "
+                             "(--catalogue-store postgres)")
+        return self
+
+    def read_postgres_dsn(self) -> str:
+        """The shared store's connection string (postgres_dsn, or postgres_dsn_file's content, stripped)."""
+        if self.postgres_dsn is not None:
+            return self.postgres_dsn
+        assert self.postgres_dsn_file is not None
+        try:
+            return Path(self.postgres_dsn_file).read_text().strip()
+        except OSError as error:
+            raise OSError(f"cannot read postgres_dsn_file {self.postgres_dsn_file}: {error}") from None
+
+    @model_validator(mode="after")
     def _consistent(self) -> ServerSettings:
         if (self.bundle is None) == (self.bundle_root is None):
             raise ValueError("set exactly one of --bundle-root DIR and --bundle DIR "
@@ -308,7 +343,7 @@ def parse_settings(args: Sequence[str] | None = None) -> CommandLineSettings:
         raise SettingsError("\n".join(_explain(problem) for problem in error.errors())) from None
 
 
-SECRET_SETTINGS = frozenset({"auth_tokens"})
+SECRET_SETTINGS = frozenset({"auth_tokens", "postgres_dsn"})
 
 
 def _explain(problem: Any) -> str:

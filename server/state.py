@@ -241,7 +241,7 @@ class CatalogueStore:
             if len(records) != header["changes"]:
                 raise StateError(f"{path} holds {len(records)} changes, its header says {header['changes']}; "
                                  f"{restore}")
-            items = [self._item_from_json(r["item"]) for r in records if r["op"] == "upsert"]
+            items = [item_from_json(r["item"], self.index_dimension) for r in records if r["op"] == "upsert"]
             deleted = [str(r["id"]) for r in records if r["op"] == "delete"]
             sequence = header["last_seq"]
             if not isinstance(sequence, int) or sequence < 0:
@@ -324,16 +324,7 @@ class CatalogueStore:
             if seq <= snapshot_revision:  # already in the snapshot (a crash before the journal was replaced)
                 continue
             try:
-                if record["op"] == "upsert":
-                    items = [self._item_from_json(i) for i in record["items"]]
-                    journal.operations.append(Upsert([i for i, _ in items], np.stack([row for _, row in items])))
-                elif record["op"] == "delete":
-                    journal.operations.append(Delete([str(i) for i in record["ids"]]))
-                else:
-                    raise StateError(f"{path}: line {line.number} (byte {line.offset}) has unknown op "
-                                     f"{record['op']!r}. {restore}")
-            except StateError:
-                raise
+                journal.operations.append(operation_from_record(record, self.index_dimension))
             except (KeyError, TypeError, ValueError) as error:
                 raise StateError(f"{path}: line {line.number} (byte {line.offset}) is not a valid change "
                                  f"({error!r}). {restore}") from error
@@ -379,14 +370,7 @@ class CatalogueStore:
             raise OSError("the catalogue store is not open")
         if self.broken:
             raise OSError("the catalogue store is broken by an earlier storage error")
-        record: dict[str, Any] = {"seq": sequence}
-        if isinstance(operation, Upsert):
-            record["op"] = "upsert"
-            record["items"] = [self._item_to_json(i, r) for i, r in zip(operation.items, operation.rows)]
-        else:
-            record["op"] = "delete"
-            record["ids"] = list(operation.item_ids)
-        line = _record_line(record)
+        line = _record_line({"seq": sequence, **change_record(operation)})
         start = self._journal_size
         try:
             _write_all(self._journal_fd, line)
@@ -410,7 +394,7 @@ class CatalogueStore:
         lines = []
         for operation in operations:
             if isinstance(operation, Upsert):
-                lines += [{"op": "upsert", "item": self._item_to_json(i, r)}
+                lines += [{"op": "upsert", "item": item_to_json(i, r)}
                           for i, r in zip(operation.items, operation.rows)]
             else:
                 lines += [{"op": "delete", "id": item_id} for item_id in operation.item_ids]
@@ -456,22 +440,6 @@ class CatalogueStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-
-    # --- encoding -------------------------------------------------------------------------------------
-
-    def _item_to_json(self, item: CatalogueItem, row: np.ndarray) -> dict[str, Any]:
-        """The item record (llmrec.item_record) with its attributes, plus the base64 little-endian index row."""
-        return {**item_to_record(item.item_id, item.fields, item.attributes),
-                "vector": base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode()}
-
-    def _item_from_json(self, data: dict[str, Any]) -> tuple[CatalogueItem, np.ndarray]:
-        item_id = item_id_from_record(data)
-        row = np.frombuffer(base64.b64decode(data["vector"], validate=True), dtype="<f4").astype(np.float32)
-        if row.shape != (self.index_dimension,):
-            raise ValueError(f"item {item_id!r} has a vector of {row.size} values, want {self.index_dimension}")
-        item = CatalogueItem(item_id, item_from_record(data), attributes_from_record(data), upserted=True)
-        return item, row
-
 
 @dataclasses.dataclass
 class _Journal:
@@ -547,3 +515,38 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- encoding (shared with the other catalogue stores, server.store) -------------------------------------
+
+
+def item_to_json(item: CatalogueItem, row: np.ndarray) -> dict[str, Any]:
+    """The item record (llmrec.item_record) with its attributes, plus the base64 little-endian index row."""
+    return {**item_to_record(item.item_id, item.fields, item.attributes),
+            "vector": base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode()}
+
+
+def item_from_json(data: dict[str, Any], index_dimension: int) -> tuple[CatalogueItem, np.ndarray]:
+    item_id = item_id_from_record(data)
+    row = np.frombuffer(base64.b64decode(data["vector"], validate=True), dtype="<f4").astype(np.float32)
+    if row.shape != (index_dimension,):
+        raise ValueError(f"item {item_id!r} has a vector of {row.size} values, want {index_dimension}")
+    item = CatalogueItem(item_id, item_from_record(data), attributes_from_record(data), upserted=True)
+    return item, row
+
+
+def change_record(operation: Upsert | Delete) -> dict[str, Any]:
+    """One change as JSON: {"op": "upsert", "items": [...]} or {"op": "delete", "ids": [...]}."""
+    if isinstance(operation, Upsert):
+        return {"op": "upsert", "items": [item_to_json(i, r) for i, r in zip(operation.items, operation.rows)]}
+    return {"op": "delete", "ids": list(operation.item_ids)}
+
+
+def operation_from_record(record: dict[str, Any], index_dimension: int) -> Upsert | Delete:
+    """change_record's inverse. Raises KeyError, TypeError or ValueError for a malformed record."""
+    if record["op"] == "upsert":
+        items = [item_from_json(i, index_dimension) for i in record["items"]]
+        return Upsert([i for i, _ in items], np.stack([row for _, row in items]))
+    if record["op"] == "delete":
+        return Delete([str(i) for i in record["ids"]])
+    raise ValueError(f"unknown op {record['op']!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,8 +80,9 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("a") as handle:
-            self.process = subprocess.Popen(self.command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=_die_with_parent)
+            args, options = _dying_with_parent(self.command)
+            self.process = subprocess.Popen(args, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **options)
         return self
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -150,6 +152,15 @@ class ServerProcess:
             self.process.wait()
             raise AssertionError(f"the server did not refuse within {timeout_s} s:\n{self.run_log()[-3000:]}")
         return code, self.run_log()
+
+
+def _dying_with_parent(command: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Popen's (args, options) for a child that gets SIGKILL when the test process dies, so that no server
+    outlives a killed run. `setpriv --pdeathsig` does it without a preexec_fn: with none, Popen spawns with vfork,
+    whereas a fork of a test process whose gRPC threads are busy can abort in the child (gRPC's fork handlers)."""
+    if shutil.which("setpriv"):
+        return ["setpriv", "--pdeathsig", "KILL", "--", *command], {}
+    return command, {"preexec_fn": _die_with_parent}
 
 
 def _die_with_parent() -> None:

@@ -40,3 +40,22 @@ def test_a_server_without_tracing_never_imports_opentelemetry():
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_local_catalogue_store_works_without_the_postgres_driver(tmp_path):
+    # psycopg is imported only by server.store.postgres: a server on the local journal needs none of it.
+    code = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None  # as if the driver were not installed\n"
+        "from pathlib import Path\n"
+        "import server.app\n"
+        "from server.settings import ServerSettings\n"
+        "from server.store import store_for\n"
+        "class Manifest:\n"
+        "    bundle_version, index_dimension = 'v1', 3\n"
+        f"settings = ServerSettings(bundle=Path('unused'), state_dir=Path({str(tmp_path)!r}))\n"
+        "print(type(store_for(settings, Manifest())).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "LocalStore", result.stdout + result.stderr

@@ -16,6 +16,7 @@ from llmrec.server.catalogue import Catalogue
 from llmrec.server.domain import AttributeFilter, CatalogueItem
 from llmrec.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmrec.server.state import CatalogueStore
+from llmrec.server.store.local import LocalStore
 
 DIM = 8
 COUNT = 60
@@ -57,7 +58,7 @@ def brute_force(cat: Catalogue, user: np.ndarray, k: int, allowed=lambda item_id
 @pytest.fixture
 def cat(tmp_path):
     catalogue = Catalogue(make_bundle())
-    catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1, snapshot_every=5))
+    catalogue.open_store(LocalStore(CatalogueStore(tmp_path, "v1", DIM + 1, snapshot_every=5)))
     yield catalogue
     catalogue.close()
 
@@ -164,7 +165,7 @@ def test_writes_need_a_store():
 def test_changes_are_replayed_on_a_fresh_bundle(tmp_path):
     rng = np.random.default_rng(6)
     first = Catalogue(make_bundle())
-    first.open_store(CatalogueStore(tmp_path, "v1", DIM + 1, snapshot_every=3))  # snapshots along the way
+    first.open_store(LocalStore(CatalogueStore(tmp_path, "v1", DIM + 1, snapshot_every=3)))  # snapshots along the way
     for n in range(7):
         upsert(first, [CatalogueItem(f"n{n}", ItemFields(f"N{n}", ("New",)), (("k", str(n)),))], rng)
     upsert(first, [CatalogueItem("i00", ItemFields("Changed"))], rng)
@@ -175,7 +176,7 @@ def test_changes_are_replayed_on_a_fresh_bundle(tmp_path):
     revision = first.revision
     first.close()
     second = Catalogue(make_bundle())  # the bundle as shipped, changes replayed on top
-    second.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    second.open_store(LocalStore(CatalogueStore(tmp_path, "v1", DIM + 1)))
     assert second.revision == revision == 9 and second.count == COUNT + 7 - 2
     assert [(i.item_id, round(i.score, 5)) for i in second.search(user, 15)] == before
     for item_id, row in rows.items():

@@ -19,6 +19,7 @@ from llmrec.server.catalogue import Catalogue
 from llmrec.server.domain import CatalogueItem
 from llmrec.server.recommender import Recommender
 from llmrec.server.state import CatalogueStore
+from llmrec.server.store.local import LocalStore
 from llmrec.server.validation import Limits
 
 DIM = 8
@@ -137,7 +138,7 @@ def test_cooccurring_items_are_raised_and_the_ranking_matches_exact_scoring():
 def test_cooccurrence_follows_catalogue_deletes_and_reupserts(tmp_path):
     table = CooccurrenceTable.from_sequences([[n, 40 + n] for n in range(10)] * 3, COUNT, window=1)
     rec, rows = recommender(0.0, 3.0, table)
-    rec.catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    rec.catalogue.open_store(LocalStore(CatalogueStore(tmp_path, "v1", DIM + 1)))
     try:
         user = rows[20, :DIM]
         assert "i43" in {item.item_id for item in rec.search(user, 10, history_ids=["i03"])}
@@ -180,7 +181,7 @@ def test_a_zero_history_vector_weight_or_no_catalogued_history_leaves_the_query_
 
 def test_the_history_vector_uses_the_live_catalogue_vectors(tmp_path):
     rec, rows = recommender(0.0, history_vector_weight=1.0)
-    rec.catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    rec.catalogue.open_store(LocalStore(CatalogueStore(tmp_path, "v1", DIM + 1)))
     try:
         user = rows[20, :DIM]
         new_vector = rows[30, :DIM]
@@ -240,7 +241,7 @@ def test_rejections_with_a_sequence_model_and_no_catalogued_history(sequence_mod
 def test_the_sequence_model_skips_deleted_items(sequence_model, tmp_path):
     runner, _ = sequence_model
     rec, rows = recommender(0.0, sequence_model=runner, sequence_weight=1.0)
-    rec.catalogue.open_store(CatalogueStore(tmp_path, "v1", DIM + 1))
+    rec.catalogue.open_store(LocalStore(CatalogueStore(tmp_path, "v1", DIM + 1)))
     try:
         user = rows[20, :DIM]
         asyncio.run(rec.catalogue.delete(["i03"], allow_missing=False))

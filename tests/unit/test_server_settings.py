@@ -211,3 +211,26 @@ def test_warm_up_covers_every_padded_width(user, item, widths):
         assert encoder.warm_up_widths() == widths
     finally:
         encoder.close()
+
+
+def test_the_shared_catalogue_store_needs_exactly_one_dsn_source(monkeypatch, tmp_path: Path):
+    with pytest.raises(ValueError, match="exactly one of postgres_dsn"):
+        ServerSettings(bundle=Path("b"), catalogue_store="postgres")
+    with pytest.raises(ValueError, match="exactly one of postgres_dsn"):
+        ServerSettings(bundle=Path("b"), catalogue_store="postgres", postgres_dsn="x", postgres_dsn_file=tmp_path)
+    with pytest.raises(ValueError, match="only with catalogue_store postgres"):
+        ServerSettings(bundle=Path("b"), postgres_dsn="postgresql://db/llmrec")
+    secret = tmp_path / "dsn"
+    secret.write_text("postgresql://llmrec:s3cret@db/llmrec\n")  # as a mounted Kubernetes Secret, newline and all
+    monkeypatch.setenv("LLMREC_CATALOGUE_STORE", "postgres")
+    monkeypatch.setenv("LLMREC_POSTGRES_DSN_FILE", str(secret))
+    assert parse_settings(["--bundle", "b"]).read_postgres_dsn() == "postgresql://llmrec:s3cret@db/llmrec"
+    secret.unlink()
+    with pytest.raises(OSError, match="cannot read postgres_dsn_file"):
+        parse_settings(["--bundle", "b"]).read_postgres_dsn()
+
+
+def test_a_bad_dsn_setting_never_echoes_the_dsn():
+    with pytest.raises(SettingsError) as error:
+        parse_settings(["--bundle", "b", "--postgres-dsn", "postgresql://llmrec:s3cret@db/llmrec"])
+    assert "only with catalogue_store postgres" in str(error.value) and "s3cret" not in str(error.value)

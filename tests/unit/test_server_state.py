@@ -12,7 +12,7 @@ import pytest
 from llmrec.template import ItemFields
 from llmrec.server.domain import CatalogueItem
 from llmrec.server.state import (JOURNAL_FILE, SNAPSHOT_FILE, STATE_FILE, TORN_SUFFIX, CatalogueStore, Delete,
-                                 StateError, Upsert)
+                                 StateError, Upsert, item_to_json)
 
 VERSION = "20250101T000000Z-abc"
 DIM = 5
@@ -285,8 +285,7 @@ def test_a_legacy_format_1_directory_is_read_and_upgraded(tmp_path, caplog):
     directory = tmp_path / VERSION
     directory.mkdir()
     (directory / STATE_FILE).write_text(json.dumps({"format": 1, "bundle_version": VERSION, "index_dimension": DIM}))
-    writer = store(tmp_path / "scratch")  # only for its record encoding
-    rows = [writer._item_to_json(i, r) for i, r in zip(upsert("a").items, upsert("a").rows)]
+    rows = [item_to_json(i, r) for i, r in zip(upsert("a").items, upsert("a").rows)]
     (directory / SNAPSHOT_FILE).write_text(
         json.dumps({"format": 1, "bundle_version": VERSION, "last_seq": 1, "changes": 1}) + "\n"
         + json.dumps({"op": "upsert", "item": rows[0]}) + "\n")
