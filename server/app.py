@@ -122,8 +122,9 @@ class RecommenderServer:
         widths = await self._encoder.warm_up()
         logger.info("warmed up widths %s", widths)
         limits = Limits(settings.max_k, settings.max_request_history, settings.max_text_chars)
-        catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every)
-        self.recommender = Recommender(bundle, self._encoder, limits, catalogue)
+        catalogue = await asyncio.to_thread(open_catalogue, bundle, settings.state_dir, settings.snapshot_every,
+                                            settings.cold_start_map)
+        self.recommender = Recommender(bundle, self._encoder, limits, catalogue, settings.new_item_share)
         metrics.time_calls(self.recommender, "search", metrics.INDEX_SECONDS)
         self._servicer.attach(self.recommender)
         assert self._health is not None

@@ -65,6 +65,7 @@ def recommend_query(request: pb.RecommendRequest) -> RecommendQuery:
         exclude_history=request.exclude_history,
         explain=request.explain,
         filters=filters(request.filters),
+        new_item_share=request.new_item_share if request.HasField("new_item_share") else None,
     )
 
 

@@ -45,6 +45,7 @@ class RecommendQuery:
         exclude_history: also never return catalogued items from the history.
         explain: attach an Explanation to every returned item.
         filters: only items that pass every filter.
+        new_item_share: share of the k reserved for new (upserted) items, 0..1; None: the server's default.
     """
 
     user: UserInput
@@ -53,6 +54,7 @@ class RecommendQuery:
     exclude_history: bool = False
     explain: bool = False
     filters: tuple[AttributeFilter, ...] = ()
+    new_item_share: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -39,14 +40,17 @@ class Recommender:
         encoder: the async encoder running the bundle's model.
         limits: request limits to enforce.
         catalogue: the live catalogue over the bundle's index (one is made from the bundle when None).
+        new_item_share: the share of every list reserved for new items when a request does not say (0..1).
     """
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
-                 catalogue: Catalogue | None = None) -> None:
+                 catalogue: Catalogue | None = None, new_item_share: float = 0.0) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
         self.catalogue = catalogue if catalogue is not None else Catalogue(bundle)
+        validation.check_new_item_share(new_item_share)
+        self.new_item_share = new_item_share
         self.max_history_items = bundle.manifest.max_history_items
         self.rule = bundle.manifest.scoring_rule()
 
@@ -102,7 +106,8 @@ class Recommender:
         text = render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
         user_vector = await self.encode_user(text)
         history_ids = [ref.item_id for ref in query.user.history]
-        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids)
+        items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids,
+                            query.new_item_share)
         if query.explain:
             items = await self.explain(items, self.window(resolved), query.user.context.query)
         return items
@@ -119,15 +124,19 @@ class Recommender:
         return query.exclude_item_ids | {ref.item_id for ref in query.user.history if ref.item_id is not None}
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
-               filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = ()) -> list[ScoredItem]:
+               filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = (),
+               new_item_share: float | None = None) -> list[ScoredItem]:
         """Top-k items for a user with history_ids (oldest first; None for items given as text) under the
-        bundle's scoring rule (llmrec.scoring), the same rule evaluation applies.
+        bundle's scoring rule (llmrec.scoring), the same rule evaluation applies. floor(new_item_share * k) of
+        them (the server's default share when None) go to the best new items when the model ranks fewer there.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue.
         """
         catalogued = [i for i in history_ids if i is not None]
+        share = self.new_item_share if new_item_share is None else new_item_share
+        slots = math.floor(share * k + 1e-9)  # the epsilon: 0.3 * 10 is 2.9999999999999996 in floating point
         return self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued), k, catalogued,
-                                    self.bundle.cooccurrence, frozenset(exclude_ids), filters)
+                                    self.bundle.cooccurrence, frozenset(exclude_ids), filters, slots)
 
     def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None]) -> np.ndarray:
         """The scoring rule's query for a user vector and catalogued history, oldest first; items given as text,

@@ -91,6 +91,13 @@ class ServerSettings(BaseSettings):
         "version). Unset = the catalogue is read-only: UpsertItems/DeleteItems get FAILED_PRECONDITION."))
     snapshot_every: Positive = Field(1000, description=(
         "Catalogue changes between snapshots (each snapshot empties the journal)."))
+    cold_start_map: bool = Field(True, description=(
+        "Give upserted items the id vector and bias the bundle's cold-start map predicts from their text "
+        "(docs/model.md); --no-cold-start-map: their text vector and the bundle's new_item_bias alone. Applies to "
+        "items upserted while it is set (stored rows are replayed as they were)."))
+    new_item_share: float = Field(0.0, ge=0, le=1, description=(
+        "Share of every list reserved for new (upserted) items when a request does not set new_item_share: "
+        "floor(share * k) of the k go to the best-scoring new items if the model ranks fewer there. 0 = none."))
     max_sessions: Positive = Field(1000, description=(
         "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
     ort_spinning: Literal["during-runs", "always", "never"] = Field("during-runs", description=(

@@ -32,7 +32,8 @@ def test_exactly_one_bundle_source():
 
 @pytest.mark.parametrize("field, value", [("max_k", 0), ("port", 70000), ("default_session_k", 101),
                                           ("session_idle_timeout_s", 0), ("ort_spinning", "sometimes"),
-                                          ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1)])
+                                          ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1),
+                                          ("new_item_share", -0.1), ("new_item_share", 1.5)])
 def test_bad_values(field, value):
     with pytest.raises(ValueError):
         ServerSettings(bundle=Path("b"), **{field: value})
@@ -43,6 +44,7 @@ def test_defaults():
     assert (settings.max_k, settings.max_request_history, settings.max_text_chars) == (100, 500, 2000)
     assert settings.max_message_bytes == 16 * 2**20 and settings.grace_seconds == 5 and settings.threads >= 1
     assert settings.prefer_gpu and settings.batch_across_requests is None and settings.metrics_port is None
+    assert settings.cold_start_map and settings.new_item_share == 0.0
 
 
 def test_settings_built_in_code_read_neither_environment_nor_argv(monkeypatch: pytest.MonkeyPatch):
@@ -65,7 +67,8 @@ def test_flags_used_by_the_makefile_tests_and_bench(tmp_path: Path):
         "--bundle-root", str(tmp_path), "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path / "state"),
         "--cpu-only", "--snapshot-every", "7", "--metrics-port", "9100", "--log-level", "DEBUG",
         "--batch-across-requests", "--max-message-mib", "4", "--session-idle-timeout", "30", "--ort-spinning",
-        "never", "--max-queue", "5", "--max-concurrent-rpcs", "64", "--no-verify-hashes",
+        "never", "--max-queue", "5", "--max-concurrent-rpcs", "64", "--no-verify-hashes", "--no-cold-start-map",
+        "--new-item-share", "0.1",
     ])
     assert settings.bundle_root == tmp_path and settings.bundle is None
     assert (settings.host, settings.port, settings.state_dir) == ("0.0.0.0", 0, tmp_path / "state")
@@ -73,7 +76,7 @@ def test_flags_used_by_the_makefile_tests_and_bench(tmp_path: Path):
     assert settings.log_level == "debug" and settings.batch_across_requests is True
     assert settings.max_message_bytes == 4 * 2**20 and settings.session_idle_timeout_s == 30
     assert (settings.ort_spinning, settings.max_queue, settings.max_concurrent_rpcs) == ("never", 5, 64)
-    assert not settings.verify_hashes
+    assert not settings.verify_hashes and not settings.cold_start_map and settings.new_item_share == 0.1
     assert parse_settings(["--bundle", "b", "--no-batch-across-requests"]).batch_across_requests is False
 
 
