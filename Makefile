@@ -76,8 +76,9 @@ eval: setup data  ## train SEEDS seeds on DATA, export, evaluate all baselines s
 	$(PY) -m experiments.experiment --data $(DATA) --runs $(RUN_DIR) --bundles build/eval-bundles/$(notdir $(DATA)) \
 		--report reports/$(notdir $(DATA)) --seeds $(SEEDS) $(EVAL_ARGS)
 
-eval-cold: setup data  ## hold 10% of items out of training, upsert them into a live server, rank cold targets
-	$(PY) -m experiments.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA))
+COLD_ARGS ?=
+eval-cold: setup data  ## hold 20% of items out of training, upsert them into a live server; cold and warm targets
+	$(PY) -m experiments.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA)) $(COLD_ARGS)
 
 bench: setup data  ## load-test the server beside the raw runtime and a PyTorch server; report in reports/bench/
 	@if ! ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then $(MAKE) --no-print-directory train export; fi

@@ -398,16 +398,17 @@ class RecommenderClient:
         timestamp: TimestampLike = None, utc_offset_minutes: int = 0, exclude: Iterable[str] = (),
         exclude_history: bool = False, page_size: int = 0, explain: bool = False, filters: FiltersLike = (),
         category: str | Sequence[str] = (), rejected: Iterable[str] = (), min_score: float | None = None,
+        new_item_share: float | None = None,
     ) -> pb.RecommendRequest:
         """The RecommendRequest the keyword arguments describe (filters and category: attribute_filters;
         rejected: ids the user rejected, never returned and pushing items like them down; min_score: drop
-        items scoring below it)."""
+        items scoring below it; new_item_share None: the server's default)."""
         return pb.RecommendRequest(
             history=[history_item(h) for h in history],
             context=context(query, device, locale, timestamp, utc_offset_minutes),
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history, page_size=page_size,
             explain=explain, filters=attribute_filters(filters, category), rejected_item_ids=list(rejected),
-            min_score=min_score,
+            min_score=min_score, new_item_share=new_item_share,
         )
 
     def recommend(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Recommendations:
@@ -416,7 +417,8 @@ class RecommenderClient:
         Args:
             history: catalogue ids and/or item texts, oldest first.
             **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history,
-                explain, filters, category, rejected, min_score.
+                explain, filters, category, rejected, min_score, new_item_share (the share of k reserved for new
+                items).
         """
         request = self.build_request(history, **kwargs)
         response = self._call(self.stub.Recommend, request)

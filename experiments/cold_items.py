@@ -1,12 +1,17 @@
-"""Cold items, measured end to end: hold a share of items out of training and out of the bundle, upsert them
-into a running server through gRPC, and rank test targets that are cold (`make eval-cold`).
+"""Cold items, measured end to end (`make eval-cold`): hold a seeded share of the items out of training entirely,
+upsert them into a running server through gRPC, rank every test user over the whole catalogue, and report
+cold-target and warm-target quality side by side for every row, in one run.
 
-The ID baseline (SASRec) and popularity have no parameters for a held-out item, so they cannot rank one
-above any item they know; the text model places it from its text alone.
+Rows: the served system (cold-start map on, llmrec.cold_start), the same bundle served without the map (new
+items get the text vector and the median trained bias), the served system with a share of each list reserved for
+new items (RecommendRequest.new_item_share), the zero-shot encoder, SASRec and popularity. SASRec and popularity
+have no parameter for a held-out item, so they rank every one below every item they know. Histories are
+excluded from every row's list (MovieLens users never rate a film twice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,24 +21,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 import typer
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from experiments.baselines.sasrec import SASRecConfig, _left_pad, train_sasrec
 from llmrec.export.bundle import build_bundle
-from llmrec.v1 import recommender_pb2 as pb
-from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+from llmrec.template import render_item
 from llmrec.training.checkpoint import checkpoint_dir
 from llmrec.training.config import TrainConfig
-from llmrec.training.data import Interactions, load_interactions, split_examples
-from llmrec.training.evaluation import ranking_metrics
-from llmrec.training.train import train
+from llmrec.training.data import Example, Interactions, item_popularity, load_interactions, split_examples
+from llmrec.training.evaluation import ranking_metrics, target_ranks
+from llmrec.training.model import TextRecommender, pretrained_encoder_path
+from llmrec.training.progress import phase
+from llmrec.training.sequence_model import SequenceModelConfig
+from llmrec.training.train import encode_texts, train, user_vectors
+from llmrec.v1 import recommender_pb2 as pb
+from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger("llmrec.cold_items")
+
+KS = (10, 50)
+REPORTED = ("recall@10", "ndcg@10", "recall@50")
 
 
 def hold_out(data: Interactions, share: float, seed: int) -> tuple[Interactions, np.ndarray]:
@@ -63,19 +78,27 @@ def hold_out(data: Interactions, share: float, seed: int) -> tuple[Interactions,
     return warm, cold
 
 
+@dataclasses.dataclass
+class Ranked:
+    """One row's result over the test users: each target's 0-based rank (k or more: not in the list) and each
+    user's top 10 (full-catalogue item numbers). ranks_at_10: the ranks in lists of 10, where they differ from
+    the top 10 of the longer list (a share reserved for new items is a share of each list's own k)."""
+
+    ranks: np.ndarray
+    top10: np.ndarray
+    ranks_at_10: np.ndarray | None = None
+
+
+# --- the served rows: a real server, the held-out items upserted through gRPC --------------------------------
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _serve(bundle: Path, state_dir: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port), "--state-dir", str(state_dir),
-               "--no-metrics"]
-    return subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-
-
-def _wait_serving(channel: grpc.Channel, timeout_s: float = 120) -> None:
+def _wait_serving(channel: grpc.Channel, timeout_s: float = 300) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -88,77 +111,241 @@ def _wait_serving(channel: grpc.Channel, timeout_s: float = 120) -> None:
     raise TimeoutError("server did not reach SERVING")
 
 
-def measure(data_path: Path, out: Path, share: float, config: TrainConfig, k: int = 50) -> dict:
-    data = load_interactions(data_path)
-    warm, cold = hold_out(data, share, config.seed)
-    run = train(warm, config, out / "run")
-    validation = []  # random catalogue histories are enough for the export quality gate here
-    bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
-                          max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
-                          max_history_items=config.max_history_items, validation_users=validation)
-    test = split_examples(data, "test")
-    targets = np.array([data.sequences[e.user][e.target_position] for e in test])
+@contextlib.contextmanager
+def served(bundle: Path, data: Interactions, cold: np.ndarray, cold_start_map: bool
+           ) -> Iterator[tuple[pb_grpc.RecommenderStub, float]]:
+    """A server of the bundle (its own process and state directory) with the held-out items upserted through
+    UpsertItems: yields the stub and the seconds the upserts took per item (acknowledged = recommendable)."""
+    flags = ["--cold-start-map" if cold_start_map else "--no-cold-start-map"]
     port = _free_port()
     with tempfile.TemporaryDirectory() as state_dir:
-        server = _serve(bundle, Path(state_dir), port)
+        command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port),
+                   "--state-dir", state_dir, "--log-level", "warning", "--no-metrics", *flags]
+        server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 _wait_serving(channel)
                 stub = pb_grpc.RecommenderStub(channel)
                 held_out = np.flatnonzero(cold)
+                started = time.monotonic()
                 for start in range(0, len(held_out), 100):
                     stub.UpsertItems(pb.UpsertItemsRequest(items=[
                         pb.CatalogueItem(item_id=data.item_ids[i], text=pb.ItemText(
                             title=data.items[i].title, categories=data.items[i].categories,
                             brand=data.items[i].brand, description=data.items[i].description))
                         for i in held_out[start : start + 100]
-                    ]), timeout=60)
-                ranks = np.array([_served_rank(stub, data, e, config.use_context, k) for e in test])
+                    ]), timeout=600)
+                yield stub, (time.monotonic() - started) / max(len(held_out), 1)
         finally:
             server.terminate()
-            server.wait(timeout=30)
-    is_cold = cold[targets]
+            server.wait(timeout=60)
+
+
+def served_ranks(stub: pb_grpc.RecommenderStub, data: Interactions, test: Sequence[Example], use_context: bool,
+                 k: int, new_item_share: float | None = None) -> Ranked:
+    """Each test user's target rank in the served top k (k when it is not there) and their served top 10. With a
+    new_item_share, a second request for k = 10 gives the top 10 and the ranks @10: the share is of each list."""
+    number = {item_id: n for n, item_id in enumerate(data.item_ids)}
+    lengths = (k, 10) if new_item_share is not None else (k,)
+    ranks = {length: np.full(len(test), length, dtype=np.int64) for length in lengths}
+    top10 = np.full((len(test), 10), -1, dtype=np.int64)
+    for row, example in enumerate(test):
+        sequence = data.sequences[example.user]
+        history = [pb.HistoryItem(item_id=data.item_ids[i]) for i in sequence[: example.target_position]]
+        context = pb.Context()
+        timestamp = data.timestamp(example.user, example.target_position) if use_context else None
+        if timestamp is not None:
+            context.timestamp.CopyFrom(Timestamp(seconds=int(timestamp)))
+        target = sequence[example.target_position]
+        for length in lengths:
+            request = pb.RecommendRequest(history=history[-500:], context=context, k=length, exclude_history=True)
+            if new_item_share is not None:
+                request.new_item_share = new_item_share
+            ranked = [number[item.item_id] for item in stub.Recommend(request, timeout=60).items]
+            if target in ranked:
+                ranks[length][row] = ranked.index(target)
+            top10[row, : min(10, len(ranked))] = ranked[:10]  # the last request's: k = 10 when there are two
+    return Ranked(ranks[k], top10, ranks.get(10) if len(lengths) > 1 else None)
+
+
+# --- the offline rows: scores over the whole catalogue ----------------------------------------------------
+
+
+def dense_ranked(scores_of, data: Interactions, test: Sequence[Example], batch: int = 256) -> Ranked:
+    """Ranks and top 10 from (examples -> (n, num_items) scores), history items excluded."""
+    ranks, top10 = [], []
+    for start in range(0, len(test), batch):
+        chunk = list(test[start : start + batch])
+        scores = np.array(scores_of(chunk), dtype=np.float64)
+        for row, example in enumerate(chunk):
+            scores[row, data.sequences[example.user][: example.target_position]] = -np.inf
+        targets = np.array([data.sequences[e.user][e.target_position] for e in chunk])
+        ranks.append(target_ranks(scores, targets))
+        top10.append(np.argsort(-scores, axis=1, kind="stable")[:, :10])
+    return Ranked(np.concatenate(ranks), np.concatenate(top10))
+
+
+def zero_shot_scores(data: Interactions, test: Sequence[Example], config: TrainConfig):
+    """The packaged all-MiniLM-L6-v2 untrained: cosine of user text and item text, every item alike."""
+    model = TextRecommender(pretrained_encoder_path(), data.num_items).eval()
+    items = encode_texts(model, [render_item(i) for i in data.items], config.max_item_tokens,
+                         "zero-shot catalogue").numpy()
+    users = user_vectors(model, data, list(test), config, desc="zero-shot users")
+    position = {example: row for row, example in enumerate(test)}
+    return lambda chunk: users[[position[e] for e in chunk]] @ items.T
+
+
+def known_items_scores(data: Interactions, cold: np.ndarray, warm_scores):
+    """Scores over the full catalogue from a model of the warm items only: held-out items get -inf (below
+    every known item). warm_scores: (warm-numbered histories) -> (n, warm items) scores."""
+    warm_of = np.full(data.num_items, -1, dtype=np.int64)
+    warm_of[~cold] = np.arange(int((~cold).sum()))
+
+    def score(chunk: Sequence[Example]) -> np.ndarray:
+        histories = [[int(warm_of[i]) for i in data.sequences[e.user][: e.target_position] if not cold[i]]
+                     for e in chunk]
+        out = np.full((len(chunk), data.num_items), -np.inf)
+        out[:, ~cold] = warm_scores(histories)
+        return out
+
+    return score
+
+
+def sasrec_warm_scores(warm: Interactions, config: SASRecConfig = SASRecConfig()):
+    model, summary = train_sasrec(warm, config)
+    log.info("SASRec on the warm items: %s", summary)
+
+    @torch.no_grad()
+    def score(histories: list[list[int]]) -> np.ndarray:
+        return model(_left_pad(histories, config.max_length))[:, -1].numpy()
+
+    return score, summary
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+
+def row_metrics(ranked: Ranked, is_cold_target: np.ndarray, cold: np.ndarray) -> dict:
+    listed = ranked.top10[ranked.top10 >= 0]
+    at_10 = ranked.ranks if ranked.ranks_at_10 is None else ranked.ranks_at_10
+
+    def metrics(users: np.ndarray) -> dict:
+        return {**{m: v for m, v in ranking_metrics(at_10[users], (10,)).items() if m in REPORTED},
+                "recall@50": ranking_metrics(ranked.ranks[users], (50,))["recall@50"]}
+
+    return {"cold": metrics(is_cold_target), "warm": metrics(~is_cold_target),
+            "cold_share@10": float(cold[listed].mean()) if len(listed) else 0.0}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Cold items: {result['dataset']}",
+        "",
+        f"{result['held_out_items']} of {result['items']} items ({result['held_out_share']:.0%}, seed "
+        f"{result['seed']}) held out of training and upserted through UpsertItems into a running server; "
+        f"{result['test_users']} test users ranked over the whole catalogue, history excluded: "
+        f"{result['cold_targets']} with a held-out (cold) target, {result['warm_targets']} with a warm one. "
+        f"Text model: {result['train']['steps']} steps.",
+        "",
+        "| row | cold R@10 | cold N@10 | cold R@50 | warm R@10 | warm N@10 | warm R@50 | cold share of top 10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["rows"].items():
+        cells = [row["cold"][m] for m in REPORTED] + [row["warm"][m] for m in REPORTED] + [row["cold_share@10"]]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    lines += ["", "Targets:", ""] + [f"* {line}" for line in result["targets"]]
+    lines += ["", f"Upsert, acknowledged (= recommendable), seconds per item: {result['upsert_seconds_per_item']}",
+              f"Cold-start map: {result['cold_start_map']}", ""]
+    return "\n".join(lines)
+
+
+def targets(rows: dict) -> list[str]:
+    """The issue's targets for each served row: cold R@10 >= 0.5 x warm R@10 of the same row, and warm N@10 at
+    most 1% below the same bundle served with neither mechanism (no map, no reserved share)."""
+    without = rows["llmrec without the cold-start map (served)"]
+    lines = []
+    for name, row in rows.items():
+        if not name.startswith("llmrec"):
+            continue
+        ratio = row["cold"]["recall@10"] / max(row["warm"]["recall@10"], 1e-12)
+        cost = row["warm"]["ndcg@10"] / max(without["warm"]["ndcg@10"], 1e-12) - 1
+        lines.append(f"{name}: cold R@10 / warm R@10 = {ratio:.2f} (target >= 0.5: "
+                     f"{'met' if ratio >= 0.5 else 'not met'}); warm N@10 {cost:+.1%} relative to the same bundle "
+                     f"without the map (target >= -1%: {'met' if cost >= -0.01 else 'not met'})")
+    return lines
+
+
+def measure(data_path: Path, out: Path, share: float, config: TrainConfig, sequence_config: SequenceModelConfig,
+            new_item_shares: Sequence[float] = (0.1, 0.2), k: int = 50) -> dict:
+    data = load_interactions(data_path)
+    warm, cold = hold_out(data, share, config.seed)
+    run = train(warm, config, out / "run", sequence_config=sequence_config, model_free_baselines=False)
+    with phase("export the bundle", log):
+        bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
+                              max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
+                              max_history_items=config.max_history_items)
+    test = split_examples(data, "test")
+    targets_of = np.array([data.sequences[e.user][e.target_position] for e in test])
+    is_cold_target = cold[targets_of]
+    ranked: dict[str, Ranked] = {}
+    upsert_seconds = {}
+    with phase("served rows", log):
+        with served(bundle, data, cold, cold_start_map=True) as (stub, seconds):
+            upsert_seconds["with the map"] = round(seconds, 4)
+            ranked["llmrec (served)"] = served_ranks(stub, data, test, config.use_context, k)
+            for new_share in new_item_shares:
+                ranked[f"llmrec, new_item_share {new_share} (served)"] = served_ranks(
+                    stub, data, test, config.use_context, k, new_share)
+        with served(bundle, data, cold, cold_start_map=False) as (stub, seconds):
+            upsert_seconds["without the map"] = round(seconds, 4)
+            ranked["llmrec without the cold-start map (served)"] = served_ranks(stub, data, test, config.use_context, k)
+    with phase("zero-shot, SASRec and popularity", log):
+        ranked["zero-shot all-MiniLM-L6-v2"] = dense_ranked(zero_shot_scores(data, test, config), data, test)
+        sasrec, sasrec_summary = sasrec_warm_scores(warm)
+        ranked["SASRec (warm items only)"] = dense_ranked(known_items_scores(data, cold, sasrec), data, test)
+        popularity = item_popularity(warm)
+        ranked["popularity (warm items only)"] = dense_ranked(
+            known_items_scores(data, cold, lambda histories: np.tile(popularity, (len(histories), 1))), data, test)
+    rows = {name: row_metrics(r, is_cold_target, cold) for name, r in ranked.items()}
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
     result = {
         "dataset": data.name,
+        "items": data.num_items,
         "held_out_share": share,
+        "seed": config.seed,
         "held_out_items": int(cold.sum()),
-        "cold_targets": int(is_cold.sum()),
-        "warm_targets": int((~is_cold).sum()),
-        "llmrec_served_cold": ranking_metrics(ranks[is_cold], (10, 50)),
-        "llmrec_served_warm": ranking_metrics(ranks[~is_cold], (10, 50)),
-        # Neither has a parameter for a held-out item: it scores below every known item, rank >= known items.
-        "id_baseline_cold": ranking_metrics(np.full(int(is_cold.sum()), int((~cold).sum())), (10, 50)),
-        "popularity_cold": ranking_metrics(np.full(int(is_cold.sum()), int((~cold).sum())), (10, 50)),
-        "train_seconds": run["train_seconds"],
+        "test_users": len(test),
+        "cold_targets": int(is_cold_target.sum()),
+        "warm_targets": int((~is_cold_target).sum()),
+        "rows": rows,
+        "targets": targets(rows),
+        "upsert_seconds_per_item": upsert_seconds,
+        "cold_start_map": metrics.get("cold_start"),
+        "sasrec": sasrec_summary,
+        "train": {"steps": run["steps"], "train_seconds": run["train_seconds"], "adjustments": run["adjustments"]},
+        "bundle": str(bundle),
         "config": dataclasses.asdict(config),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "cold_items.json").write_text(json.dumps(result, indent=2))
+    (out / "cold_items.md").write_text(markdown(result))
     return result
-
-
-def _served_rank(stub, data: Interactions, example, use_context: bool, k: int) -> int:
-    """0-based rank of the target in the served top k; k when it is not there."""
-    history = [pb.HistoryItem(item_id=data.item_ids[i]) for i in data.sequences[example.user][: example.target_position]]
-    context = pb.Context()
-    timestamp = data.timestamp(example.user, example.target_position) if use_context else None
-    if timestamp is not None:
-        context.timestamp.CopyFrom(Timestamp(seconds=int(timestamp)))
-    response = stub.Recommend(pb.RecommendRequest(history=history[-500:], context=context, k=k), timeout=30)
-    target = data.item_ids[data.sequences[example.user][example.target_position]]
-    ranked = [item.item_id for item in response.items]
-    return ranked.index(target) if target in ranked else k
 
 
 def main(
     data: Path = typer.Option(Path("data/ml-100k"), help="data set directory"),
-    out: Path = typer.Option(Path("reports/cold-items"), help="where the run, bundle and cold_items.json go"),
-    share: float = typer.Option(0.1, help="share of the catalogue held out of training and of the bundle"),
+    out: Path = typer.Option(Path("reports/cold-items/ml-100k"),
+                             help="where the run, bundle, cold_items.json and cold_items.md go"),
+    share: float = typer.Option(0.2, help="share of the catalogue held out of training and of the bundle"),
+    seed: int = typer.Option(TrainConfig.seed, help="seeds the held-out items and the training"),
     max_steps: int = typer.Option(TrainConfig.max_steps),
+    sequence_minutes: float = typer.Option(SequenceModelConfig.time_budget_minutes,
+                                           help="stop the sequence model when spent"),
 ) -> None:
-    logging.basicConfig(level=logging.WARNING)
-    result = measure(data, out, share, TrainConfig(max_steps=max_steps))
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    logging.basicConfig(level=logging.INFO)
+    result = measure(data, out, share, TrainConfig(max_steps=max_steps, seed=seed),
+                     SequenceModelConfig(time_budget_minutes=sequence_minutes))
+    typer.echo(markdown(result))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from llmrec.export.onnx import export_fp32, export_sequence_model, quantize_int8
 from llmrec.export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
+from llmrec.cold_start import ColdStartMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import write_items
 from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file
@@ -82,7 +83,7 @@ def build_bundle(
         # "Catalogue vectors at full precision"). The FP32 model is the bundle's own: the CUDA server encodes with it too.
         text_vectors = OnnxEncoder(staging / layout.MODEL_FP32_FILE, staging / layout.TOKENIZER_FILE).encode(
             item_texts, max_item_tokens)
-        head = _served_head(checkpoint, [i for i, _ in catalogue], encoder.dimension)
+        head = _served_head(checkpoint, [i for i, _ in catalogue], text_vectors)
         id_vectors, biases, temperature = head.id_vectors, head.biases, head.temperature
         vectors = item_rows(text_vectors + id_vectors, biases, temperature)
         score = lambda users, items: query_rows(users) @ item_rows(items + id_vectors, biases, temperature).T  # noqa: E731
@@ -112,11 +113,13 @@ def build_bundle(
             sequence_spec = SequenceModelSpec(weight=head.adjustments.sequence_weight,
                                               max_items=sequence_model.config.max_items)
         np.save(staging / layout.VECTORS_FILE, vectors)
+        if head.cold_start is not None:  # the server's rows carry temperature * bias: so does the map's output
+            np.save(staging / layout.COLD_START_FILE, head.cold_start.scaled(temperature).weights)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
         write_items(staging / layout.ITEMS_FILE, catalogue)
 
         files = {relative: sha256_file(staging / relative)
-                 for relative in layout.bundle_files(sequence_spec is not None)}
+                 for relative in layout.bundle_files(sequence_spec is not None, head.cold_start is not None)}
         created = dt.datetime.now(dt.timezone.utc)
         digest = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:10]
         version = f"{created:%Y%m%dT%H%M%SZ}-{digest}"
@@ -145,6 +148,7 @@ def build_bundle(
             quality=quality,
             training=training_info or {},
             versions={name: _version(name) for name in _VERSIONED_PACKAGES},
+            cold_start_map=head.cold_start is not None,
         )
         layout.write_manifest(staging, manifest)  # manifest.json and manifest.sha256, its digest
         final = out_root / version
@@ -163,21 +167,25 @@ class _ServedHead:
     temperature: float
     adjustments: Adjustments
     cooccurrence: CooccurrenceTable
+    cold_start: ColdStartMap | None  # in trained units (bias, not temperature * bias)
 
 
-def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _ServedHead:
-    """Per catalogue item: trained id vector and bias, or zeros and the median bias for items the model never saw;
-    the adjustments, and the co-occurrence table renumbered to catalogue rows."""
-    id_vectors = np.zeros((len(item_ids), dimension), dtype=np.float32)
+def _served_head(checkpoint: Path, item_ids: list[str], text_vectors: np.ndarray) -> _ServedHead:
+    """Per catalogue item: trained id vector and bias; for items the model never saw, those the checkpoint's
+    cold-start map predicts from their text vectors (zeros and the median bias without a map). Also the
+    adjustments, and the co-occurrence table renumbered to catalogue rows."""
+    id_vectors = np.zeros(text_vectors.shape, dtype=np.float32)
     head = load_item_head(checkpoint)
     if head is None:
         return _ServedHead(id_vectors, np.zeros(len(item_ids), dtype=np.float32), 0.0, DEFAULT_TEMPERATURE,
-                           Adjustments(), CooccurrenceTable.empty(len(item_ids)))
+                           Adjustments(), CooccurrenceTable.empty(len(item_ids)), None)
     if not head.calibrated:
         log.warning("%s predates some score adjustments: they stay off (%s); `make eval` chooses them again",
                     checkpoint, head.adjustments)
     new_item_bias = float(np.median(head.item_bias))
     biases = np.full(len(item_ids), new_item_bias, dtype=np.float32)
+    if head.cold_start is not None:
+        id_vectors[:], biases[:] = head.cold_start.predict(text_vectors)
     catalogue_row = {item_id: i for i, item_id in enumerate(item_ids)}
     new_row = np.full(len(head.item_ids), -1, dtype=np.int64)
     for trained_row, item_id in enumerate(head.item_ids):
@@ -189,7 +197,7 @@ def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _Serv
     config_path = CheckpointLayout(checkpoint).config
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
     return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.adjustments,
-                       head.cooccurrence.renumber(new_row, len(item_ids)))
+                       head.cooccurrence.renumber(new_row, len(item_ids)), head.cold_start)
 
 
 def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:

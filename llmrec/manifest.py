@@ -15,6 +15,10 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
     items/cooccurrence.npz  item co-occurrence table over row numbers (llmrec.cooccurrence; empty if untrained)
     model/sequence_model.onnx  the sequence model over item vectors (llmrec.sequence_runner), if the checkpoint
                             has one (manifest sequence_model not null)
+    model/cold_start.npy    float32 (dimension + 1, dimension + 1): the cold-start map (llmrec.cold_start) that
+                            gives new items an id vector and a bias column from their text vector, if the
+                            checkpoint has one (manifest cold_start_map true); its bias output is the index row's
+                            bias column (temperature * bias)
 
 Integrity: manifest.sha256 covers manifest.json, whose `files` cover every other file, so one chain of hashes
 covers the whole bundle. The manifest digest is checked on every read (it is cheap); the file hashes unless
@@ -62,6 +66,7 @@ VECTORS_FILE = "items/vectors.npy"
 INDEX_FILE = "items/index.hnsw"
 COOCCURRENCE_FILE = "items/cooccurrence.npz"
 SEQUENCE_MODEL_FILE = "model/sequence_model.onnx"
+COLD_START_FILE = "model/cold_start.npy"
 BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE,
                 COOCCURRENCE_FILE)
 # A bundle version names directories (the bundle's and the server's state directory): a plain name, never a path.
@@ -80,7 +85,7 @@ Decay = Annotated[float, Field(gt=0, le=1)]  # recency weights decay**j, j = 0 f
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 BundleFile = Literal["model/model_int8.onnx", "model/model_fp32.onnx", "tokenizer/tokenizer.json",
                      "items/items.jsonl", "items/vectors.npy", "items/index.hnsw", "items/cooccurrence.npz",
-                     "model/sequence_model.onnx"]
+                     "model/sequence_model.onnx", "model/cold_start.npy"]
 
 
 @dataclass(config=_STRICT)
@@ -130,7 +135,7 @@ class Manifest:
     max_user_tokens: Count
     max_item_tokens: Count
     max_history_items: Count
-    new_item_bias: float  # bias given to items that were never trained on (cold items)
+    new_item_bias: float  # bias column of items never trained on when there is no cold-start map
     history_item_score: float  # added to the score of items already in the user's history (training/calibration.py)
     cooccurrence: CooccurrenceSpec
     history_vector: HistoryVectorSpec
@@ -143,6 +148,9 @@ class Manifest:
     # How far the items a user rejected pull the query away from them (llmrec.scoring); 0 turns it off.
     rejected_item_weight: Weight = DEFAULT_REJECTED_WEIGHT
     format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
+    # True: new items get their id vector and bias from model/cold_start.npy; false (or absent, as in bundles
+    # exported before the map existed): a text vector alone and new_item_bias.
+    cold_start_map: bool = False
 
     @field_validator("bundle_version")
     @classmethod
@@ -198,7 +206,7 @@ class Manifest:
 
     @property
     def required_files(self) -> tuple[str, ...]:
-        return bundle_files(self.sequence_model is not None)
+        return bundle_files(self.sequence_model is not None, self.cold_start_map)
 
 
 _MANIFEST = TypeAdapter(Manifest)
@@ -241,9 +249,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def bundle_files(with_sequence_model: bool) -> tuple[str, ...]:
+def bundle_files(with_sequence_model: bool, with_cold_start_map: bool = False) -> tuple[str, ...]:
     """Every file a bundle holds (besides manifest.json and manifest.sha256)."""
-    return BUNDLE_FILES + ((SEQUENCE_MODEL_FILE,) if with_sequence_model else ())
+    return (BUNDLE_FILES + ((SEQUENCE_MODEL_FILE,) if with_sequence_model else ())
+            + ((COLD_START_FILE,) if with_cold_start_map else ()))
 
 
 def sha256_file(path: Path) -> str:

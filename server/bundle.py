@@ -10,6 +10,7 @@ import hnswlib
 import numpy as np
 
 from llmrec import manifest as mf
+from llmrec.cold_start import ColdStartMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import read_items
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
@@ -35,6 +36,8 @@ class LoadedBundle:
         vectors: the index rows (memory-mapped); server.catalogue copies them into the live catalogue.
         cooccurrence: the item co-occurrence table over row numbers (llmrec.cooccurrence).
         sequence_model: the sequence model over item vectors, or None if the bundle has none.
+        cold_start: the map from a new item's text vector to its id vector and bias column (llmrec.cold_start),
+            or None if the bundle has none (new items then get new_item_bias).
     """
 
     path: Path
@@ -48,6 +51,7 @@ class LoadedBundle:
     vectors: np.ndarray
     cooccurrence: CooccurrenceTable
     sequence_model: SequenceRunner | None
+    cold_start: ColdStartMap | None = None
 
     @property
     def model_version(self) -> str:
@@ -139,6 +143,17 @@ class LoadedBundle:
                 raise mf.BundleError(f"bundle {path}: the sequence model reads {sequence_model.dimension} dims, "
                                      f"manifest says {manifest.dimension}")
 
+        cold_start = None
+        if manifest.cold_start_map:
+            try:
+                cold_start = ColdStartMap(np.load(path / mf.COLD_START_FILE))
+            except (OSError, ValueError) as error:
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.COLD_START_FILE} ({_one_line(error)})") \
+                    from error
+            if cold_start.dimension != manifest.dimension:
+                raise mf.BundleError(f"bundle {path}: the cold-start map reads {cold_start.dimension} dims, "
+                                     f"manifest says {manifest.dimension}")
+
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         try:
             index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
@@ -155,7 +170,7 @@ class LoadedBundle:
         logger.info("loaded bundle %s: %d items, %s on %s, template v%s", manifest.bundle_version,
                     manifest.item_count, precision, encoder.provider, manifest.template_version)
         return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors, cooccurrence,
-                   sequence_model)
+                   sequence_model, cold_start)
 
 
 def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.scoring import ScoringRule
+from llmrec.scoring import ScoringRule, item_rows
 from llmrec.template import ItemFields
 
 from llmrec.server import metrics, tracing
@@ -130,13 +130,15 @@ class Catalogue:
 
     Args:
         bundle: the loaded bundle; its index is taken over (and changed) by this catalogue.
+        use_cold_start_map: build new items' rows with the bundle's cold-start map, if it has one.
     """
 
-    def __init__(self, bundle: LoadedBundle) -> None:
+    def __init__(self, bundle: LoadedBundle, use_cold_start_map: bool = True) -> None:
         manifest = bundle.manifest
         self.bundle_version = manifest.bundle_version
         self.dimension = manifest.dimension
         self.new_item_bias = float(manifest.new_item_bias)
+        self.cold_start = bundle.cold_start if use_cold_start_map else None
         self._index = bundle.index
         count = len(bundle.item_ids)
         # In memory (not the bundle's memory map): rows change in place when labels are reused.
@@ -152,6 +154,7 @@ class Catalogue:
         self._label_of_bundle_row = np.arange(count, dtype=np.int64)
         self._free: list[int] = []
         self._size = count  # labels in use or tombstoned: 0.._size-1
+        self._new_labels: set[int] = set()  # labels of upserted items: the new items a list may reserve slots for
         self._postings: dict[tuple[str, str], set[int]] = {}
         for label, item in enumerate(self._items):
             self._post(label, item, add=True)
@@ -280,7 +283,7 @@ class Catalogue:
     def top_k(
         self, rule: ScoringRule, query: np.ndarray, k: int, history_ids: Sequence[str],
         cooccurrence: CooccurrenceTable | None, exclude_ids: Iterable[str] = (),
-        filters: Sequence[AttributeFilter] = (),
+        filters: Sequence[AttributeFilter] = (), new_item_slots: int = 0,
     ) -> list[ScoredItem]:
         """The k best live items for a query under the scoring rule's top-k view (llmrec.scoring), exclusions
         and filters applied inside the search.
@@ -290,6 +293,9 @@ class Catalogue:
             query: (dim,) the user's query, ScoringRule.query.
             history_ids: the user's catalogued history, oldest first.
             cooccurrence: the bundle's table, over bundle rows.
+            new_item_slots: at least this many of the k go to new (upserted) items, the best-scoring ones, when
+                that many pass the exclusions and filters: they replace the lowest-scoring other items. The list
+                stays in score order.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items.
         """
@@ -299,16 +305,44 @@ class Catalogue:
             history = [self._label_of[i] for i in history_ids if i in self._label_of]
             table_history = [self._bundle_row_of[i] for i in history_ids if i in self._bundle_row_of]
             adjustments = rule.adjustments_of(history, cooccurrence, table_history, self._label_of_bundle_row)
+            query = np.asarray(query, dtype=np.float32)
             labels, scores = rule.top_k(
-                np.asarray(query, dtype=np.float32), k, adjustments,
+                query, k, adjustments,
                 search=lambda row, n: self._search(row, n, excluded, candidates),
                 score_items=lambda items, row: self._score(items, row, excluded, candidates))
+            missing = min(new_item_slots, k) - sum(int(label) in self._new_labels for label in labels)
+            if missing > 0 and self._new_labels:
+                labels, scores = self._with_new_items(rule, query, k, missing, adjustments, labels, scores,
+                                                      excluded, candidates)
             items = [self._items[label] for label in labels]
         return [
             ScoredItem(item_id=item.item_id, score=float(score), title=item.fields.title, rank=rank)
             for rank, (item, score) in enumerate(zip(items, scores), 1)
             if item is not None
         ]
+
+    def _with_new_items(self, rule: ScoringRule, query: np.ndarray, k: int, missing: int,
+                        adjustments: tuple[np.ndarray, np.ndarray], labels: np.ndarray, scores: np.ndarray,
+                        excluded: set[int], candidates: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The ranking with up to `missing` of the best new items not in it added, the lowest-scoring other
+        items giving way when the list is full, re-sorted by score (hold the read lock)."""
+        labels, scores = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
+        new = self._new_labels - excluded - set(labels.tolist())
+        if candidates is not None:
+            new &= candidates
+        if not new:
+            return labels, scores
+        found, found_scores = rule.top_k(
+            query, missing, adjustments,
+            search=lambda row, n: self._exact(row, min(n, len(new)), candidates=new),
+            score_items=lambda items, row: self._score(items, row, excluded, new))
+        others = np.flatnonzero([label not in self._new_labels for label in labels.tolist()])
+        give_way = min(max(len(found) - (k - len(labels)), 0), len(others))
+        kept = np.delete(np.arange(len(labels)), others[len(others) - give_way:])
+        merged = np.concatenate([labels[kept], np.asarray(found, np.int64)])
+        merged_scores = np.concatenate([scores[kept], np.asarray(found_scores, np.float64)])
+        order = np.argsort(-merged_scores, kind="stable")[:k]
+        return merged[order], merged_scores[order]
 
     def _search(self, query: np.ndarray, k: int, excluded: set[int],
                 candidates: set[int] | None) -> tuple[list[int], list[float]]:
@@ -401,11 +435,16 @@ class Catalogue:
 
     # --- writes ---------------------------------------------------------------------------------------
 
-    def row_for(self, unit_vector: np.ndarray) -> np.ndarray:
-        """The index row of a new or changed item: [normalized text vector, new_item_bias] (no id vector)."""
-        vector = np.asarray(unit_vector, dtype=np.float32)
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        return np.append(vector, np.float32(self.new_item_bias)).astype(np.float32)
+    def row_for(self, text_vector: np.ndarray) -> np.ndarray:
+        """The index row of a new or changed item from its text vector: with the bundle's cold-start map,
+        [normalize(text + predicted id vector), predicted bias column], as training serves items it never
+        trained on; without one, [normalized text vector, new_item_bias]."""
+        text = np.asarray(text_vector, dtype=np.float32)
+        text = text / max(float(np.linalg.norm(text)), 1e-12)
+        if self.cold_start is None:
+            return item_rows(text, np.float32(self.new_item_bias), 1.0)  # the bias column as it is
+        id_vectors, biases = self.cold_start.predict(text[None, :])
+        return item_rows(text + id_vectors[0], biases[0], 1.0)
 
     def check_writable(self) -> None:
         """Raise the error a change would get now: FailedPrecondition without state, Unavailable once broken."""
@@ -495,6 +534,7 @@ class Catalogue:
         self._vectors[label] = row
         self._items[label] = item
         self._live[label] = True
+        self._new_labels.add(label)
         if item.item_id not in self._label_of:
             bisect.insort(self._sorted_ids, item.item_id)
         self._label_of[item.item_id] = label
@@ -513,6 +553,7 @@ class Catalogue:
         self._post(label, self._items[label], add=False)
         self._items[label] = None
         self._live[label] = False
+        self._new_labels.discard(label)
         self._free.append(label)
         position = bisect.bisect_left(self._sorted_ids, item_id)
         if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:
@@ -589,12 +630,14 @@ def _decode_page_token(token: str) -> str | None:
     return text[len(_PAGE_TOKEN_PREFIX):]
 
 
-def open_catalogue(bundle: LoadedBundle, store: ChangeStore | None = None) -> Catalogue:
+def open_catalogue(bundle: LoadedBundle, store: ChangeStore | None = None, use_cold_start_map: bool = True) \
+        -> Catalogue:
     """The live catalogue of a bundle, with its durable changes replayed when a store is given (server.store).
+    use_cold_start_map: upserted items get the bundle's cold-start map's prediction (Catalogue.row_for).
 
     Blocking (replay applies every stored change to the index). Raises StateError for unusable state.
     """
-    catalogue = Catalogue(bundle)
+    catalogue = Catalogue(bundle, use_cold_start_map)
     if store is not None:
         replayed = catalogue.open_store(store)
         logger.info("catalogue: %d items after replaying %d stored changes (revision %d)", catalogue.count,

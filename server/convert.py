@@ -75,6 +75,7 @@ def recommend_query(request: pb.RecommendRequest) -> RecommendQuery:
         filters=filters(request.filters),
         rejected_item_ids=tuple(request.rejected_item_ids),
         min_score=request.min_score if request.HasField("min_score") else None,
+        new_item_share=request.new_item_share if request.HasField("new_item_share") else None,
     )
 
 

@@ -48,6 +48,7 @@ class RecommendQuery:
         rejected_item_ids: catalogue ids the user rejected, in request order: never returned, and the query
             moves away from them (llmrec.scoring); unknown ids are ignored.
         min_score: drop items scoring below it (None: no threshold).
+        new_item_share: share of the k reserved for new (upserted) items, 0..1; None: the server's default.
     """
 
     user: UserInput
@@ -58,6 +59,7 @@ class RecommendQuery:
     filters: tuple[AttributeFilter, ...] = ()
     rejected_item_ids: tuple[str, ...] = ()
     min_score: float | None = None
+    new_item_share: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

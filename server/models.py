@@ -125,11 +125,11 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
         logger.info("warmed up widths %s", widths)
         stage("catalogue")
         store = store_for(settings, manifest, on_store_serving, warn_other_versions=not swapping)
-        catalogue = await asyncio.to_thread(open_catalogue, bundle, store)
+        catalogue = await asyncio.to_thread(open_catalogue, bundle, store, settings.cold_start_map)
     except BaseException:
         encoder.close()  # its workers are idle: this returns at once
         raise
-    recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue)
+    recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share)
     return Generation(recommender, encoder, Path(path))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -49,14 +50,17 @@ class Recommender:
         encoder: the async encoder running the bundle's model.
         limits: request limits to enforce.
         catalogue: the live catalogue over the bundle's index (one is made from the bundle when None).
+        new_item_share: the share of every list reserved for new items when a request does not say (0..1).
     """
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
-                 catalogue: Catalogue | None = None) -> None:
+                 catalogue: Catalogue | None = None, new_item_share: float = 0.0) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
         self.catalogue = catalogue if catalogue is not None else Catalogue(bundle)
+        validation.check_new_item_share(new_item_share)
+        self.new_item_share = new_item_share
         self.max_history_items = bundle.manifest.max_history_items
         self.rule = bundle.manifest.scoring_rule()
 
@@ -151,7 +155,7 @@ class Recommender:
         query = prepared.query
         history_ids = [ref.item_id for ref in query.user.history]
         items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids,
-                            query.rejected_item_ids, query.min_score)
+                            query.rejected_item_ids, query.min_score, query.new_item_share)
         if query.explain:
             items = await self.explain(items, self.window(prepared.resolved), query.user.context.query)
         return items
@@ -169,19 +173,23 @@ class Recommender:
 
     def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
                filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = (),
-               rejected_ids: Sequence[str] = (), min_score: float | None = None) -> list[ScoredItem]:
+               rejected_ids: Sequence[str] = (), min_score: float | None = None,
+               new_item_share: float | None = None) -> list[ScoredItem]:
         """Top-k items for a user with history_ids (oldest first; None for items given as text) and rejected_ids
         under the bundle's scoring rule (llmrec.scoring), the same rule evaluation applies; rejected items are
-        excluded too.
+        excluded too. floor(new_item_share * k) of them (the server's default share when None) go to the best
+        new items when the model ranks fewer there.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue, or
         when min_score drops some: those whose score, as sent (float32), is below it.
         """
         catalogued = [i for i in history_ids if i is not None]
+        share = self.new_item_share if new_item_share is None else new_item_share
+        slots = math.floor(share * k + 1e-9)  # the epsilon: 0.3 * 10 is 2.9999999999999996 in floating point
         with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
             items = self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued, rejected_ids), k,
                                          catalogued, self.bundle.cooccurrence,
-                                         frozenset(exclude_ids).union(rejected_ids), filters)
+                                         frozenset(exclude_ids).union(rejected_ids), filters, slots)
         if min_score is None:
             return items
         return [item for item in items if np.float32(item.score) >= np.float32(min_score)]

@@ -115,6 +115,13 @@ class ServerSettings(BaseSettings):
     postgres_apply_timeout_s: float = Field(30.0, gt=0, description=(
         "How long a committed change may take to be applied on this replica before its call gets UNAVAILABLE "
         "(it stays committed, and is applied once this replica catches up)."))
+    cold_start_map: bool = Field(True, description=(
+        "Give upserted items the id vector and bias the bundle's cold-start map predicts from their text "
+        "(docs/model.md); --no-cold-start-map: their text vector and the bundle's new_item_bias alone. Applies to "
+        "items upserted while it is set (stored rows are replayed as they were)."))
+    new_item_share: float = Field(0.0, ge=0, le=1, description=(
+        "Share of every list reserved for new (upserted) items when a request does not set new_item_share: "
+        "floor(share * k) of the k go to the best-scoring new items if the model ranks fewer there. 0 = none."))
     max_sessions: Positive = Field(1000, description=(
         "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
     # Fair sharing between clients (server.fairness: who a client is, and why half).

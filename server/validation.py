@@ -162,8 +162,14 @@ def check_min_score(min_score: float | None, field: str = "min_score") -> None:
                               field=field)
 
 
+def check_new_item_share(share: float | None, field: str = "new_item_share") -> None:
+    if share is not None and not 0.0 <= share <= 1.0:  # also refuses NaN
+        raise InvalidArgument(f"{field} must be between 0 and 1 (a share of k), got {share}", field=field)
+
+
 def check_query(query: RecommendQuery, limits: Limits) -> None:
     check_k(query.k, limits)
+    check_new_item_share(query.new_item_share)
     check_exclusions(query.exclude_item_ids, limits)
     check_rejected(query.rejected_item_ids, limits)
     check_min_score(query.min_score)

@@ -2,8 +2,8 @@
 
 A training run writes its checkpoint to <run_dir>/checkpoint/ (`checkpoint_dir`), holding `encoder/` (the
 fine-tuned MiniLM and its tokenizer, as Hugging Face save_pretrained writes them), `item_head.npz` (catalogue
-item ids, the trained id vectors and biases, the chosen score adjustments and the co-occurrence table:
-llmrec.training.model.ItemHead), `train_config.json` (the TrainConfig it was trained with; export reads the
+item ids, the trained id vectors and biases, the chosen score adjustments, the co-occurrence table and the
+cold-start map: llmrec.training.model.ItemHead), `train_config.json` (the TrainConfig it was trained with; export reads the
 temperature and token limits from it), `sequence_model.pt` (the sequence model over item vectors, absent from
 checkpoints saved before it existed) and `training.json` (how the text model was trained: its training settings,
 data set and curve; training.train writes the checkpoint as soon as the text model is trained, before the

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
+from llmrec.cold_start import ColdStartMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.scoring import Adjustments
 from llmrec.training.checkpoint import ITEM_HEAD_FILE, CheckpointLayout, encoder_dir
@@ -69,6 +70,7 @@ class TextRecommender(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(num_items))
         self.id_dropout = id_dropout
         self.frozen_layers = 0
+        self.cold_start: ColdStartMap | None = None  # fitted after training (train.fit_cold_start)
 
     @property
     def dimension(self) -> int:
@@ -146,6 +148,7 @@ class TextRecommender(nn.Module):
             cooccurrence_indptr=table.indptr,
             cooccurrence_neighbours=table.neighbours,
             cooccurrence_weights=table.weights,
+            **({} if self.cold_start is None else {"cold_start_weights": self.cold_start.weights}),
         )
 
     @classmethod
@@ -158,6 +161,7 @@ class TextRecommender(nn.Module):
         with torch.no_grad():
             model.id_embedding.weight.copy_(torch.as_tensor(head.id_embedding))
             model.item_bias.copy_(torch.as_tensor(head.item_bias))
+        model.cold_start = head.cold_start
         return model
 
 
@@ -224,6 +228,7 @@ class ItemHead:
     adjustments: Adjustments
     calibrated: bool  # False: saved without some adjustments (choose them again before serving)
     cooccurrence: CooccurrenceTable
+    cold_start: ColdStartMap | None = None  # the text -> (id vector, bias) map (llmrec.cold_start), once fitted
 
 
 def load_item_head(checkpoint: Path) -> ItemHead | None:
@@ -240,5 +245,6 @@ def load_item_head(checkpoint: Path) -> ItemHead | None:
                                       head["cooccurrence_weights"])
         else:
             table = CooccurrenceTable.empty(len(item_ids))
+        cold_start = ColdStartMap(head["cold_start_weights"]) if "cold_start_weights" in head else None
         return ItemHead(item_ids, head["id_embedding"], head["item_bias"], adjustments,
-                        all(name in head for name in names), table)
+                        all(name in head for name in names), table, cold_start)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import typer
 from torch.nn.parallel import DistributedDataParallel
 
+from llmrec.cold_start import ColdStartFit, fit_cold_start_map
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.template import render_item, render_user
 from llmrec.training.augment import with_history_dropout, with_synthetic_query
@@ -35,7 +36,7 @@ from llmrec.training.data import (
     train_sequences,
     user_text,
 )
-from llmrec.training.evaluation import ScoreFn, evaluate, popularity_scores
+from llmrec.training.evaluation import ScoreFn, cold_items, evaluate, popularity_scores
 from llmrec.training.losses import FullSoftmaxLoss
 from llmrec.training.model import CatalogueEncoder, TextRecommender, pretrained_encoder_path
 from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, item_rows, query_rows
@@ -148,11 +149,43 @@ def sequence_model_scores(sequence_model: SequenceModel, data: Interactions, ite
                              @ item_vectors.T + temperature * item_bias)
 
 
+def catalogue_text_vectors(model: TextRecommender, data: Interactions, config: TrainConfig) -> torch.Tensor:
+    """(num_items, dim) unit text vectors of the catalogue (the item tower without the id part)."""
+    texts = [render_item(i) for i in data.items]
+    return encode_texts(model, texts, config.max_item_tokens, "encode catalogue")
+
+
 def catalogue_vectors(model: TextRecommender, data: Interactions, config: TrainConfig) -> torch.Tensor:
     """(num_items, dim) unit item vectors (text + id part), as the bundle serves them."""
     with torch.no_grad():
-        texts = [render_item(i) for i in data.items]
-        return model.item_vectors(encode_texts(model, texts, config.max_item_tokens, "encode catalogue"))
+        return model.item_vectors(catalogue_text_vectors(model, data, config))
+
+
+def fit_cold_start(model: TextRecommender, data: Interactions, text_vectors: torch.Tensor,
+                   seed: int) -> ColdStartFit | None:
+    """Fit the cold-start map (llmrec.cold_start) on the items that were training targets and give every other
+    catalogue item its predicted id vector and bias in place of the ones training left it (a zero id vector
+    pushed around only as a negative, and a low bias). Sets model.cold_start; None when too few items trained.
+    Idempotent: trained items' parameters, and so the map, do not change."""
+    untrained = cold_items(data)
+    text = text_vectors.cpu().numpy()
+    ids = model.id_embedding.weight.detach().cpu().numpy()
+    bias = model.item_bias.detach().cpu().numpy()
+    try:
+        fit = fit_cold_start_map(text[~untrained], ids[~untrained], bias[~untrained], seed=seed)
+    except ValueError as error:
+        log.warning("no cold-start map: %s", error)
+        model.cold_start = None
+        return None
+    predicted_ids, predicted_bias = fit.map.predict(text[untrained])
+    with torch.no_grad():
+        rows = torch.as_tensor(np.flatnonzero(untrained), device=model.item_bias.device)
+        model.id_embedding.weight[rows] = torch.as_tensor(predicted_ids, device=rows.device)
+        model.item_bias[rows] = torch.as_tensor(predicted_bias, device=rows.device)
+    model.cold_start = fit.map
+    log.info("cold-start map fitted on %d trained items (held-out R^2: id vectors %.3f, bias %.3f) and applied "
+             "to %d items that were never a training target", fit.items, fit.id_r2, fit.bias_r2, int(untrained.sum()))
+    return fit
 
 
 class _Distributed:
@@ -374,7 +407,7 @@ def train_text_model(data: Interactions, config: TrainConfig, encoder_path: Path
 def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, out: Path, encoder_path: Path,
                training: dict, sequence_config: SequenceModelConfig = SequenceModelConfig(),
                model_free_baselines: bool = True) -> dict:
-    """After training: train the sequence model over the trained item vectors, choose the adjustments on
+    """After training: fit the cold-start map (fit_cold_start), train the sequence model over the item vectors, choose the adjustments on
     validation users, save the checkpoint, evaluate against the baselines and write out/metrics.json
     (`training`: how the text model was trained). Returns the metrics.
 
@@ -388,7 +421,11 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     checkpoint = CheckpointLayout.of_run(out)
     cooccurrence = {split: cooccurrence_before(data, split) for split in ("valid", "test")}
     with phase("encode the catalogue", log):
-        items = catalogue_vectors(model, data, config)
+        text_vectors = catalogue_text_vectors(model, data, config)
+    with phase("fit the cold-start map", log):
+        cold_start = fit_cold_start(model, data, text_vectors, config.seed)
+        with torch.no_grad():
+            items = model.item_vectors(text_vectors)
     item_array = items.cpu().numpy()
     item_bias = model.item_bias.detach().cpu().numpy()
     with phase("train the sequence model", log):
@@ -430,6 +467,9 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
         "calibration_metric": CALIBRATION_METRIC,
         "calibration_search": calibration_search(),
         "adjustments_validation": calibration,
+        "cold_start": None if cold_start is None else {
+            "items": cold_start.items, "id_alpha": cold_start.id_alpha, "bias_alpha": cold_start.bias_alpha,
+            "id_r2": cold_start.id_r2, "bias_r2": cold_start.bias_r2},
         **evaluation,  # evaluate_against_baselines: the rows, each history policy, per-user test ranks
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -79,18 +79,24 @@ def server(tiny_bundle: Path) -> Iterator[BackgroundServer]:
 
 
 @pytest.fixture
-def start_server(tiny_bundle: Path) -> Iterator[Callable[..., BackgroundServer]]:
-    """Factory for a private server with other settings: start_server(load=False, session_idle_timeout_s=1)."""
+def serve_bundle() -> Iterator[Callable[..., BackgroundServer]]:
+    """Factory for a private server of any bundle: serve_bundle(bundle, state_dir=tmp_path)."""
     started: list[BackgroundServer] = []
 
-    def start(load: bool = True, **overrides) -> BackgroundServer:
-        running = BackgroundServer(settings_for(tiny_bundle, **overrides))
+    def start(bundle: Path, load: bool = True, **overrides) -> BackgroundServer:
+        running = BackgroundServer(settings_for(bundle, **overrides))
         started.append(running)
         return running.start(load=load)
 
     yield start
     for running in started:
         running.close()
+
+
+@pytest.fixture
+def start_server(tiny_bundle: Path, serve_bundle) -> Callable[..., BackgroundServer]:
+    """Factory for a private server with other settings: start_server(load=False, session_idle_timeout_s=1)."""
+    return lambda load=True, **overrides: serve_bundle(tiny_bundle, load, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -10,6 +11,7 @@ from safetensors.numpy import load_file
 from llmrec.export.bundle import build_bundle
 from llmrec.export.validate import QualityCheckFailed, compare
 from llmrec import manifest as layout
+from llmrec.cold_start import ColdStartMap
 from llmrec.manifest import BundleError, read_manifest
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.scoring import DEFAULT_TEMPERATURE
@@ -17,10 +19,13 @@ from llmrec.template import TEMPLATE_VERSION, render_item
 from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import item_popularity, load_interactions, split_examples, user_text
-from llmrec.training.model import pretrained_encoder_path
+from llmrec.training.evaluation import cold_items
+from llmrec.training.model import TextRecommender, load_item_head, pretrained_encoder_path
 from llmrec.training.sequence_model import load_sequence_model, sequence_vectors
 from llmrec.training.train import train
 from llmrec.server.bundle import LoadedBundle
+from llmrec.v1 import recommender_pb2 as pb
+from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
 
@@ -122,6 +127,10 @@ def test_a_tampered_bundle_is_refused(trained_bundle, tmp_path):
     (copy / layout.SEQUENCE_MODEL_FILE).unlink()
     with pytest.raises(BundleError, match="lacks model/sequence_model.onnx"):
         read_manifest(copy, verify_hashes=False)
+    shutil.copy(trained_bundle / layout.SEQUENCE_MODEL_FILE, copy / layout.SEQUENCE_MODEL_FILE)
+    (copy / layout.COLD_START_FILE).unlink()
+    with pytest.raises(BundleError, match="lacks model/cold_start.npy"):
+        read_manifest(copy, verify_hashes=False)
 
 
 def test_the_bundle_serves_the_checkpoints_sequence_model(trained_bundle, trained_run):
@@ -132,6 +141,61 @@ def test_the_bundle_serves_the_checkpoints_sequence_model(trained_bundle, traine
     histories = [data.sequences[user][:-2] for user in range(6)]
     np.testing.assert_allclose(bundle.sequence_model.vectors([items[h] for h in histories]),
                                sequence_vectors(model, histories, items), atol=1e-5)
+
+
+def test_training_gives_items_never_a_target_the_cold_start_maps_prediction(trained_run):
+    data, out, metrics = trained_run
+    head = load_item_head(CheckpointLayout.of_run(out).root)
+    assert head.cold_start is not None and metrics["cold_start"]["items"] == int((~cold_items(data)).sum())
+    untrained = np.flatnonzero(cold_items(data))
+    assert len(untrained)  # the tiny data set has items that are only ever the first of a sequence
+    model = TextRecommender.from_checkpoint(CheckpointLayout.of_run(out).root)
+    text = model.encode_all([render_item(data.items[i]) for i in untrained], TrainConfig.max_item_tokens).numpy()
+    ids, bias = head.cold_start.predict(text)
+    np.testing.assert_allclose(head.id_embedding[untrained], ids, atol=1e-4)
+    np.testing.assert_allclose(head.item_bias[untrained], bias, atol=1e-4)
+
+
+SPACE_FAN = ["m4", "m5", "m1", "m2", "m3", "m7"]  # Star Wars, Alien, Star Trek
+COMEDY_FAN = ["m13", "m14", "m15", "m16", "m17", "m20"]  # Groundhog Day, Airplane!, The Naked Gun, ...
+NEW_FILM = pb.CatalogueItem(item_id="new-interstellar", text=pb.ItemText(
+    title="Interstellar (2014)", categories=["Adventure", "Drama", "Sci-Fi", "Space"],
+    description="Astronauts travel through a wormhole near Saturn in search of a new home for humanity."))
+
+
+def test_a_new_item_reaches_the_users_who_want_it_through_the_real_server(trained_bundle, serve_bundle, tmp_path):
+    """UpsertItems gives a new film the id vector and bias the bundle's cold-start map predicts from its text (one
+    encode, no retraining); it then reaches the top 10 of a space-film fan and stays out of a comedy fan's, unless
+    the request reserves a share of the list for new items."""
+    manifest = read_manifest(trained_bundle)
+    assert manifest.cold_start_map and layout.COLD_START_FILE in manifest.files
+    server = serve_bundle(trained_bundle, state_dir=tmp_path)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        assert stub.UpsertItems(pb.UpsertItemsRequest(items=[NEW_FILM]), timeout=60).created == 1
+        text = np.array(stub.Embed(pb.EmbedRequest(items=[NEW_FILM.text]), timeout=30).items[0].values)
+        ids, bias = ColdStartMap(np.load(trained_bundle / layout.COLD_START_FILE)).predict(text[None, :])
+        row = np.array(stub.GetItem(pb.GetItemRequest(item_id=NEW_FILM.item_id, include_vector=True),
+                                    timeout=10).vector.values)
+        expected = (text + ids[0]) / np.linalg.norm(text + ids[0])
+        np.testing.assert_allclose(row[:-1], expected, atol=1e-5)
+        assert row[-1] == pytest.approx(bias[0], rel=1e-5)
+
+        def top10(history, **request):
+            response = stub.Recommend(pb.RecommendRequest(
+                history=[pb.HistoryItem(item_id=i) for i in history], k=10, exclude_history=True, **request),
+                timeout=30)
+            return [item.item_id for item in response.items]
+
+        assert NEW_FILM.item_id in top10(SPACE_FAN)
+        comedy = top10(COMEDY_FAN)
+        assert NEW_FILM.item_id not in comedy
+        fresh = top10(COMEDY_FAN, new_item_share=0.1)  # one slot of ten for new items
+        assert fresh == comedy[:9] + [NEW_FILM.item_id]
+        with pytest.raises(grpc.RpcError) as error:
+            top10(COMEDY_FAN, new_item_share=1.5)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "new_item_share must be between 0 and 1" in error.value.details()
 
 
 def test_quality_gate_fails_loudly_on_a_drifted_model():

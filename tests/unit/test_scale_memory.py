@@ -34,6 +34,9 @@ class FakeModel:
     def cpu(self):
         return self
 
+    def item_vectors(self, text_vectors):
+        return text_vectors
+
     def to(self, device):
         return self
 
@@ -46,7 +49,8 @@ def test_finish_run_chooses_the_adjustments_chunk_by_chunk(tmp_path, monkeypatch
     valid = split_examples(data, "valid")
     assert len(valid) > 2 * CHUNK_USERS  # three chunks at least
     items = torch.as_tensor(unit(data.num_items, 0))
-    monkeypatch.setattr(train_module, "catalogue_vectors", lambda model, data, config: items)
+    monkeypatch.setattr(train_module, "catalogue_text_vectors", lambda model, data, config: items)
+    monkeypatch.setattr(train_module, "fit_cold_start", lambda model, data, text_vectors, seed: None)
     monkeypatch.setattr(train_module, "train_sequence_model",
                         lambda *args: (SequenceModel(DIM, SequenceModelConfig(hidden=8, heads=2, layers=1)),
                                        {"epochs": 1, "seconds": 0.0}))

@@ -46,7 +46,7 @@ def catalogue_of(rows: np.ndarray) -> Catalogue:
     ids = [f"i{n:03d}" for n in range(COUNT)]
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, new_item_bias=0.0)
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
-                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)})
+                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=None)
     return Catalogue(bundle)
 
 

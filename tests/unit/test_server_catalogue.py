@@ -10,6 +10,7 @@ import hnswlib
 import numpy as np
 import pytest
 
+from llmrec.cold_start import ColdStartMap
 from llmrec.template import ItemFields
 from llmrec.server import catalogue as catalogue_module
 from llmrec.server.catalogue import Catalogue
@@ -23,7 +24,7 @@ COUNT = 60
 BIAS = -0.01
 
 
-def make_bundle(seed: int = 0):
+def make_bundle(seed: int = 0, cold_start=None):
     """A LoadedBundle stand-in: COUNT unit vectors plus a bias column in an hnswlib "ip" index."""
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(COUNT, DIM)).astype(np.float32)
@@ -37,7 +38,7 @@ def make_bundle(seed: int = 0):
     items = [ItemFields(f"Item {n}", ("Even" if n % 2 == 0 else "Odd", "All")) for n in range(COUNT)]
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, index_dimension=DIM + 1, new_item_bias=BIAS)
     return types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=items, vectors=rows,
-                                 row_of={item_id: n for n, item_id in enumerate(ids)})
+                                 row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=cold_start)
 
 
 def unit(rng, n=1):
@@ -217,3 +218,48 @@ def test_queries_stay_correct_while_writes_run(cat):
     assert not failures, failures[:1]
     for user in users:
         assert [i.item_id for i in cat.search(user, 10)] == brute_force(cat, user, 10)
+
+
+def test_with_a_cold_start_map_rows_are_text_plus_the_predicted_id_vector_and_bias(tmp_path):
+    rng = np.random.default_rng(9)
+    weights = rng.normal(0, 0.1, size=(DIM + 1, DIM + 1)).astype(np.float32)
+    catalogue = Catalogue(make_bundle(cold_start=ColdStartMap(weights)))
+    text = unit(rng)[0]
+    row = catalogue.row_for(3.0 * text)  # the text vector is normalised first, as the encoder's always is
+    predicted = np.append(text, 1.0) @ weights
+    expected = text + predicted[:DIM]
+    np.testing.assert_allclose(row[:DIM], expected / np.linalg.norm(expected), rtol=1e-5)
+    np.testing.assert_allclose(row[DIM], predicted[DIM], rtol=1e-5)
+    without = Catalogue(make_bundle(cold_start=ColdStartMap(weights)), use_cold_start_map=False)
+    assert without.row_for(text)[DIM] == np.float32(BIAS)
+
+
+def test_new_item_slots_put_the_best_new_items_in_the_list_in_score_order(cat):
+    rng = np.random.default_rng(11)
+    user = unit(rng)[0]
+    # New items far from the user: the model alone never lists them.
+    far = [-user + rng.normal(0, 0.05, DIM).astype(np.float32) for _ in range(4)]
+    new_items = [CatalogueItem(f"new{n}", ItemFields(f"New {n}", ("Odd",) if n == 3 else ("Even",)))
+                 for n in range(4)]
+    asyncio.run(cat.upsert(new_items, np.stack([cat.row_for(v) for v in far])))
+    plain = [i.item_id for i in cat.search(user, 10)]
+    assert not any(i.startswith("new") for i in plain)
+    rule = catalogue_module._BARE_MODEL
+
+    def listed(slots, **kwargs):
+        return cat.top_k(rule, user, 10, (), None, new_item_slots=slots, **kwargs)
+
+    two = listed(2)
+    best_new = [i for i in brute_force(cat, user, COUNT + 4) if i.startswith("new")]
+    assert [i.item_id for i in two] == plain[:8] + best_new[:2]  # they replace the lowest-scoring others
+    assert [i.score for i in two] == sorted((i.score for i in two), reverse=True)
+    assert [i.rank for i in two] == list(range(1, 11))
+    assert [i.item_id for i in listed(0)] == plain
+    # Exclusions and filters bind the reserved slots too; only as many as exist are added.
+    excluded = [i.item_id for i in listed(2, exclude_ids={best_new[0]})]
+    assert best_new[0] not in excluded and best_new[1] in excluded and best_new[2] in excluded
+    odd = [i.item_id for i in listed(3, filters=[AttributeFilter("category", ("Odd",))])]
+    assert [i for i in odd if i.startswith("new")] == ["new3"]
+    asyncio.run(cat.delete(["new3"], allow_missing=False))
+    assert not [i for i in (x.item_id for x in listed(3, filters=[AttributeFilter("category", ("Odd",))]))
+                if i.startswith("new")]

@@ -50,7 +50,7 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
                                    cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT),
-                                   sequence_model=sequence_model)
+                                   sequence_model=sequence_model, cold_start=None)
     return Recommender(bundle, encoder=None, limits=Limits(), catalogue=Catalogue(bundle)), rows
 
 

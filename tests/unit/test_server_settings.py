@@ -35,7 +35,8 @@ def test_exactly_one_bundle_source():
                                           ("metrics_port", -1), ("max_concurrent_rpcs", 0), ("grace_seconds", -1),
                                           ("log_format", "xml"), ("otlp_endpoint", "collector:4317"),
                                           ("otlp_endpoint", "grpc://collector:4317"), ("drain_seconds", -1),
-                                          ("bundle_poll_seconds", -0.5)])
+                                          ("bundle_poll_seconds", -0.5), ("new_item_share", -0.1),
+                                          ("new_item_share", 1.5)])
 def test_bad_values(field, value):
     with pytest.raises(ValueError):
         ServerSettings(bundle=Path("b"), **{field: value})
@@ -50,6 +51,7 @@ def test_defaults():
     assert settings.metrics and settings.metrics_port == 9090 and settings.metrics_host is None
     assert settings.log_format == "json" and settings.otlp_endpoint is None
     assert settings.drain_seconds == 0 and settings.bundle_poll_seconds == 30  # drain: opt-in; polling: on
+    assert settings.cold_start_map and settings.new_item_share == 0.0
 
 
 def test_settings_built_in_code_read_neither_environment_nor_argv(monkeypatch: pytest.MonkeyPatch):
@@ -72,7 +74,8 @@ def test_flags_used_by_the_makefile_tests_and_bench(tmp_path: Path):
         "--bundle-root", str(tmp_path), "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path / "state"),
         "--cpu-only", "--snapshot-every", "7", "--metrics-port", "9100", "--log-level", "DEBUG",
         "--batch-across-requests", "--max-message-mib", "4", "--session-idle-timeout", "30", "--ort-spinning",
-        "never", "--max-queue", "5", "--max-concurrent-rpcs", "64", "--no-verify-hashes",
+        "never", "--max-queue", "5", "--max-concurrent-rpcs", "64", "--no-verify-hashes", "--no-cold-start-map",
+        "--new-item-share", "0.1",
     ])
     assert settings.bundle_root == tmp_path and settings.bundle is None
     assert (settings.host, settings.port, settings.state_dir) == ("0.0.0.0", 0, tmp_path / "state")
@@ -80,7 +83,7 @@ def test_flags_used_by_the_makefile_tests_and_bench(tmp_path: Path):
     assert settings.log_level == "debug" and settings.batch_across_requests is True
     assert settings.max_message_bytes == 4 * 2**20 and settings.session_idle_timeout_s == 30
     assert (settings.ort_spinning, settings.max_queue, settings.max_concurrent_rpcs) == ("never", 5, 64)
-    assert not settings.verify_hashes
+    assert not settings.verify_hashes and not settings.cold_start_map and settings.new_item_share == 0.1
     assert parse_settings(["--bundle", "b", "--no-batch-across-requests"]).batch_across_requests is False
 
 
