@@ -2,9 +2,11 @@
 upsert them into a running server through gRPC, rank every test user over the whole catalogue, and report
 cold-target and warm-target quality side by side for every row, in one run.
 
-Rows: the served system (cold-start map on, llmrec.cold_start), the same bundle served without the map (new
-items get the text vector and the median trained bias), the served system with a share of each list reserved for
-new items (RecommendRequest.new_item_share), the zero-shot encoder, SASRec and popularity. SASRec and popularity
+Rows: the served system (cold-start map on, llmrec.cold_start; new items borrow their nearest trained items'
+co-occurrence, llmrec.cooccurrence.Borrowers), the same bundle served without borrowing, and with neither mechanism
+(new items get the text vector and the median trained bias, and no co-occurrence score), the served system with a
+share of each list reserved for new items (RecommendRequest.new_item_share), the zero-shot encoder, SASRec and
+popularity. SASRec and popularity
 have no parameter for a held-out item, so they rank every one below every item they know. Histories are
 excluded from every row's list (MovieLens users never rate a film twice).
 """
@@ -48,6 +50,8 @@ from llmrec.v1 import recommender_pb2_grpc as pb_grpc
 log = logging.getLogger("llmrec.cold_items")
 
 KS = (10, 50)
+SERVED = "llmrec (served)"
+WITHOUT_EITHER = "llmrec, no cold-start mechanism (served)"
 REPORTED = ("recall@10", "ndcg@10", "recall@50")
 
 
@@ -112,11 +116,11 @@ def _wait_serving(channel: grpc.Channel, timeout_s: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def served(bundle: Path, data: Interactions, cold: np.ndarray, cold_start_map: bool
+def served(bundle: Path, data: Interactions, cold: np.ndarray, flags: Sequence[str] = ()
            ) -> Iterator[tuple[pb_grpc.RecommenderStub, float]]:
-    """A server of the bundle (its own process and state directory) with the held-out items upserted through
-    UpsertItems: yields the stub and the seconds the upserts took per item (acknowledged = recommendable)."""
-    flags = ["--cold-start-map" if cold_start_map else "--no-cold-start-map"]
+    """A server of the bundle (its own process and state directory, these server flags) with the held-out items
+    upserted through UpsertItems: yields the stub and the seconds the upserts took per item (acknowledged =
+    recommendable)."""
     port = _free_port()
     with tempfile.TemporaryDirectory() as state_dir:
         command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port),
@@ -261,8 +265,8 @@ def markdown(result: dict) -> str:
 
 def targets(rows: dict) -> list[str]:
     """The issue's targets for each served row: cold R@10 >= 0.5 x warm R@10 of the same row, and warm N@10 at
-    most 1% below the same bundle served with neither mechanism (no map, no reserved share)."""
-    without = rows["llmrec without the cold-start map (served)"]
+    most 1% below the same bundle served with no cold-start mechanism (no map, no borrowing, no reserved share)."""
+    without = rows[WITHOUT_EITHER]
     lines = []
     for name, row in rows.items():
         if not name.startswith("llmrec"):
@@ -271,37 +275,48 @@ def targets(rows: dict) -> list[str]:
         cost = row["warm"]["ndcg@10"] / max(without["warm"]["ndcg@10"], 1e-12) - 1
         lines.append(f"{name}: cold R@10 / warm R@10 = {ratio:.2f} (target >= 0.5: "
                      f"{'met' if ratio >= 0.5 else 'not met'}); warm N@10 {cost:+.1%} relative to the same bundle "
-                     f"without the map (target >= -1%: {'met' if cost >= -0.01 else 'not met'})")
+                     f"with no cold-start mechanism (target >= -1%: {'met' if cost >= -0.01 else 'not met'})")
     return lines
 
 
 def measure(data_path: Path, out: Path, share: float, config: TrainConfig, sequence_config: SequenceModelConfig,
-            new_item_shares: Sequence[float] = (0.1, 0.2), k: int = 50) -> dict:
+            new_item_shares: Sequence[float] = (0.1, 0.2), k: int = 50, reuse: bool = False,
+            sasrec_config: SASRecConfig = SASRecConfig()) -> dict:
     data = load_interactions(data_path)
     warm, cold = hold_out(data, share, config.seed)
-    run = train(warm, config, out / "run", sequence_config=sequence_config, model_free_baselines=False)
-    with phase("export the bundle", log):
-        bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
-                              max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
-                              max_history_items=config.max_history_items)
+    bundles = sorted((out / "bundles").glob("*/manifest.json")) if reuse else []
+    if bundles:  # the text model, its adjustments and the bundle of an earlier run of the same hold-out
+        run = json.loads((out / "run" / "metrics.json").read_text())
+        bundle = bundles[-1].parent
+        log.info("reusing %s and the run in %s", bundle, out / "run")
+    else:
+        run = train(warm, config, out / "run", sequence_config=sequence_config, model_free_baselines=False)
+        with phase("export the bundle", log):
+            bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
+                                  max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
+                                  max_history_items=config.max_history_items)
     test = split_examples(data, "test")
     targets_of = np.array([data.sequences[e.user][e.target_position] for e in test])
     is_cold_target = cold[targets_of]
     ranked: dict[str, Ranked] = {}
     upsert_seconds = {}
     with phase("served rows", log):
-        with served(bundle, data, cold, cold_start_map=True) as (stub, seconds):
-            upsert_seconds["with the map"] = round(seconds, 4)
-            ranked["llmrec (served)"] = served_ranks(stub, data, test, config.use_context, k)
+        with served(bundle, data, cold) as (stub, seconds):
+            upsert_seconds["map and borrowing"] = round(seconds, 4)
+            ranked[SERVED] = served_ranks(stub, data, test, config.use_context, k)
             for new_share in new_item_shares:
                 ranked[f"llmrec, new_item_share {new_share} (served)"] = served_ranks(
                     stub, data, test, config.use_context, k, new_share)
-        with served(bundle, data, cold, cold_start_map=False) as (stub, seconds):
-            upsert_seconds["without the map"] = round(seconds, 4)
-            ranked["llmrec without the cold-start map (served)"] = served_ranks(stub, data, test, config.use_context, k)
+        with served(bundle, data, cold, ["--new-item-cooccurrence", "0"]) as (stub, seconds):
+            upsert_seconds["map only"] = round(seconds, 4)
+            ranked["llmrec, cold-start map, no borrowed co-occurrence (served)"] = served_ranks(
+                stub, data, test, config.use_context, k)
+        with served(bundle, data, cold, ["--no-cold-start-map", "--new-item-cooccurrence", "0"]) as (stub, seconds):
+            upsert_seconds["neither"] = round(seconds, 4)
+            ranked[WITHOUT_EITHER] = served_ranks(stub, data, test, config.use_context, k)
     with phase("zero-shot, SASRec and popularity", log):
         ranked["zero-shot all-MiniLM-L6-v2"] = dense_ranked(zero_shot_scores(data, test, config), data, test)
-        sasrec, sasrec_summary = sasrec_warm_scores(warm)
+        sasrec, sasrec_summary = sasrec_warm_scores(warm, sasrec_config)
         ranked["SASRec (warm items only)"] = dense_ranked(known_items_scores(data, cold, sasrec), data, test)
         popularity = item_popularity(warm)
         ranked["popularity (warm items only)"] = dense_ranked(
@@ -323,6 +338,7 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
         "cold_start_map": metrics.get("cold_start"),
         "sasrec": sasrec_summary,
         "train": {"steps": run["steps"], "train_seconds": run["train_seconds"], "adjustments": run["adjustments"]},
+        "reused_run": bool(bundles),
         "bundle": str(bundle),
         "config": dataclasses.asdict(config),
     }
@@ -341,10 +357,15 @@ def main(
     max_steps: int = typer.Option(TrainConfig.max_steps),
     sequence_minutes: float = typer.Option(SequenceModelConfig.time_budget_minutes,
                                            help="stop the sequence model when spent"),
+    sasrec_epochs: int = typer.Option(SASRecConfig.max_epochs, help="SASRec's bound on epochs (it stops early "
+                                                                   "when validation stops improving)"),
+    reuse: bool = typer.Option(False, help="serve the bundle an earlier run of the same hold-out left in OUT "
+                                           "instead of training again (the served rows change with the server)"),
 ) -> None:
     logging.basicConfig(level=logging.INFO)
     result = measure(data, out, share, TrainConfig(max_steps=max_steps, seed=seed),
-                     SequenceModelConfig(time_budget_minutes=sequence_minutes))
+                     SequenceModelConfig(time_budget_minutes=sequence_minutes), reuse=reuse,
+                     sasrec_config=SASRecConfig(max_epochs=sasrec_epochs))
     typer.echo(markdown(result))
 
 

@@ -23,6 +23,9 @@ import numpy as np
 WINDOW = 3  # events at most this far apart in a sequence co-occur, in both directions
 RECENT_ITEMS = 10
 RECENCY_DECAY = 0.8
+# A new item (no row of its own: nobody took it when the table was counted) borrows the rows of this many trained
+# items nearest to it in the index's vector space.
+DONORS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,10 @@ class CooccurrenceTable:
         unique, inverse = np.unique(items_flat, return_inverse=True)
         return unique, np.bincount(inverse, weights=np.concatenate(values).astype(np.float64), minlength=len(unique))
 
+    def has_row(self) -> np.ndarray:
+        """(num_items,) bool: the items with at least one co-occurring item (those a new item can borrow from)."""
+        return np.diff(self.indptr) > 0
+
     def save(self, path: Path) -> None:
         with Path(path).open("wb") as handle:
             np.savez(handle, indptr=self.indptr, neighbours=self.neighbours, weights=self.weights)
@@ -106,3 +113,50 @@ class CooccurrenceTable:
         if len(table.neighbours) != len(table.weights) or table.indptr[-1] != len(table.neighbours):
             raise ValueError(f"{path}: inconsistent co-occurrence table")
         return table
+
+
+@dataclasses.dataclass(frozen=True)
+class Borrowers:
+    """Items with no row in the table, each scored as if it were its donors: the items nearest to it in the
+    index's vector space that have rows. A new item's co-occurrence score is
+
+        sum over its donors d of weight(d) * cooccurrence_score(history, d),   weight(d) = max(cosine, 0) / DONORS
+
+    so an item just like items the user's history goes with scores about as they do, and an unlike one near 0.
+    Without it a new item has no co-occurrence score at all and loses to every item that has one, whatever its
+    text says (docs/model.md, "Cold items")."""
+
+    items: np.ndarray  # (n,) int64 item numbers in the scores' numbering
+    donors: np.ndarray  # (n, DONORS) int64 table rows
+    weights: np.ndarray  # (n, DONORS) float32
+
+    @classmethod
+    def none(cls) -> Borrowers:
+        return cls(np.zeros(0, np.int64), np.zeros((0, DONORS), np.int64), np.zeros((0, DONORS), np.float32))
+
+
+def nearest_donors(unit_vectors: np.ndarray, donor_vectors: np.ndarray, is_donor: np.ndarray,
+                   donors: int = DONORS, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """For each of n unit vectors, the `donors` rows of donor_vectors (unit vectors; rows where is_donor is false
+    are skipped) with the highest cosine: ((n, donors) int64 rows, (n, donors) float32 weights, max(cos, 0) /
+    donors). donor_vectors may be a memory map: it is read chunk_rows rows at a time. Ties go to the lower row, so
+    every replica that applies the same change finds the same donors."""
+    queries = np.asarray(unit_vectors, dtype=np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    best_scores = np.zeros((len(queries), 0), np.float32)
+    for start in range(0, len(donor_vectors), chunk_rows):
+        block = np.asarray(donor_vectors[start : start + chunk_rows], dtype=np.float32)
+        scores = queries @ block.T
+        scores[:, ~is_donor[start : start + len(block)]] = -np.inf
+        rows = np.broadcast_to(np.arange(start, start + len(block), dtype=np.int64), scores.shape)
+        best_rows = np.concatenate([best_rows, rows], axis=1)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :donors]
+        best_rows = np.take_along_axis(best_rows, order, axis=1)
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+    if best_rows.shape[1] < donors:  # fewer donor rows than donors: pad with weight 0
+        missing = donors - best_rows.shape[1]
+        best_rows = np.pad(best_rows, ((0, 0), (0, missing)))
+        best_scores = np.pad(best_scores, ((0, 0), (0, missing)), constant_values=-np.inf)
+    weights = np.where(np.isfinite(best_scores), np.maximum(best_scores, 0.0), 0.0) / donors
+    return best_rows, weights.astype(np.float32)

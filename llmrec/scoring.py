@@ -6,6 +6,9 @@
                   + history_item_score * [item in history]
                   + cooccurrence_weight * cooccurrence_score(recent history, item)
 
+An item with no row in the co-occurrence table (new since the table was counted) borrows its donors' scores,
+scaled by borrowed_cooccurrence (llmrec.cooccurrence.Borrowers).
+
 One definition for everyone: evaluation and calibration score every item at once (`dense_scores`,
 `ScoreTerms`); the server searches the index and re-scores exactly (`top_k`). Both views are built from the
 same `query` and `adjustments`, and a unit test holds them to the same ranking.
@@ -26,7 +29,7 @@ import numpy as np
 
 from llmrec import cooccurrence as cooccurrence_defaults
 from llmrec import history_vector as history_vector_defaults
-from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.cooccurrence import Borrowers, CooccurrenceTable
 from llmrec.history_vector import history_vector
 
 # Logits are cosine / TEMPERATURE + bias: the recipe that works for text retrieval (softmax over the catalogue).
@@ -94,6 +97,8 @@ class ScoringRule:
     cooccurrence_recency: Recency = COOCCURRENCE_RECENCY
     history_vector_recency: Recency = HISTORY_VECTOR_RECENCY
     rejected_weight: float = DEFAULT_REJECTED_WEIGHT  # negative feedback (the module docstring); 0 turns it off
+    # How much of their donors' co-occurrence new items borrow (llmrec.cooccurrence.Borrowers); 0 turns it off.
+    borrowed_cooccurrence: float = 1.0
 
     @property
     def history_items_read(self) -> int:
@@ -146,7 +151,8 @@ class ScoringRule:
 
     def adjustments_of(self, history: Sequence[int], table: CooccurrenceTable | None,
                        table_history: Sequence[int] | None = None,
-                       item_of_table_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       item_of_table_row: np.ndarray | None = None,
+                       borrowers: Borrowers | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(items ascending, values) to add to the model scores of one user.
 
         Args:
@@ -156,6 +162,8 @@ class ScoringRule:
                 does not know are left out.
             item_of_table_row: table row -> item number in the scores' numbering, -1 for items gone since
                 (default: the same numbering).
+            borrowers: items with no row in the table, scored from their donors' rows (scaled by
+                borrowed_cooccurrence).
         """
         weights = self.adjustments
         items = np.zeros(0, np.int64)
@@ -167,6 +175,12 @@ class ScoringRule:
             recency = self.cooccurrence_recency
             rows, scores = table.scores(history if table_history is None else table_history, recency.recent_items,
                                         recency.decay)
+            if borrowers is not None and len(borrowers.items) and self.borrowed_cooccurrence and len(rows):
+                borrowed = (borrowers.weights * _lookup(rows, scores, borrowers.donors)).sum(axis=1)
+                lent = borrowed > 0
+                items = np.concatenate([items, borrowers.items[lent]])
+                values = np.concatenate([values, weights.cooccurrence_weight * self.borrowed_cooccurrence
+                                         * borrowed[lent]])
             if item_of_table_row is not None:
                 rows = item_of_table_row[rows]
                 rows, scores = rows[rows >= 0], scores[rows >= 0]
@@ -181,10 +195,12 @@ class ScoringRule:
 
     def dense_scores(self, user_vectors: np.ndarray, rows: np.ndarray, histories: Sequence[Sequence[int]],
                      table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None = None,
-                     rejected: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+                     rejected: Sequence[Sequence[int]] | None = None,
+                     borrowers: Borrowers | None = None) -> np.ndarray:
         """(n, num_items) float64 scores of every item in `rows` (item_rows) for n users with these histories
         (item numbers = row numbers) and, when given, these rejected items (the scores of the rejected items
-        themselves are left in: callers that serve never return them). Memory is n x num_items: callers score
+        themselves are left in: callers that serve never return them) and, when given, items borrowing
+        co-occurrence (borrowers: rows of `rows` past the table's items). Memory is n x num_items: callers score
         users in chunks."""
         unit = rows[:, :-1]
         queries = self.query(user_vectors, [unit[np.asarray(h, dtype=np.int64)] for h in histories],
@@ -192,7 +208,7 @@ class ScoringRule:
                              None if rejected is None else [unit[np.asarray(r, dtype=np.int64)] for r in rejected])
         scores = query_rows(queries).astype(np.float64) @ rows.T.astype(np.float64)
         for row, history in enumerate(histories):
-            items, values = self.adjustments_of(history, table)
+            items, values = self.adjustments_of(history, table, borrowers=borrowers)
             scores[row, items] += values
         return scores
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.cooccurrence import Borrowers, CooccurrenceTable, nearest_donors
 from llmrec.scoring import ScoringRule, item_rows
 from llmrec.template import ItemFields
 
@@ -155,6 +155,12 @@ class Catalogue:
         self._free: list[int] = []
         self._size = count  # labels in use or tombstoned: 0.._size-1
         self._new_labels: set[int] = set()  # labels of upserted items: the new items a list may reserve slots for
+        # Upserted items the co-occurrence table has no row for borrow their nearest trained items' rows
+        # (llmrec.cooccurrence.Borrowers): label -> (donor bundle rows, weights), found when the item is applied.
+        self._bundle_vectors = bundle.vectors  # the bundle's own rows (a memory map): donors never change
+        self._is_donor = bundle.cooccurrence.has_row()
+        self._donors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._borrowers: Borrowers | None = Borrowers.none()  # None: to be rebuilt from _donors
         self._postings: dict[tuple[str, str], set[int]] = {}
         for label, item in enumerate(self._items):
             self._post(label, item, add=True)
@@ -304,7 +310,8 @@ class Catalogue:
             candidates = self._candidates(filters) - excluded if filters else None
             history = [self._label_of[i] for i in history_ids if i in self._label_of]
             table_history = [self._bundle_row_of[i] for i in history_ids if i in self._bundle_row_of]
-            adjustments = rule.adjustments_of(history, cooccurrence, table_history, self._label_of_bundle_row)
+            adjustments = rule.adjustments_of(history, cooccurrence, table_history, self._label_of_bundle_row,
+                                              self._borrowers_now())
             query = np.asarray(query, dtype=np.float32)
             labels, scores = rule.top_k(
                 query, k, adjustments,
@@ -510,16 +517,41 @@ class Catalogue:
     def _apply(self, operation: Upsert | Delete) -> None:
         if isinstance(operation, Upsert):
             for start in range(0, len(operation.items), WRITE_CHUNK):
+                items = operation.items[start : start + WRITE_CHUNK]
+                rows = operation.rows[start : start + len(items)]
+                donors = self._find_donors(items, rows)  # outside the lock: reads only the bundle's rows
                 with self._lock.write():
-                    for offset, item in enumerate(operation.items[start : start + WRITE_CHUNK]):
-                        self._upsert_one(item, operation.rows[start + offset])
+                    for offset, item in enumerate(items):
+                        self._upsert_one(item, rows[offset], donors.get(offset))
         else:
             for start in range(0, len(operation.item_ids), WRITE_CHUNK):
                 with self._lock.write():
                     for item_id in operation.item_ids[start : start + WRITE_CHUNK]:
                         self._delete_one(item_id)
 
-    def _upsert_one(self, item: CatalogueItem, row: np.ndarray) -> None:
+    def _find_donors(self, items: Sequence[CatalogueItem], rows: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{position: (donor bundle rows, weights)} for the items the co-occurrence table has no row for."""
+        borrowing = [n for n, item in enumerate(items) if item.item_id not in self._bundle_row_of]
+        if not borrowing or not self._is_donor.any():
+            return {}
+        donors, weights = nearest_donors(rows[borrowing, :-1], self._bundle_vectors[:, :-1], self._is_donor)
+        return {n: (donors[i], weights[i]) for i, n in enumerate(borrowing)}
+
+    def _borrowers_now(self) -> Borrowers:
+        """The Borrowers of the live new items (hold the read lock); rebuilt after a change."""
+        borrowers = self._borrowers
+        if borrowers is None:
+            labels = np.fromiter(self._donors, np.int64, len(self._donors))
+            if not len(labels):
+                borrowers = Borrowers.none()
+            else:
+                borrowers = Borrowers(labels, np.stack([self._donors[int(n)][0] for n in labels]),
+                                      np.stack([self._donors[int(n)][1] for n in labels]))
+            self._borrowers = borrowers
+        return borrowers
+
+    def _upsert_one(self, item: CatalogueItem, row: np.ndarray,
+                    donors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         label = self._label_of.get(item.item_id)
         if label is not None:
             self._post(label, self._items[label], add=False)
@@ -542,6 +574,11 @@ class Catalogue:
             self._label_of_bundle_row[self._bundle_row_of[item.item_id]] = label
         self._post(label, item, add=True)
         self._changes[item.item_id] = (item, row.copy())
+        if donors is not None:
+            self._donors[label] = donors
+        else:
+            self._donors.pop(label, None)
+        self._borrowers = None
 
     def _delete_one(self, item_id: str) -> None:
         label = self._label_of.pop(item_id, None)
@@ -554,6 +591,8 @@ class Catalogue:
         self._items[label] = None
         self._live[label] = False
         self._new_labels.discard(label)
+        if self._donors.pop(label, None) is not None:
+            self._borrowers = None
         self._free.append(label)
         position = bisect.bisect_left(self._sorted_ids, item_id)
         if position < len(self._sorted_ids) and self._sorted_ids[position] == item_id:

@@ -129,7 +129,8 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
     except BaseException:
         encoder.close()  # its workers are idle: this returns at once
         raise
-    recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share)
+    recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share,
+                              settings.new_item_cooccurrence)
     return Generation(recommender, encoder, Path(path))
 
 

@@ -54,7 +54,8 @@ class Recommender:
     """
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
-                 catalogue: Catalogue | None = None, new_item_share: float = 0.0) -> None:
+                 catalogue: Catalogue | None = None, new_item_share: float = 0.0,
+                 new_item_cooccurrence: float = 1.0) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
@@ -62,7 +63,7 @@ class Recommender:
         validation.check_new_item_share(new_item_share)
         self.new_item_share = new_item_share
         self.max_history_items = bundle.manifest.max_history_items
-        self.rule = bundle.manifest.scoring_rule()
+        self.rule = dataclasses.replace(bundle.manifest.scoring_rule(), borrowed_cooccurrence=new_item_cooccurrence)
 
     @property
     def model_version(self) -> str:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import hnswlib
 import numpy as np
 import pytest
 
-from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.cooccurrence import Borrowers, CooccurrenceTable, nearest_donors
 from llmrec.scoring import (
     DEFAULT_REJECTED_WEIGHT, Adjustments, Recency, ScoreTerms, ScoringRule, item_rows, query_rows,
 )
 from llmrec.server.catalogue import Catalogue
+from llmrec.server.domain import CatalogueItem
+from llmrec.server.state import Upsert
 from llmrec.template import ItemFields
 
 DIM, COUNT = 16, 300
@@ -38,15 +41,18 @@ def rejections(seed: int = 0) -> list[np.ndarray]:
     return [rng.choice(COUNT, size=rng.integers(0, 5), replace=False) for _ in range(20)]
 
 
-def catalogue_of(rows: np.ndarray) -> Catalogue:
+def catalogue_of(rows: np.ndarray, table: CooccurrenceTable | None = None) -> Catalogue:
+    """A catalogue whose bundle holds these rows (and this co-occurrence table over them)."""
+    count = len(rows)
     index = hnswlib.Index(space="ip", dim=DIM + 1)
     index.init_index(max_elements=COUNT, ef_construction=200, M=32, allow_replace_deleted=True)
-    index.add_items(rows, np.arange(COUNT))
+    index.add_items(rows, np.arange(count))
     index.set_ef(COUNT)  # wide enough to be exact: the views must then agree item for item
-    ids = [f"i{n:03d}" for n in range(COUNT)]
+    ids = [f"i{n:03d}" for n in range(count)]
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, new_item_bias=0.0)
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
-                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=None)
+                                   vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=None,
+                                   cooccurrence=table if table is not None else CooccurrenceTable.empty(count))
     return Catalogue(bundle)
 
 
@@ -70,6 +76,46 @@ def test_the_top_k_view_ranks_like_the_dense_view(rule, with_rejections):
         want = np.argsort(-scores, kind="stable")[:10]
         assert [item.item_id for item in got] == [f"i{n:03d}" for n in want]
         assert [item.score for item in got] == pytest.approx(dense[user, want].tolist(), abs=1e-5)
+
+
+def test_new_items_borrow_cooccurrence_alike_in_both_views():
+    """Items upserted after the table was counted (no row of their own) borrow their nearest trained items'
+    co-occurrence, in the server's top-k view exactly as in the dense view."""
+    rows, _, users, _, sequence_vectors = catalogue_inputs(7)
+    trained = COUNT - 60
+    rng = np.random.default_rng(7)
+    sequences = [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)]
+    table = CooccurrenceTable.from_sequences(sequences, trained)
+    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    catalogue = catalogue_of(rows[:trained], table)
+    catalogue._apply(Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
+                             for n in range(trained, COUNT)], rows[trained:]))
+    donors, weights = nearest_donors(rows[trained:, :DIM], rows[:trained, :DIM], table.has_row())
+    borrowers = Borrowers(np.arange(trained, COUNT), donors, weights)
+    for rule in (RULE, dataclasses.replace(RULE, borrowed_cooccurrence=0.0)):
+        dense = rule.dense_scores(users, rows, histories, table, sequence_vectors, borrowers=borrowers)
+        for user in range(len(users)):
+            query = rule.query(users[user:user + 1], [rows[histories[user], :DIM]], sequence_vectors[user:user + 1])[0]
+            got = catalogue.top_k(rule, query, 10, [f"i{n:03d}" for n in histories[user]], table)
+            want = np.argsort(-dense[user], kind="stable")[:10]
+            assert [item.item_id for item in got] == [f"i{n:03d}" for n in want]
+            assert [item.score for item in got] == pytest.approx(dense[user, want].tolist(), abs=1e-5)
+    lent = RULE.adjustments_of(histories[0], table, borrowers=borrowers)
+    alone = dataclasses.replace(RULE, borrowed_cooccurrence=0.0).adjustments_of(histories[0], table,
+                                                                                 borrowers=borrowers)
+    assert np.isin(lent[0], borrowers.items).any() and not np.isin(alone[0], borrowers.items).any()
+
+
+def test_donors_are_the_nearest_items_with_a_row_weighted_by_their_cosine():
+    rows, _, _, _, _ = catalogue_inputs(8)
+    unit = rows[:, :DIM]
+    is_donor = np.arange(COUNT) % 3 != 0  # every third item has no row: never a donor
+    donors, weights = nearest_donors(unit[:5], unit, is_donor, donors=4, chunk_rows=37)  # chunks: same answer
+    for n in range(5):
+        cosines = np.where(is_donor, unit @ unit[n], -np.inf)
+        want = np.argsort(-cosines, kind="stable")[:4]
+        assert donors[n].tolist() == want.tolist()
+        np.testing.assert_allclose(weights[n], np.maximum(cosines[want], 0) / 4, rtol=1e-5)
 
 
 def test_rejections_move_the_query_away_from_the_mean_of_the_rejected_items():

@@ -17,6 +17,7 @@ from llmrec.server.catalogue import Catalogue
 from llmrec.server.domain import AttributeFilter, CatalogueItem
 from llmrec.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmrec.server.state import CatalogueStore
+from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.server.store.local import LocalStore
 
 DIM = 8
@@ -38,7 +39,8 @@ def make_bundle(seed: int = 0, cold_start=None):
     items = [ItemFields(f"Item {n}", ("Even" if n % 2 == 0 else "Odd", "All")) for n in range(COUNT)]
     manifest = types.SimpleNamespace(bundle_version="v1", dimension=DIM, index_dimension=DIM + 1, new_item_bias=BIAS)
     return types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=items, vectors=rows,
-                                 row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=cold_start)
+                                 row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=cold_start,
+                                 cooccurrence=CooccurrenceTable.empty(COUNT))
 
 
 def unit(rng, n=1):
