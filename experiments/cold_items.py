@@ -51,6 +51,7 @@ log = logging.getLogger("llmrec.cold_items")
 
 KS = (10, 50)
 SERVED = "llmrec (served)"
+BORROWING_CHOICES = (0.0, 1.0, 2.0, 4.0)  # --new-item-cooccurrence values tried on validation
 WITHOUT_EITHER = "llmrec, no cold-start mechanism (served)"
 REPORTED = ("recall@10", "ndcg@10", "recall@50")
 
@@ -172,6 +173,20 @@ def served_ranks(stub: pb_grpc.RecommenderStub, data: Interactions, test: Sequen
     return Ranked(ranks[k], top10, ranks.get(10) if len(lengths) > 1 else None)
 
 
+def choose_borrowing(bundle: Path, data: Interactions, cold: np.ndarray, valid: Sequence[Example], use_context: bool,
+                     k: int, choices: Sequence[float]) -> dict:
+    """The server's --new-item-cooccurrence with the best NDCG@10 over all validation users (cold and warm
+    targets alike: what borrowing gives cold targets is weighed against what it costs warm ones); ties go to the
+    smaller value. The test split is not looked at."""
+    ndcg = {}
+    for choice in choices:
+        with served(bundle, data, cold, ["--new-item-cooccurrence", str(choice)]) as (stub, _):
+            ranks = served_ranks(stub, data, valid, use_context, k).ranks
+        ndcg[choice] = round(float(ranking_metrics(ranks, (10,))["ndcg@10"]), 5)
+        log.info("validation ndcg@10 with --new-item-cooccurrence %s: %.4f", choice, ndcg[choice])
+    return {"chosen": max(choices, key=lambda c: (ndcg[c], -c)), "validation_ndcg@10": ndcg}
+
+
 # --- the offline rows: scores over the whole catalogue ----------------------------------------------------
 
 
@@ -249,7 +264,9 @@ def markdown(result: dict) -> str:
         f"{result['seed']}) held out of training and upserted through UpsertItems into a running server; "
         f"{result['test_users']} test users ranked over the whole catalogue, history excluded: "
         f"{result['cold_targets']} with a held-out (cold) target, {result['warm_targets']} with a warm one. "
-        f"Text model: {result['train']['steps']} steps.",
+        f"Text model: {result['train']['steps']} steps. Borrowed co-occurrence (--new-item-cooccurrence) "
+        f"{result['new_item_cooccurrence']['chosen']}, chosen on validation NDCG@10 "
+        f"{result['new_item_cooccurrence']['validation_ndcg@10']}.",
         "",
         "| row | cold R@10 | cold N@10 | cold R@50 | warm R@10 | warm N@10 | warm R@50 | cold share of top 10 |",
         "|---|---|---|---|---|---|---|---|",
@@ -281,7 +298,8 @@ def targets(rows: dict) -> list[str]:
 
 def measure(data_path: Path, out: Path, share: float, config: TrainConfig, sequence_config: SequenceModelConfig,
             new_item_shares: Sequence[float] = (0.1, 0.2), k: int = 50, reuse: bool = False,
-            sasrec_config: SASRecConfig = SASRecConfig()) -> dict:
+            sasrec_config: SASRecConfig = SASRecConfig(),
+            borrowing_choices: Sequence[float] = BORROWING_CHOICES, max_users: int | None = None) -> dict:
     data = load_interactions(data_path)
     warm, cold = hold_out(data, share, config.seed)
     bundles = sorted((out / "bundles").glob("*/manifest.json")) if reuse else []
@@ -295,13 +313,17 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
             bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
                                   max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
                                   max_history_items=config.max_history_items)
-    test = split_examples(data, "test")
+    with phase("choose new_item_cooccurrence on validation users", log):
+        borrowing = choose_borrowing(bundle, data, cold, split_examples(data, "valid")[:max_users],
+                                     config.use_context, k, borrowing_choices)
+    borrow = ["--new-item-cooccurrence", str(borrowing["chosen"])]
+    test = split_examples(data, "test")[:max_users]
     targets_of = np.array([data.sequences[e.user][e.target_position] for e in test])
     is_cold_target = cold[targets_of]
     ranked: dict[str, Ranked] = {}
     upsert_seconds = {}
     with phase("served rows", log):
-        with served(bundle, data, cold) as (stub, seconds):
+        with served(bundle, data, cold, borrow) as (stub, seconds):
             upsert_seconds["map and borrowing"] = round(seconds, 4)
             ranked[SERVED] = served_ranks(stub, data, test, config.use_context, k)
             for new_share in new_item_shares:
@@ -339,6 +361,7 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
         "sasrec": sasrec_summary,
         "train": {"steps": run["steps"], "train_seconds": run["train_seconds"], "adjustments": run["adjustments"]},
         "reused_run": bool(bundles),
+        "new_item_cooccurrence": borrowing,
         "bundle": str(bundle),
         "config": dataclasses.asdict(config),
     }
@@ -359,13 +382,15 @@ def main(
                                            help="stop the sequence model when spent"),
     sasrec_epochs: int = typer.Option(SASRecConfig.max_epochs, help="SASRec's bound on epochs (it stops early "
                                                                    "when validation stops improving)"),
+    max_users: int = typer.Option(0, help="rank only the first N validation and test users (0: all)"),
     reuse: bool = typer.Option(False, help="serve the bundle an earlier run of the same hold-out left in OUT "
                                            "instead of training again (the served rows change with the server)"),
 ) -> None:
     logging.basicConfig(level=logging.INFO)
-    result = measure(data, out, share, TrainConfig(max_steps=max_steps, seed=seed),
+    result = measure(data, out, share, TrainConfig(max_steps=max_steps, seed=seed, calibration_users=max_users,
+                                                   eval_users=max_users),
                      SequenceModelConfig(time_budget_minutes=sequence_minutes), reuse=reuse,
-                     sasrec_config=SASRecConfig(max_epochs=sasrec_epochs))
+                     sasrec_config=SASRecConfig(max_epochs=sasrec_epochs), max_users=max_users or None)
     typer.echo(markdown(result))
 
 
