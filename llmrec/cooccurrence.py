@@ -15,6 +15,7 @@ it off). Training evaluation, export evaluation and the server all score through
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -133,6 +134,32 @@ class Borrowers:
     @classmethod
     def none(cls) -> Borrowers:
         return cls(np.zeros(0, np.int64), np.zeros((0, DONORS), np.int64), np.zeros((0, DONORS), np.float32))
+
+    @functools.cached_property
+    def _by_donor(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat (borrower, donor) positions ordered by donor row, those donor rows): who borrows from a row."""
+        flat = self.donors.ravel()
+        order = np.argsort(flat, kind="stable")
+        return order, flat[order]
+
+    def scores(self, rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(items, borrowed scores > 0) given the table's scores (rows ascending, values) of one history. Work
+        grows with the borrowers of the rows that scored, not with all borrowers: a request stays cheap however
+        many new items the catalogue holds."""
+        if not len(self.items) or not len(rows):
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        order, donor_rows = self._by_donor
+        starts = np.searchsorted(donor_rows, rows, side="left")
+        counts = np.searchsorted(donor_rows, rows, side="right") - starts
+        total = int(counts.sum())
+        if not total:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        entries = order[np.repeat(starts, counts) + offsets]
+        contributions = self.weights.ravel()[entries].astype(np.float64) * np.repeat(values, counts)
+        borrowed = np.bincount(entries // self.donors.shape[1], weights=contributions, minlength=len(self.items))
+        lent = np.flatnonzero(borrowed > 0)
+        return self.items[lent], borrowed[lent]
 
 
 def nearest_donors(unit_vectors: np.ndarray, donor_vectors: np.ndarray, is_donor: np.ndarray,

@@ -175,12 +175,10 @@ class ScoringRule:
             recency = self.cooccurrence_recency
             rows, scores = table.scores(history if table_history is None else table_history, recency.recent_items,
                                         recency.decay)
-            if borrowers is not None and len(borrowers.items) and self.borrowed_cooccurrence and len(rows):
-                borrowed = (borrowers.weights * _lookup(rows, scores, borrowers.donors)).sum(axis=1)
-                lent = borrowed > 0
-                items = np.concatenate([items, borrowers.items[lent]])
-                values = np.concatenate([values, weights.cooccurrence_weight * self.borrowed_cooccurrence
-                                         * borrowed[lent]])
+            if borrowers is not None and self.borrowed_cooccurrence:
+                lent, borrowed = borrowers.scores(rows, scores)
+                items = np.concatenate([items, lent])
+                values = np.concatenate([values, weights.cooccurrence_weight * self.borrowed_cooccurrence * borrowed])
             if item_of_table_row is not None:
                 rows = item_of_table_row[rows]
                 rows, scores = rows[rows >= 0], scores[rows >= 0]

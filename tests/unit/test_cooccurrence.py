@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.cooccurrence import DONORS, Borrowers, CooccurrenceTable
 
 
 def dense(table: CooccurrenceTable) -> np.ndarray:
@@ -41,3 +41,18 @@ def test_renumbering_keeps_counts_and_drops_missing_items(tmp_path):
     moved.save(tmp_path / "table.npz")
     loaded = CooccurrenceTable.load(tmp_path / "table.npz")
     assert np.array_equal(dense(loaded), counts)
+
+
+def test_a_borrower_scores_the_weighted_sum_of_its_donors_scores():
+    rng = np.random.default_rng(3)
+    table = CooccurrenceTable.from_sequences([rng.integers(0, 50, size=8).tolist() for _ in range(80)], 50)
+    donors = rng.integers(0, 50, size=(30, DONORS))
+    weights = rng.uniform(0, 0.1, size=(30, DONORS)).astype(np.float32)
+    borrowers = Borrowers(np.arange(100, 130), donors, weights)
+    rows, values = table.scores([3, 17, 42])
+    items, borrowed = borrowers.scores(rows, values)
+    score_of = dict(zip(rows.tolist(), values.tolist()))
+    expected = np.array([sum(w * score_of.get(int(d), 0.0) for d, w in zip(donors[n], weights[n])) for n in range(30)])
+    assert items.tolist() == (100 + np.flatnonzero(expected > 0)).tolist()
+    np.testing.assert_allclose(borrowed, expected[expected > 0], rtol=1e-6)
+    assert borrowers.scores(rows[:0], values[:0])[0].size == 0 and Borrowers.none().scores(rows, values)[0].size == 0
