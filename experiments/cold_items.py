@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from experiments.baselines.sasrec import SASRecConfig, _left_pad, train_sasrec
 from llmrec.export.bundle import build_bundle
 from llmrec.template import render_item
-from llmrec.training.checkpoint import checkpoint_dir
+from llmrec.training.calibration import cooccurrence_before
+from llmrec.training.checkpoint import CheckpointLayout, checkpoint_dir
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import Example, Interactions, item_popularity, load_interactions, split_examples
 from llmrec.training.evaluation import ranking_metrics, target_ranks
@@ -171,6 +173,28 @@ def served_ranks(stub: pb_grpc.RecommenderStub, data: Interactions, test: Sequen
                 ranks[length][row] = ranked.index(target)
             top10[row, : min(10, len(ranked))] = ranked[:10]  # the last request's: k = 10 when there are two
     return Ranked(ranks[k], top10, ranks.get(10) if len(lengths) > 1 else None)
+
+
+def validation_bundle(out: Path, warm: Interactions, config: TrainConfig) -> Path:
+    """The run's bundle as it would have been built before the validation targets: its co-occurrence table counts
+    only the training part of each sequence (cooccurrence_before(warm, "valid"), what calibration scores
+    validation users with). The served bundle's table also counts the validation events, each validation
+    target's own among them, which would inflate warm validation targets and bias the choice against borrowing."""
+    checkpoint = out / "valid-checkpoint"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.copytree(checkpoint_dir(out / "run"), checkpoint)
+    layout = CheckpointLayout(checkpoint)
+    with np.load(layout.item_head) as head:
+        arrays = dict(head)
+    table = cooccurrence_before(warm, "valid")
+    arrays.update(cooccurrence_indptr=table.indptr, cooccurrence_neighbours=table.neighbours,
+                  cooccurrence_weights=table.weights)
+    with layout.item_head.open("wb") as handle:
+        np.savez(handle, **arrays)
+    shutil.rmtree(out / "valid-bundles", ignore_errors=True)
+    return build_bundle(checkpoint, list(zip(warm.item_ids, warm.items)), out / "valid-bundles",
+                        max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
+                        max_history_items=config.max_history_items, check_quality=False)
 
 
 def choose_borrowing(bundle: Path, data: Interactions, cold: np.ndarray, valid: Sequence[Example], use_context: bool,
@@ -314,7 +338,8 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
                                   max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
                                   max_history_items=config.max_history_items)
     with phase("choose new_item_cooccurrence on validation users", log):
-        borrowing = choose_borrowing(bundle, data, cold, split_examples(data, "valid")[:max_users],
+        valid_bundle = validation_bundle(out, warm, config)
+        borrowing = choose_borrowing(valid_bundle, data, cold, split_examples(data, "valid")[:max_users],
                                      config.use_context, k, borrowing_choices)
     borrow = ["--new-item-cooccurrence", str(borrowing["chosen"])]
     test = split_examples(data, "test")[:max_users]
