@@ -498,8 +498,11 @@ class Catalogue:
         if missing and not allow_missing:
             raise unknown_items(missing, "not in the catalogue (nothing was deleted; set allow_missing to skip "
                                          "unknown ids)")
-        if present:
-            self._commit(Delete(present))
+        # A shared store's other replicas (or a newer bundle version's) may hold ids this replica has not seen
+        # yet: the delete is committed for them too, never acknowledged as a no-op here.
+        deleting = list(dict.fromkeys(item_ids)) if self._store is not None and self._store.shared else present
+        if deleting:
+            self._commit(Delete(deleting))
         return WriteResult(deleted=len(present), item_count=self.count, index_version=self.index_version)
 
     def _commit(self, operation: Upsert | Delete) -> None:

@@ -465,8 +465,12 @@ class Migration:
             "AND migration_complete ORDER BY created_at DESC, bundle_version DESC LIMIT 1", (self.target,)).fetchone()
         self.source = row[0] if row is not None else None
         self._marker = marker if migrated_from == self.source else 0  # another source: its sequence numbers
-        logger.info("catalogue migration %s -> %s: %s", self.source, self.target,
-                    f"resuming after change {self._marker}" if self._marker else "starting")
+        if self.source is None:
+            logger.info("catalogue migration: no earlier bundle version in the database, %s starts empty",
+                        self.target)
+        else:
+            logger.info("catalogue migration %s -> %s: %s", self.source, self.target,
+                        f"resuming after change {self._marker}" if self._marker else "starting")
 
     def _delta(self, connection: psycopg.Connection, limit: int | None,
                lock: bool) -> tuple[list[tuple[str, Any]], int, int]:
@@ -537,8 +541,9 @@ class Migration:
                              "what was committed stays, and the next replica that loads this bundle resumes it") \
                 from None
         self.complete = True
-        logger.info("catalogue migration %s -> %s complete: %d items carried by this replica%s", self.source,
-                    self.target, self.carried, f"; {self.source} is read-only now" if self.source else "")
+        if self.source is not None:
+            logger.info("catalogue migration %s -> %s complete: %d items carried by this replica; %s is read-only "
+                        "now", self.source, self.target, self.carried, self.source)
         try:
             self._store._wait_applied(self._last_seq)
         except StoreUnavailable as error:
