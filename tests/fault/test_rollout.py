@@ -282,3 +282,85 @@ def _carried(replica: ServerProcess) -> int:
         if found:
             return int(found[1])
     raise AssertionError(replica.run_log()[-3000:])
+
+
+class Follower:
+    """A Replica (server.store) that only follows sequence numbers: the store tests below need no catalogue."""
+
+    revision = 0
+
+    def apply_change(self, sequence: int, operation) -> None:
+        self.revision = sequence
+
+    def change_records(self) -> list:
+        return []
+
+
+def test_a_migration_stopped_half_way_is_resumed_by_the_next_replica(fleet, tiny_bundle, monkeypatch):
+    import asyncio
+
+    from llmrec.server.domain import CatalogueItem
+    from llmrec.server.state import Delete, Upsert
+    from llmrec.server.store import VersionSuperseded
+    from llmrec.server.store import postgres as shared
+    from llmrec.template import ItemFields
+
+    dimension = mf.read_manifest(tiny_bundle).index_dimension
+    encoded: list[str] = []
+
+    def opened(version: str) -> shared.PostgresStore:
+        store = shared.PostgresStore(fleet.postgres.dsn, version, dimension)
+        store.open(Follower())
+        return store
+
+    async def encode(items):  # what Recommender.item_rows returns: one index row per item
+        encoded.extend(item.item_id for item in items)
+        if fail_after is not None and len(encoded) > fail_after:
+            raise RuntimeError("replica killed")
+        return np.ones((len(items), dimension), np.float32)
+
+    async def migrate(store: shared.PostgresStore) -> shared.Migration:
+        async with store.migration(encode) as migration:
+            await migration.finish()
+        return migration
+
+    def upsert(store: shared.PostgresStore, item_id: str) -> None:
+        store.commit(Upsert([CatalogueItem(item_id, ItemFields(f"Film {item_id}"), (), upserted=True)],
+                            np.ones((1, dimension), np.float32)))
+
+    fail_after = None
+    source = opened("s-source")
+    assert asyncio.run(migrate(source)).source is None  # the first version: nothing to take over
+    for number in range(7):
+        upsert(source, f"item-{number}")
+    source.commit(Delete(["item-3"]))
+
+    monkeypatch.setattr(shared, "MIGRATION_BATCH", 2)
+    fail_after = 3  # killed in its second batch: the first one (2 items) is committed
+    first = opened("t-target")
+    with pytest.raises(RuntimeError, match="replica killed"):
+        asyncio.run(migrate(first))
+    first.close()
+    head = fleet.postgres.psql("SELECT migrated_from, migrated_seq, migration_complete FROM llmrec_catalogue_head "
+                               "WHERE bundle_version = 't-target'")
+    assert re.search(r"s-source\s+\|\s+2\s+\|\s+f", head), head
+    upsert(source, "item-late")  # the source still takes writes
+
+    fail_after, encoded = None, []
+    second = opened("t-target")
+    migration = asyncio.run(migrate(second))
+    assert migration.source == "s-source" and migration.complete
+    # resumed after the first batch: neither of its items was encoded again
+    assert sorted(encoded) == ["item-2", "item-4", "item-5", "item-6", "item-late"], encoded
+    items = fleet.postgres.psql("SELECT item_id, item IS NULL FROM llmrec_catalogue_items WHERE bundle_version = "
+                                "'t-target' ORDER BY item_id")
+    assert re.findall(r"(item-\S+)\s+\|\s+(\w)", items) == [
+        ("item-0", "f"), ("item-1", "f"), ("item-2", "f"), ("item-3", "t"), ("item-4", "f"), ("item-5", "f"),
+        ("item-6", "f"), ("item-late", "f")]
+    with pytest.raises(VersionSuperseded, match="migrated to version t-target"):
+        upsert(source, "refused")
+    upsert(second, "native")
+    third = opened("t-target")  # a replica loading the version later: nothing left to do
+    assert asyncio.run(migrate(third)).carried == 0
+    for store in (source, second, third):
+        store.close()
