@@ -395,11 +395,12 @@ async def rollout_lock(dsn: str, check: Callable[[], None] = lambda: None) -> As
         raise StateError(f"cannot reach the shared catalogue database for the rollout lock: {_first_line(error)}") \
             from None
     try:
-        await asyncio.to_thread(_lock, connection, _ROLLOUT_LOCK, check,
-                                "hot swap: waiting for another replica's swap to finish (one replica at a time)")
+        try:
+            await asyncio.to_thread(_lock, connection, _ROLLOUT_LOCK, check,
+                                    "hot swap: waiting for another replica's swap to finish (one replica at a time)")
+        except psycopg.Error as error:
+            raise StateError(f"the rollout lock failed: {_first_line(error)}") from None
         yield
-    except psycopg.Error as error:
-        raise StateError(f"the rollout lock failed: {_first_line(error)}") from None
     finally:
         await asyncio.to_thread(connection.close)  # releases the lock
 
