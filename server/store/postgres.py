@@ -2,7 +2,9 @@
 
 Tables (created on first use; one row set per bundle version, as the local store keeps one directory per version):
 
-    llmrec_catalogue_head     (bundle_version, index_dimension, last_seq)   the sequence counter
+    llmrec_catalogue_head     (bundle_version, index_dimension, last_seq,   the sequence counter, and the
+                               created_at, superseded_by, migrated_from,    version's migration state
+                               migrated_seq, migration_complete)
     llmrec_catalogue_changes  (bundle_version, seq, change jsonb, committed_at)   every change, in order
     llmrec_catalogue_items    (bundle_version, item_id, seq, item jsonb)   each changed item's latest state
                                                                               (item NULL: deleted)
@@ -21,6 +23,9 @@ reconnects, LISTENs first, then catches up by sequence, and only then reports SE
 
 Start-up reads, in one REPEATABLE READ transaction, the head's sequence S and every row of the items table (a
 snapshot of the catalogue as of S, whatever the length of the history), then the changes after S.
+
+Bundle versions: a new version takes the previous version's changes over once, in the database, and the previous
+version turns read-only (Migration; docs/serving.md#rollout-across-replicas); hot swaps take rollout_lock.
 """
 
 from __future__ import annotations
@@ -78,7 +83,11 @@ CREATE TABLE IF NOT EXISTS llmrec_catalogue_items (
     seq bigint NOT NULL,
     item jsonb,
     PRIMARY KEY (bundle_version, item_id)
-);
+)
+"""
+# What bundle-version migrations add (Migration): run once, when the columns are missing, since ALTER TABLE and
+# CREATE INDEX lock the tables (and need their owner) even when there is nothing to add.
+MIGRATION_SCHEMA = """
 ALTER TABLE llmrec_catalogue_head ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
 ALTER TABLE llmrec_catalogue_head ADD COLUMN IF NOT EXISTS superseded_by text;
 ALTER TABLE llmrec_catalogue_head ADD COLUMN IF NOT EXISTS migrated_from text;
@@ -162,6 +171,10 @@ class PostgresStore(ChangeStore):
         with connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             connection.execute(SCHEMA)
+            if connection.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = "
+                                  "'llmrec_catalogue_head'::regclass AND attname = 'migration_complete' AND NOT "
+                                  "attisdropped)").fetchone()[0]:
+                connection.execute(MIGRATION_SCHEMA)
             connection.execute("INSERT INTO llmrec_catalogue_head (bundle_version, index_dimension, last_seq, "
                                "migration_complete) VALUES (%s, %s, 0, false) ON CONFLICT DO NOTHING",
                                (self.bundle_version, self.index_dimension))
