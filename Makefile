@@ -112,7 +112,8 @@ chaos: setup  ## CHAOS_ROUNDS of kill -9 during writes, then damaged journal/sna
 	LLMREC_CHAOS_ROUNDS=$(CHAOS_ROUNDS) LLMREC_FAULT_REPORTS=$(FAULT_REPORTS) $(PY) -m pytest -q -s tests/fault/test_chaos.py
 
 # Many replicas, one catalogue (tests/fault/test_scale_out.py; `make test` runs it small): three replicas on a real
-# PostgreSQL (the pgserver wheel), SCALE_WRITES changes per phase, a late replica catching up on SCALE_CATCHUP.
+# PostgreSQL (the pgserver wheel), SCALE_WRITES changes per phase, a late replica catching up on SCALE_CATCHUP, and a
+# new bundle rolled out through bundle_root polling under writes (tests/fault/test_rollout.py, rollout.json).
 # Its own --basetemp: pytest's retention of the last 3 /tmp/pytest-of-<user> directories would delete the database
 # under a long run when other pytest sessions start meanwhile.
 SCALE_WRITES ?= 300
@@ -121,9 +122,9 @@ SCALE_REPORTS ?= reports/scale
 CAPACITY_ITEMS ?= 20000 200000 1000000
 .PHONY: scale-test capacity
 
-scale-test: setup  ## 3 replicas + PostgreSQL: convergence p50/p99, kill -9, database restart, catch-up on 100k changes
+scale-test: setup  ## 3 replicas + PostgreSQL: convergence p50/p99, kill -9, database restart, 100k catch-up, rollout
 	LLMREC_SCALE_WRITES=$(SCALE_WRITES) LLMREC_SCALE_CATCHUP=$(SCALE_CATCHUP) LLMREC_FAULT_REPORTS=$(SCALE_REPORTS) \
-		$(PY) -m pytest -q -s --basetemp=build/scale-test tests/fault/test_scale_out.py
+		$(PY) -m pytest -q -s --basetemp=build/scale-test tests/fault/test_scale_out.py tests/fault/test_rollout.py
 
 capacity: setup  ## memory per catalogue item and start-up time at CAPACITY_ITEMS items; reports/scale/capacity.*
 	$(PY) -m bench.capacity --items $(CAPACITY_ITEMS) --out $(SCALE_REPORTS)

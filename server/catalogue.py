@@ -34,9 +34,11 @@ from llmrec.template import ItemFields
 from llmrec.server import metrics, tracing
 from llmrec.server.bundle import LoadedBundle
 from llmrec.server.domain import AttributeFilter, CatalogueItem, HistoryRef, ScoredItem, WriteResult
-from llmrec.server.errors import FailedPrecondition, InvalidArgument, Unavailable, unknown_items
+from llmrec.server.errors import (
+    REASON_VERSION_SUPERSEDED, FailedPrecondition, InvalidArgument, Unavailable, unknown_items,
+)
 from llmrec.server.state import Delete, Upsert
-from llmrec.server.store import ChangeStore
+from llmrec.server.store import ChangeStore, VersionSuperseded
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ CATEGORY_KEY = "category"
 # and faster than an HNSW walk that rejects almost every node it visits.
 EXACT_SEARCH_MAX_CANDIDATES = 2048
 WRITE_CHUNK = 64
+SUPERSEDED_RETRY_S = 0.5  # RetryInfo on a change to a version a rollout made read-only (another replica serves on)
 _PAGE_TOKEN_PREFIX = "after:"
 _BARE_MODEL = ScoringRule()
 
@@ -495,8 +498,11 @@ class Catalogue:
         if missing and not allow_missing:
             raise unknown_items(missing, "not in the catalogue (nothing was deleted; set allow_missing to skip "
                                          "unknown ids)")
-        if present:
-            self._commit(Delete(present))
+        # A shared store's other replicas (or a newer bundle version's) may hold ids this replica has not seen
+        # yet: the delete is committed for them too, never acknowledged as a no-op here.
+        deleting = list(dict.fromkeys(item_ids)) if self._store is not None and self._store.shared else present
+        if deleting:
+            self._commit(Delete(deleting))
         return WriteResult(deleted=len(present), item_count=self.count, index_version=self.index_version)
 
     def _commit(self, operation: Upsert | Delete) -> None:
@@ -505,6 +511,9 @@ class Catalogue:
         assert self._store is not None
         try:
             self._store.commit(operation)
+        except VersionSuperseded as error:  # another replica already serves the newer version: retry there
+            raise Unavailable(str(error), reason=REASON_VERSION_SUPERSEDED, retry_after_s=SUPERSEDED_RETRY_S,
+                              metadata={"successor_model_version": error.successor}) from None
         except OSError as error:
             logger.error("catalogue change not acknowledged: %s", error)
             raise Unavailable(f"the catalogue change was not acknowledged: {error}") from None

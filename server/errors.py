@@ -139,6 +139,7 @@ REASON_NOT_LOADED = "MODEL_NOT_LOADED"
 REASON_SHUTTING_DOWN = "SHUTTING_DOWN"
 REASON_BUNDLE_REJECTED = "BUNDLE_REJECTED"            # LoadModel: metadata bundle_path, stage; the old model serves on
 REASON_LOAD_IN_PROGRESS = "MODEL_LOAD_IN_PROGRESS"    # LoadModel while another load or swap runs
+REASON_VERSION_SUPERSEDED = "MODEL_VERSION_SUPERSEDED"  # a change to a version a rollout made read-only: retry
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,11 @@ A swap (ModelManager.swap) runs while the old model keeps serving:
 4. freeze catalogue writes (running ones finish first), carry what changed during 3 the same way, swap, thaw: a
    write that arrived meanwhile waited and goes to the new model. So every change acknowledged on the old
    catalogue is durable in the new one before the first request reaches it.
+With the shared store (catalogue_store = postgres) steps 3-4 are the store's migration instead
+(server.store.postgres.Migration): done once for the whole fleet, from the database's own record of the old
+version, the old version made read-only as it completes; a replica whose new version is migrated already carries
+nothing. Replicas sharing a database swap one at a time (server.store.rollout_lock, held from 2 to the swap), and
+a replica that starts on a new bundle migrates the same way before it serves.
 A failure anywhere leaves the old generation serving, untouched; what was built is closed, and the failure is
 logged, counted (llmrec_model_swaps_total{outcome="failed"}) and kept as the last attempt (GetModelInfo.last_load).
 Carrying is idempotent (an item the new catalogue already holds with the same text and attributes is skipped), so
@@ -49,7 +54,7 @@ from llmrec.server.errors import (
 from llmrec.server.recommender import Recommender
 from llmrec.server.settings import ServerSettings
 from llmrec.server.state import StateError
-from llmrec.server.store import store_for
+from llmrec.server.store import ChangeStore, rollout_lock, store_for
 from llmrec.server.validation import Limits
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,7 @@ class Generation:
     recommender: Recommender
     encoder: AsyncEncoder
     path: Path
+    store: ChangeStore | None = None
     leases: int = 0
     retired: bool = False
     closing: asyncio.Future | None = None
@@ -131,7 +137,7 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
         raise
     recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share,
                               settings.new_item_cooccurrence)
-    return Generation(recommender, encoder, Path(path))
+    return Generation(recommender, encoder, Path(path), store)
 
 
 class ModelSlot:
@@ -343,6 +349,14 @@ class ModelManager:
         path = await asyncio.to_thread(self.settings.resolve_bundle_dir)
         logger.info("loading bundle %s", path)
         generation = await load_generation(self.settings, path, on_store_serving=self._store_health(path))
+        try:
+            store = generation.store
+            if store is not None and store.shared:  # the fleet may hold an earlier version's changes: take them
+                async with store.migration(generation.recommender.item_rows) as migration:
+                    await migration.finish()
+        except BaseException:
+            await asyncio.to_thread(generation.close)
+            raise
         self.slot.swap(generation)
         return generation
 
@@ -404,15 +418,20 @@ class ModelManager:
                             old.model_version)
                 self._finish(attempt, started, ok=True)
                 return SwapResult(False, old.model_version, old.model_version, old.recommender.index_version)
-            logger.info("hot swap (%s): loading %s while model %s serves", trigger, path, old.model_version)
-            await self.slot.released(manifest.bundle_version, RELEASE_TIMEOUT_S)
-            new = await load_generation(self.settings, path, at, self._store_health(path))
-            at("carry")
-            carried = await carry_changes(old.recommender, new.recommender, self._check_stopping)
-            async with self.slot.frozen():  # what changed meanwhile, with no write running
-                carried += await carry_changes(old.recommender, new.recommender, self._check_stopping)
-                self._check_stopping()
-                self.slot.swap(new)
+            at("rollout")
+            async with rollout_lock(self.settings, self._check_stopping):
+                logger.info("hot swap (%s): loading %s while model %s serves", trigger, path, old.model_version)
+                await self.slot.released(manifest.bundle_version, RELEASE_TIMEOUT_S)
+                new = await load_generation(self.settings, path, at, self._store_health(path))
+                at("carry")
+                if new.store is not None and new.store.shared:
+                    carried = await self._migrate(new)
+                else:
+                    carried = await carry_changes(old.recommender, new.recommender, self._check_stopping)
+                    async with self.slot.frozen():  # what changed meanwhile, with no write running
+                        carried += await carry_changes(old.recommender, new.recommender, self._check_stopping)
+                        self._check_stopping()
+                        self.slot.swap(new)
         except BaseException as error:
             if new is not None and self.slot.current is not new:
                 await asyncio.to_thread(new.close)
@@ -433,6 +452,20 @@ class ModelManager:
                     "model %s closes when its last request finishes", trigger, new.model_version,
                     new.recommender.index_version, seconds, carried, old.model_version)
         return SwapResult(True, new.model_version, old.model_version, new.recommender.index_version, carried, seconds)
+
+    async def _migrate(self, new: Generation) -> int:
+        """Swap to `new`, whose shared store takes over the fleet's catalogue changes (its migration, run here
+        unless another replica completed it); the items this replica carried."""
+        async with new.store.migration(new.recommender.item_rows, self._check_stopping) as migration:
+            if migration.superseded_by is not None:
+                raise StateError(f"bundle version {new.model_version} was superseded by {migration.superseded_by} in "
+                                 "the shared catalogue and is read-only there; to roll back, publish its model under "
+                                 "a new bundle version")
+            async with self.slot.frozen():  # writes arriving from here wait, and go to the new model
+                carried = await migration.finish()
+                self._check_stopping()
+                self.slot.swap(new)
+        return carried
 
     def _finish(self, attempt: LoadAttempt, started: float, ok: bool, error: BaseException | None = None,
                 stage: str = "") -> float:

@@ -14,7 +14,9 @@ Both apply a change through the same path (Replica.apply_change), so a catalogue
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from llmrec.server.state import Delete, StateError, Upsert
@@ -42,8 +44,21 @@ class StoreUnavailable(OSError):
     """A change could not be made durable (or its outcome is unknown): it must not be acknowledged."""
 
 
+class VersionSuperseded(StoreUnavailable):
+    """The bundle version's changes were migrated to a newer version (a rollout): this one is read-only. Nothing
+    was committed; the caller retries and reaches a replica that serves the newer version."""
+
+    def __init__(self, bundle_version: str, successor: str) -> None:
+        super().__init__(f"bundle version {bundle_version} is read-only in the shared catalogue: its changes were "
+                         f"migrated to version {successor}, which other replicas serve (a rollout is under way and "
+                         "this replica has not swapped yet); nothing was committed, retry")
+        self.successor = successor
+
+
 class ChangeStore(abc.ABC):
     """The durable, ordered record of one bundle version's catalogue changes."""
+
+    shared = False  # True: many replicas share it, and bundle versions take over each other's changes in it
 
     @abc.abstractmethod
     def open(self, replica: Replica) -> int:
@@ -88,4 +103,15 @@ def store_for(settings: ServerSettings, manifest: Manifest,
                                      settings.snapshot_every, warn_other_versions))
 
 
-__all__ = ["ChangeStore", "Operation", "Replica", "StateError", "StoreUnavailable", "store_for"]
+def rollout_lock(settings: ServerSettings, check: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+    """What a hot swap holds from loading to swapping: with the shared store, a fleet-wide lock, so the replicas
+    sharing the database swap one at a time (server.store.postgres.rollout_lock); otherwise nothing."""
+    if settings.catalogue_store == "postgres":
+        from llmrec.server.store.postgres import rollout_lock as shared_rollout_lock
+
+        return shared_rollout_lock(settings.read_postgres_dsn(), check)
+    return contextlib.nullcontext()
+
+
+__all__ = ["ChangeStore", "Operation", "Replica", "StateError", "StoreUnavailable", "VersionSuperseded", "rollout_lock",
+           "store_for"]
