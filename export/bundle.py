@@ -24,7 +24,9 @@ from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import write_items
-from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file
+from llmrec.manifest import (
+    CooccurrenceSpec, FastPathSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file,
+)
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
 from llmrec.scoring import DEFAULT_TEMPERATURE, Adjustments, item_rows, query_rows
@@ -140,6 +142,7 @@ def build_bundle(
                                              recent_items=history_vector.RECENT_ITEMS,
                                              recency_decay=history_vector.RECENCY_DECAY),
             sequence_model=sequence_spec,
+            fast_path=FastPathSpec.of(head.fast_adjustments) if head.fast_adjustments is not None else None,
             index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
             files=files,
             quality=quality,
@@ -163,6 +166,7 @@ class _ServedHead:
     temperature: float
     adjustments: Adjustments
     cooccurrence: CooccurrenceTable
+    fast_adjustments: Adjustments | None = None  # the fast path's (ItemHead.fast_adjustments)
 
 
 def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _ServedHead:
@@ -189,7 +193,7 @@ def _served_head(checkpoint: Path, item_ids: list[str], dimension: int) -> _Serv
     config_path = CheckpointLayout(checkpoint).config
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
     return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.adjustments,
-                       head.cooccurrence.renumber(new_row, len(item_ids)))
+                       head.cooccurrence.renumber(new_row, len(item_ids)), head.fast_adjustments)
 
 
 def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:

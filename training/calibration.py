@@ -15,6 +15,11 @@ user's query (0 = none): memory of the items beyond the text window.
 Sequence model weight: how much of training.sequence_model's vector (a small transformer over the item vectors of
 the recent history) to add to the user's query (0 = none).
 
+The fast path (a request served without the encoder: docs/serving.md) is the same rule with a zero user vector; its
+own adjustments are chosen by the same search over ScoreTerms whose model term is that of a zero user vector, each
+item's temperature * bias alone (validation_terms with zero user vectors; experiments/fast_path.py measures what it
+loses).
+
 Every other row `make eval` compares (popularity, SASRec, co-occurrence alone, the no-LM hybrid, ...) is calibrated
 by the same search over the same grids (calibrate_row: its own scores as ScoreTerms' model term), so that each row is
 judged under each history policy (POLICIES) on equal terms.
@@ -29,7 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule
+from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, query_rows
 from llmrec.training.data import Example, Interactions, item_popularity, sequences_before
 from llmrec.training.evaluation import ScoreFn, evaluate, ranking_metrics, target_ranks
 
@@ -73,8 +78,19 @@ def calibration_search() -> dict:
             "cooccurrence_weight": list(COOCCURRENCE_WEIGHT_GRID),
             "history_vector_weight": list(HISTORY_VECTOR_WEIGHT_GRID), "sequence_weight": list(SEQUENCE_WEIGHT_GRID),
             "cooccurrence_counts": "every event before the evaluated split's targets",
+            "fast_path": "the same search again with zero user vectors",
             "stages": ["history_item_score x cooccurrence_weight x history_vector_weight",
                        "history_vector_weight x sequence_weight", "history_item_score x cooccurrence_weight"]}
+
+
+def validation_terms(rows: np.ndarray, unit_vectors: np.ndarray, data: Interactions, examples: Sequence[Example],
+                     table: CooccurrenceTable | None, user_vectors: np.ndarray,
+                     sequence_vectors: np.ndarray | None = None) -> TermsFn:
+    """choose_adjustments' terms_of for our model: examples[chunk]'s ScoreTerms given their user vectors (rows:
+    item_rows; zero user vectors: the fast path, whose model term is each item's temperature * bias alone)."""
+    return lambda chunk: ScoreTerms.of(
+        ScoringRule(), query_rows(user_vectors[chunk]) @ rows.T, unit_vectors, histories(data, examples[chunk]),
+        table, None if sequence_vectors is None else sequence_vectors[chunk])
 
 
 Stage = Callable[[Adjustments], list[Adjustments]]  # the best choice so far -> the choices to try next
