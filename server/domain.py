@@ -48,6 +48,7 @@ class RecommendQuery:
         rejected_item_ids: catalogue ids the user rejected, in request order: never returned, and the query
             moves away from them (llmrec.scoring); unknown ids are ignored.
         min_score: drop items scoring below it (None: no threshold).
+        force_full_path: run the encoder even where the fast path would serve (server.recommender).
     """
 
     user: UserInput
@@ -58,6 +59,7 @@ class RecommendQuery:
     filters: tuple[AttributeFilter, ...] = ()
     rejected_item_ids: tuple[str, ...] = ()
     min_score: float | None = None
+    force_full_path: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

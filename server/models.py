@@ -127,7 +127,7 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
     except BaseException:
         encoder.close()  # its workers are idle: this returns at once
         raise
-    recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue)
+    recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.encoder_path)
     return Generation(recommender, encoder, Path(path))
 
 
