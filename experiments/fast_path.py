@@ -15,6 +15,7 @@ Rows, each ranked over the whole catalogue by llmrec.scoring.ScoringRule.dense_s
 - fast_cross_fitted: the same, each fold's adjustments chosen on the other folds only (an out-of-sample check of
   that choice; the full path's adjustments were chosen on all validation users in training).
 Paired comparisons against full (experiments/significance.py: bootstrap interval, randomization p-value).
+The encoder's outputs are kept in <report>/vectors.npz, so a rerun skips the encoding (remove it after retraining).
 --save-to-checkpoint writes the fast adjustments into the checkpoint's item head, so that `make export` puts them
 in the bundle's manifest (fast_path); checkpoints trained since choose them in training already.
 """
@@ -115,17 +116,28 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, folds: int,
     head = load_item_head(checkpoint)
     if head is None or not head.calibrated:
         raise typer.BadParameter(f"{checkpoint} is not a calibrated training checkpoint")
-    model = TextRecommender.from_checkpoint(checkpoint)
-    with phase("encode the catalogue", log):
-        unit = catalogue_vectors(model, data, config).cpu().numpy()
-    rows = item_rows(unit, model.item_bias.detach().cpu().numpy(), config.temperature)
+    cache = report / "vectors.npz"  # the encoder's outputs: a rerun (another --folds, a fix) skips the encoding
+    if cache.is_file():
+        log.info("reusing the vectors in %s", cache)
+        with np.load(cache) as saved:
+            unit, bias, with_context, without_context = (saved[k] for k in ("unit", "bias", "with", "without"))
+    else:
+        model = TextRecommender.from_checkpoint(checkpoint)
+        with phase("encode the catalogue", log):
+            unit = catalogue_vectors(model, data, config).cpu().numpy()
+        bias = model.item_bias.detach().cpu().numpy()
+        with phase(f"encode {len(examples)} validation users (with and without context)", log):
+            with_context = user_vectors(model, data, examples, config, use_context=config.use_context)
+            without_context = user_vectors(model, data, examples, config, use_context=False) \
+                if config.use_context else with_context
+        report.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, unit=unit, bias=bias, users=len(examples), **{"with": with_context, "without": without_context})
+    if len(with_context) != len(examples):
+        raise typer.BadParameter(f"{cache} holds {len(with_context)} users, not {len(examples)}: remove it")
+    rows = item_rows(unit, bias, config.temperature)
     sequence_model = load_sequence_model(layout.sequence_model)
     sequences = None if sequence_model is None else histories_sequence_vectors(sequence_model, data, examples, unit)
     inputs = Inputs(data, examples, rows, unit, cooccurrence_before(data, "valid"), sequences)
-    with phase(f"encode {len(examples)} validation users (with and without context)", log):
-        with_context = user_vectors(model, data, examples, config, use_context=config.use_context)
-        without_context = user_vectors(model, data, examples, config, use_context=False) \
-            if config.use_context else with_context
     with phase("choose the fast path's adjustments", log):
         fast, fast_validation = choose_fast(inputs, np.arange(len(examples)))
     log.info("fast path adjustments %s (%s %.4f)", fast, CALIBRATION_METRIC, fast_validation[fast.key][CALIBRATION_METRIC])
