@@ -70,8 +70,9 @@ def _free_port() -> int:
 
 
 def _serve(bundle: Path, state_dir: Path, port: int) -> subprocess.Popen:
+    # the encoder's path for every request, as this experiment measured before the fast path existed
     command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port), "--state-dir", str(state_dir),
-               "--no-metrics"]
+               "--no-metrics", "--encoder-path", "always"]
     return subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
 
 
