@@ -1,7 +1,7 @@
 """The recommender core: resolve a history, render it with the shared template, encode it, search the index.
 
 Two paths (docs/serving.md): the full path encodes the user text; the fast path, for a user whose history is all
-catalogue ids with no query (FAST_PATH_CONTEXT: the rest of the context is ignored), runs no encoder: the scoring
+catalogue ids with no query (fast_path_allows: the rest of the context is ignored), runs no encoder: the scoring
 rule with a zero user vector and the bundle's fast-path adjustments (llmrec.manifest.FastPathSpec), over the
 catalogue's vectors alone. A bundle without them, or encoder_path "always", serves every request on the full path.
 
@@ -217,12 +217,13 @@ class Recommender:
         when min_score drops some: those whose score, as sent (float32), is below it.
         """
         catalogued = [i for i in history_ids if i is not None]
-        rule = self.rule if user_vector is not None else self.fast_rule
+        fast = user_vector is None
+        rule = self.fast_rule if fast else self.rule
         if rule is None:
             raise ValueError("the fast path was taken without fast-path adjustments; this is a bug")
-        if user_vector is None:
+        if fast:
             user_vector = np.zeros(self.catalogue.dimension, np.float32)
-        metrics.RANKINGS.labels(FULL_PATH if rule is self.rule else FAST_PATH).inc()
+        metrics.RANKINGS.labels(FAST_PATH if fast else FULL_PATH).inc()
         with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
             items = self.catalogue.top_k(rule, self.query_vector(user_vector, catalogued, rejected_ids, rule), k,
                                          catalogued, self.bundle.cooccurrence,
