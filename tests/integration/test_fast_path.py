@@ -16,6 +16,7 @@ from llmrec.item_record import read_items
 from llmrec.server.metrics import REGISTRY
 from llmrec.v1 import recommender_pb2 as pb
 from llmrec.v1 import recommender_pb2_grpc as pb_grpc
+from conftest import BackgroundServer, settings_for
 from rpc_helpers import ids_of
 
 # Weights the tiny bundle (a pretrained encoder: no adjustments of its own) does not have, so that the fast path's
@@ -27,6 +28,20 @@ HISTORY = ["m1", "m4", "m9"]
 @pytest.fixture
 def fast_bundle(bundle_copy):
     return bundle_copy(fast_path=FAST)
+
+
+@pytest.fixture
+def start_server():
+    """Factory for a private server of another bundle: start_server(bundle, **settings)."""
+    started: list[BackgroundServer] = []
+
+    def start(bundle, **overrides) -> BackgroundServer:
+        started.append(BackgroundServer(settings_for(bundle, **overrides)))
+        return started[-1].start()
+
+    yield start
+    for running in started:
+        running.close()
 
 
 def request(history=HISTORY, k=10, **fields) -> pb.RecommendRequest:
@@ -55,7 +70,7 @@ def expected(bundle, history, k):
 
 
 def test_catalogued_only_request_is_ranked_without_the_encoder_exactly_as_the_rule(start_server, fast_bundle):
-    server = start_server(bundle=fast_bundle)
+    server = start_server(fast_bundle)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).fast_path
@@ -74,7 +89,7 @@ def test_catalogued_only_request_is_ranked_without_the_encoder_exactly_as_the_ru
 
 
 def test_a_query_a_text_item_or_the_request_field_take_the_full_path(start_server, fast_bundle):
-    server = start_server(bundle=fast_bundle)
+    server = start_server(fast_bundle)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         text_item = pb.HistoryItem(text=pb.ItemText(title="A film about space pirates"))
@@ -94,7 +109,7 @@ def test_a_query_a_text_item_or_the_request_field_take_the_full_path(start_serve
 
 
 def test_encoder_path_always_forces_the_full_path(start_server, fast_bundle):
-    server = start_server(bundle=fast_bundle, encoder_path="always")
+    server = start_server(fast_bundle, encoder_path="always")
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         assert not stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).fast_path
@@ -111,7 +126,7 @@ def test_a_bundle_without_fast_adjustments_takes_the_full_path(stub, start_serve
     del manifest["fast_path"]  # as exported before the field existed
     (old / mf.MANIFEST_FILE).write_text(json.dumps(manifest))
     mf.write_manifest_digest(old)
-    with grpc.insecure_channel(start_server(bundle=old).target) as channel:
+    with grpc.insecure_channel(start_server(old).target) as channel:
         assert pb_grpc.RecommenderStub(channel).Recommend(request(), timeout=10).serving_path == pb.SERVING_PATH_FULL
 
 
@@ -123,7 +138,7 @@ def test_a_fast_sequence_weight_needs_the_bundles_sequence_model(tiny_bundle):
 
 
 def test_session_interactions_with_catalogued_items_run_no_encoder(start_server, fast_bundle):
-    server = start_server(bundle=fast_bundle)
+    server = start_server(fast_bundle)
     with grpc.insecure_channel(server.target) as channel:
         requests: queue.Queue = queue.Queue()
         responses = pb_grpc.RecommenderStub(channel).Session(iter(requests.get, None), timeout=30)
