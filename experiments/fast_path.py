@@ -10,8 +10,8 @@ Rows, each ranked over the whole catalogue by llmrec.scoring.ScoringRule.dense_s
 - full_without_context: the same user vectors rendered without context: how much the context adds, which decides
   whether a request with context may take the fast path (docs/serving.md);
 - fast: a zero user vector (the history vector, the sequence model over item vectors and co-occurrence only) with
-  its own adjustments, chosen on these users by the full path's own search (training/calibration.py, ScoreTerms
-  whose model term is the bias alone);
+  its own adjustments, chosen on these users by the full path's own search (training/calibration.py,
+  choose_fast_adjustments: ScoreTerms whose model term is the bias alone, weighed by MODEL_WEIGHT_GRID);
 - fast_cross_fitted: the same, each fold's adjustments chosen on the other folds only (an out-of-sample check of
   that choice; the full path's adjustments were chosen on all validation users in training).
 Paired comparisons against full (experiments/significance.py: bootstrap interval, randomization p-value).
@@ -33,9 +33,7 @@ import typer
 
 from experiments.significance import CONFIDENCE, compare
 from llmrec.scoring import Adjustments, ScoringRule, item_rows
-from llmrec.training.calibration import (
-    CALIBRATION_METRIC, choose_adjustments, cooccurrence_before, histories, validation_terms,
-)
+from llmrec.training.calibration import CALIBRATION_METRIC, choose_fast_adjustments, cooccurrence_before, histories
 from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.cli_options import configure_logging
 from llmrec.training.config import TrainConfig
@@ -80,13 +78,9 @@ def dense(inputs: Inputs, users: np.ndarray, adjustments: Adjustments, examples:
 
 
 def choose_fast(inputs: Inputs, at: np.ndarray) -> tuple[Adjustments, dict]:
-    """The fast path's adjustments chosen on inputs.examples[at] (zero user vectors)."""
-    examples = [inputs.examples[i] for i in at]
-    zeros = np.zeros((len(examples), inputs.unit.shape[1]), np.float32)
-    sequences = None if inputs.sequences is None else inputs.sequences[at]
-    return choose_adjustments(validation_terms(inputs.rows, inputs.unit, inputs.data, examples, inputs.table, zeros,
-                                               sequences),
-                              inputs.data, examples, with_sequence=sequences is not None)
+    """The fast path's adjustments chosen on inputs.examples[at] (training's choose_fast_adjustments)."""
+    return choose_fast_adjustments(inputs.rows, inputs.unit, inputs.data, [inputs.examples[i] for i in at],
+                                   inputs.table, None if inputs.sequences is None else inputs.sequences[at])
 
 
 def cross_fitted_ranks(inputs: Inputs, folds: int) -> tuple[np.ndarray, list[dict]]:
@@ -140,7 +134,8 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, folds: int,
     inputs = Inputs(data, examples, rows, unit, cooccurrence_before(data, "valid"), sequences)
     with phase("choose the fast path's adjustments", log):
         fast, fast_validation = choose_fast(inputs, np.arange(len(examples)))
-    log.info("fast path adjustments %s (%s %.4f)", fast, CALIBRATION_METRIC, fast_validation[fast.key][CALIBRATION_METRIC])
+    log.info("fast path adjustments %s (model weight %g, %s %.4f)", fast, fast_validation["model_weight"],
+             CALIBRATION_METRIC, fast_validation[CALIBRATION_METRIC])
     zeros = np.zeros_like(with_context)
     rows_out, ranks = {}, {}
     for name, vectors, adjustments in (("full", with_context, head.adjustments),
@@ -163,7 +158,7 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, folds: int,
         "checkpoint": str(checkpoint),
         "use_context": config.use_context,
         "adjustments": {"full": dataclasses.asdict(head.adjustments), "fast": dataclasses.asdict(fast),
-                        "fast_per_fold": chosen_per_fold},
+                        "fast_model_weight": fast_validation["model_weight"], "fast_per_fold": chosen_per_fold},
         "calibration_metric": CALIBRATION_METRIC,
         "rows": rows_out,
         "comparisons_vs_full": comparisons,
@@ -208,7 +203,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells + diff + [loss]) + " |")
     adjustments = summary["adjustments"]
     lines += ["", "Adjustments (history_item_score, cooccurrence_weight, history_vector_weight, sequence_weight):", "",
-              f"- full (the checkpoint's): {adjustments['full']}", f"- fast: {adjustments['fast']}"]
+              f"- full (the checkpoint's): {adjustments['full']}",
+              f"- fast: {adjustments['fast']} (chosen at model weight {adjustments['fast_model_weight']:g})"]
     lines += [f"- fast, fold {n} (chosen on the other folds): {a}" for n, a in enumerate(adjustments["fast_per_fold"])]
     lines += ["", f"Target: relative NDCG@10 loss of fast vs full <= {summary['target_relative_ndcg10_loss']:.0%}."]
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, item_rows
 from llmrec.training.calibration import (
     CALIBRATION_METRIC, CHUNK_USERS, COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID,
     POLICIES, SEQUENCE_WEIGHT_GRID, calibration_search, choose_adjustments, cooccurrence_before, evaluate_policies,
-    histories, validation_terms,
+    choose_fast_adjustments, histories, validation_terms,
 )
 from llmrec.training.progress import BoundedProgress, phase, progress
 from llmrec.training.sequence_model import (
@@ -410,14 +410,11 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
              CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
              calibration[Adjustments().key][CALIBRATION_METRIC])
     # The fast path (no encoder run: a zero user vector) gets its own adjustments by the same search.
-    with phase("choose the fast path's adjustments", log), \
-            calibration_progress(len(valid), with_sequence=True) as counted:
-        fast_adjustments, fast_calibration = choose_adjustments(
-            counted(validation_terms(rows, item_array, data, valid, cooccurrence["valid"], np.zeros_like(valid_users),
-                                     valid_sequences)),
-            data, valid, with_sequence=True)
+    with phase("choose the fast path's adjustments", log):
+        fast_adjustments, fast_calibration = choose_fast_adjustments(rows, item_array, data, valid,
+                                                                     cooccurrence["valid"], valid_sequences)
     log.info("fast path adjustments %s: %s %.4f on validation (full path %.4f)", fast_adjustments, CALIBRATION_METRIC,
-             fast_calibration[fast_adjustments.key][CALIBRATION_METRIC], calibration[adjustments.key][CALIBRATION_METRIC])
+             fast_calibration[CALIBRATION_METRIC], calibration[adjustments.key][CALIBRATION_METRIC])
     device = model.item_bias.device
     with phase("save the adjustments", log):
         # the bundle serves test histories, so it counts every event before the test targets
@@ -439,7 +436,7 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
         "calibration_search": calibration_search(),
         "adjustments_validation": calibration,
         "fast_path": {"adjustments": dataclasses.asdict(fast_adjustments),
-                      "validation": fast_calibration[fast_adjustments.key]},
+                      **{key: fast_calibration[key] for key in ("model_weight", "chosen", CALIBRATION_METRIC)}},
         **evaluation,  # evaluate_against_baselines: the rows, each history policy, per-user test ranks
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
