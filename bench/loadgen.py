@@ -53,11 +53,17 @@ class UserCase:
     timestamp: float | None
 
 
+# Serving paths a workload may pin (server.recommender): "full" sets force_full_path; a response on another path
+# than the pinned one is an error of the call.
+_PATHS = {"fast": pb.SERVING_PATH_FAST, "full": pb.SERVING_PATH_FULL}
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     users: tuple[UserCase, ...]
     k: int = 10
     page_size: int = 5
+    path: str | None = None  # None: whatever path the server picks; "fast" or "full": that path, checked
     # Built once per user: the load generator shares the CPU with the server, so it does as little as it can.
     _requests: dict[int, pb.RecommendRequest] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -67,13 +73,26 @@ class Workload:
         if request is None:
             user = self.users[slot]
             request = self._requests[slot] = pb.RecommendRequest(
-                history=_history(user.history), context=_context(user.timestamp), k=self.k, page_size=self.page_size)
+                history=_history(user.history), context=_context(user.timestamp), k=self.k, page_size=self.page_size,
+                force_full_path=self.path == "full")
         return request
+
+    def on_path(self, path: str) -> Workload:
+        """The same requests pinned to a serving path ("fast" or "full")."""
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {tuple(_PATHS)}, got {path!r}")
+        return Workload(self.users, self.k, self.page_size, path)
+
+    def check_path(self, served: int) -> None:
+        """Raise if a response's serving_path is not the pinned one."""
+        if self.path is not None and served != _PATHS[self.path]:
+            raise RuntimeError(f"served on path {served}, not the {self.path} path")
 
     def session_events(self, number: int, count: int) -> list[pb.SessionRequest]:
         """A config event with the user's history, then interactions with their next items (cycled)."""
         user = self.users[number % len(self.users)]
-        events = [pb.SessionRequest(event_id="0", config=pb.SessionConfig(k=self.k, history=_history(user.history)))]
+        events = [pb.SessionRequest(event_id="0", config=pb.SessionConfig(k=self.k, history=_history(user.history),
+                                                                           force_full_path=self.path == "full"))]
         following = user.following or user.history
         for event, item_id in zip(range(1, count), itertools.cycle(following)):
             events.append(pb.SessionRequest(event_id=str(event), interaction=pb.HistoryItem(item_id=item_id)))
@@ -196,10 +215,12 @@ class Caller:
             response = await self.stub.Recommend(request, timeout=self.timeout)
             if not response.items:
                 raise RuntimeError("empty ranking")
+            self.workload.check_path(response.serving_path)
         elif self.method == "stream":
             last = False
             async for page in self.stub.RecommendStream(request, timeout=self.timeout):
                 last = page.last
+                self.workload.check_path(page.serving_path)
             if not last:
                 raise RuntimeError("stream ended without its last page")
         else:

@@ -127,7 +127,8 @@ def served(bundle: Path, data: Interactions, cold: np.ndarray, flags: Sequence[s
     port = _free_port()
     with tempfile.TemporaryDirectory() as state_dir:
         command = [sys.executable, "-m", "llmrec.server", "--bundle", str(bundle), "--port", str(port),
-                   "--state-dir", state_dir, "--log-level", "warning", "--no-metrics", *flags]
+                   "--state-dir", state_dir, "--log-level", "warning", "--no-metrics",
+                   "--encoder-path", "always", *flags]  # the encoder's path, as this experiment measures it
         server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

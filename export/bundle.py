@@ -25,7 +25,9 @@ from llmrec import cooccurrence, history_vector
 from llmrec.cold_start import ColdStartMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import write_items
-from llmrec.manifest import CooccurrenceSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file
+from llmrec.manifest import (
+    CooccurrenceSpec, FastPathSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file,
+)
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
 from llmrec.scoring import DEFAULT_TEMPERATURE, Adjustments, item_rows, query_rows
@@ -143,6 +145,7 @@ def build_bundle(
                                              recent_items=history_vector.RECENT_ITEMS,
                                              recency_decay=history_vector.RECENCY_DECAY),
             sequence_model=sequence_spec,
+            fast_path=FastPathSpec.of(head.fast_adjustments) if head.fast_adjustments is not None else None,
             index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
             files=files,
             quality=quality,
@@ -168,6 +171,7 @@ class _ServedHead:
     adjustments: Adjustments
     cooccurrence: CooccurrenceTable
     cold_start: ColdStartMap | None  # in trained units (bias, not temperature * bias)
+    fast_adjustments: Adjustments | None = None  # the fast path's (ItemHead.fast_adjustments)
 
 
 def _served_head(checkpoint: Path, item_ids: list[str], text_vectors: np.ndarray) -> _ServedHead:
@@ -197,7 +201,7 @@ def _served_head(checkpoint: Path, item_ids: list[str], text_vectors: np.ndarray
     config_path = CheckpointLayout(checkpoint).config
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
     return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.adjustments,
-                       head.cooccurrence.renumber(new_row, len(item_ids)), head.cold_start)
+                       head.cooccurrence.renumber(new_row, len(item_ids)), head.cold_start, head.fast_adjustments)
 
 
 def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:

@@ -31,6 +31,12 @@ index_dimension == dimension + 1, weights >= 0, counts >= 1), bundle_version a p
 state directory), `files` keyed by exactly the bundle's known relative paths, and no unknown or missing field.
 Any violation is a BundleError with one line naming every bad field.
 
+Fast path: fast_path, when present, holds the adjustments chosen on validation for a query with a zero user vector
+(the encoder is not run: llmrec.scoring's rule over the catalogue's vectors alone, the same recencies and rejected
+weight); the server serves catalogued-only requests with it (docs/serving.md). Absent (bundles exported before it
+existed, or a checkpoint that never chose them): every request takes the full path; such bundles stay valid and keep
+their digest.
+
 Format 6 (this one) added manifest.sha256 and the strict schema; the server refuses every other format.
 
 Scoring: vectors.npy rows are llmrec.scoring.item_rows; history_item_score and the cooccurrence, history_vector
@@ -124,6 +130,25 @@ class SequenceModelSpec:
 
 
 @dataclass(config=_STRICT)
+class FastPathSpec:
+    """The adjustments of the fast path: llmrec.scoring's rule with a zero user vector (no encoder run), chosen on
+    validation by training/calibration.py's search (choose_fast_adjustments). Recencies are the full path's."""
+
+    history_item_score: float
+    cooccurrence_weight: Weight
+    history_vector_weight: Weight
+    sequence_weight: Weight
+
+    def adjustments(self) -> Adjustments:
+        return Adjustments(self.history_item_score, self.cooccurrence_weight, self.history_vector_weight,
+                           self.sequence_weight)
+
+    @classmethod
+    def of(cls, adjustments: Adjustments) -> FastPathSpec:
+        return cls(**dataclasses.asdict(adjustments))
+
+
+@dataclass(config=_STRICT)
 class Manifest:
     bundle_version: str  # a plain name (BUNDLE_VERSION_PATTERN): it names the server's state directory
     created_at: str  # RFC 3339
@@ -147,6 +172,8 @@ class Manifest:
     versions: dict[str, str]  # library versions that built the bundle
     # How far the items a user rejected pull the query away from them (llmrec.scoring); 0 turns it off.
     rejected_item_weight: Weight = DEFAULT_REJECTED_WEIGHT
+    # The fast path's adjustments (module docstring); None: every request takes the full path.
+    fast_path: FastPathSpec | None = None
     format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
     # True: new items get their id vector and bias from model/cold_start.npy; false (or absent, as in bundles
     # exported before the map existed): a text vector alone and new_item_bias.
@@ -181,6 +208,8 @@ class Manifest:
             missing, extra = sorted(want - set(self.files)), sorted(set(self.files) - want)
             raise ValueError("files must list exactly the bundle's files" + (f"; missing {missing}" if missing else "")
                              + (f"; not part of this bundle {extra}" if extra else ""))
+        if self.fast_path is not None and self.fast_path.sequence_weight and self.sequence_model is None:
+            raise ValueError("fast_path.sequence_weight needs the bundle's sequence model (sequence_model is null)")
         return self
 
     def to_json(self) -> str:
@@ -203,6 +232,12 @@ class Manifest:
             cooccurrence_recency=Recency(self.cooccurrence.recent_items, self.cooccurrence.recency_decay),
             history_vector_recency=Recency(self.history_vector.recent_items, self.history_vector.recency_decay),
             rejected_weight=self.rejected_item_weight)
+
+    def fast_scoring_rule(self) -> ScoringRule | None:
+        """The rule of the fast path (no encoder: a zero user vector), or None when the bundle has none."""
+        if self.fast_path is None:
+            return None
+        return dataclasses.replace(self.scoring_rule(), adjustments=self.fast_path.adjustments())
 
     @property
     def required_files(self) -> tuple[str, ...]:

@@ -76,6 +76,7 @@ def recommend_query(request: pb.RecommendRequest) -> RecommendQuery:
         rejected_item_ids=tuple(request.rejected_item_ids),
         min_score=request.min_score if request.HasField("min_score") else None,
         new_item_share=request.new_item_share if request.HasField("new_item_share") else None,
+        force_full_path=request.force_full_path,
     )
 
 
@@ -94,6 +95,7 @@ def session_event(request: pb.SessionRequest) -> SessionEvent | None:
             explain=config.explain, filters=filters(config.filters),
             rejected_item_ids=tuple(config.rejected_item_ids),
             min_score=config.min_score if config.HasField("min_score") else None,
+            force_full_path=config.force_full_path,
         )
     if which == "interaction":
         return InteractionEvent(history_ref(request.interaction))
@@ -112,11 +114,21 @@ def recommended_items(items: Iterable[ScoredItem]) -> list[pb.RecommendedItem]:
             for i in items]
 
 
-def batch_result(outcome: list[ScoredItem] | Exception) -> pb.RecommendBatchResult:
-    """One RecommendBatch entry: OK with its items, or the rich status of its error (server.errors)."""
+_SERVING_PATHS = {"full": pb.SERVING_PATH_FULL, "fast": pb.SERVING_PATH_FAST}
+
+
+def serving_path(path: str) -> int:
+    """server.recommender's FULL_PATH / FAST_PATH -> the ServingPath value."""
+    return _SERVING_PATHS[path]
+
+
+def batch_result(outcome: list[ScoredItem] | Exception, path: str) -> pb.RecommendBatchResult:
+    """One RecommendBatch entry: OK with its items and the path that made them, or the rich status of its error
+    (server.errors)."""
     if isinstance(outcome, Exception):
         return pb.RecommendBatchResult(status=rich_status(outcome, "RecommendBatch"))
-    return pb.RecommendBatchResult(status=status_pb2.Status(code=0), items=recommended_items(outcome))
+    return pb.RecommendBatchResult(status=status_pb2.Status(code=0), items=recommended_items(outcome),
+                                   serving_path=serving_path(path))
 
 
 _REASON_KINDS = {"history": pb.Reason.HISTORY_ITEM, "query_term": pb.Reason.QUERY_TERM}

@@ -49,6 +49,7 @@ class RecommendQuery:
             moves away from them (llmrec.scoring); unknown ids are ignored.
         min_score: drop items scoring below it (None: no threshold).
         new_item_share: share of the k reserved for new (upserted) items, 0..1; None: the server's default.
+        force_full_path: run the encoder even where the fast path would serve (server.recommender).
     """
 
     user: UserInput
@@ -60,6 +61,7 @@ class RecommendQuery:
     rejected_item_ids: tuple[str, ...] = ()
     min_score: float | None = None
     new_item_share: float | None = None
+    force_full_path: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ Per call, with streams measured per message and per event (a 300 s Session never
     llmrec_model_swap_seconds       one hot model swap: start of the load to swapped in (server.models)
     llmrec_client_refused_total     calls refused by a per-client cap (server.fairness), by limit
     llmrec_rejected_unknown_ids_total  rejected item ids a ranking ignored: the catalogue does not hold them
+    llmrec_rankings_total           rankings made, by serving path: full (the encoder ran) or fast (no encoder)
 plus batch-size histograms (requests per micro-batch, texts and padded tokens per run), runs per lane, the queue
 depth and encoder requests dropped by reason.
 
@@ -88,6 +89,9 @@ MODEL_SWAP_SECONDS = Histogram("llmrec_model_swap_seconds", "Hot model swap time
                                buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600), registry=REGISTRY)
 REJECTED_UNKNOWN = Counter("llmrec_rejected_unknown_ids_total", "Rejected item ids a ranking ignored because the "
                            "catalogue does not hold them (once per ranking).", registry=REGISTRY)
+RANKINGS = Counter("llmrec_rankings_total", "Rankings made, by serving path: full (the encoder ran for this user, "
+                   "or its vector was cached by a session) or fast (no encoder: server.recommender).", ["path"],
+                   registry=REGISTRY)
 CLIENT_REFUSED = Counter("llmrec_client_refused_total", "Calls refused by a per-client cap (server.fairness), by "
                          "limit: sessions or in_flight.", ["limit"], registry=REGISTRY)
 
@@ -99,6 +103,8 @@ for _outcome in ("ok", "failed"):
     MODEL_SWAPS.labels(_outcome)
 for _limit in ("sessions", "in_flight"):
     CLIENT_REFUSED.labels(_limit)
+for _path in ("full", "fast"):
+    RANKINGS.labels(_path)
 
 
 def start_metrics_server(host: str, port: int) -> tuple[Any, int]:

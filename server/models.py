@@ -136,7 +136,7 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
         encoder.close()  # its workers are idle: this returns at once
         raise
     recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share,
-                              settings.new_item_cooccurrence)
+                              settings.new_item_cooccurrence, settings.encoder_path)
     return Generation(recommender, encoder, Path(path), store)
 
 

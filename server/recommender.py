@@ -1,5 +1,10 @@
 """The recommender core: resolve a history, render it with the shared template, encode it, search the index.
 
+Two paths (docs/serving.md): the full path encodes the user text; the fast path, for a user whose history is all
+catalogue ids with no query (fast_path_allows: the rest of the context is ignored), runs no encoder: the scoring
+rule with a zero user vector and the bundle's fast-path adjustments (llmrec.manifest.FastPathSpec), over the
+catalogue's vectors alone. A bundle without them, or encoder_path "always", serves every request on the full path.
+
 No gRPC here: inputs and outputs are server.domain types, failures are server.errors exceptions.
 """
 
@@ -13,7 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from llmrec.template import ItemFields, UserText, render_item, render_user
+from llmrec.scoring import ScoringRule
+from llmrec.template import ItemFields, RequestContext, UserText, render_item, render_user
 
 from llmrec.server import explain as explaining
 from llmrec.server import metrics, tracing, validation
@@ -32,14 +38,26 @@ _TEXT_CACHE_LIMIT = 256
 # served between chunks, and a call whose client gave up (or whose deadline passed) stops at the next one.
 UPSERT_ENCODE_CHUNK = 16
 
+# How a ranking was made: the names of SERVING_PATH_FULL / SERVING_PATH_FAST and of the metric label.
+FULL_PATH, FAST_PATH = "full", "fast"
+
+
+def fast_path_allows(context: RequestContext) -> bool:
+    """Whether a context leaves the fast path open: only a query needs the encoder. The time of day, device and
+    locale are ignored there: on validation the encoder's context (time) changes NDCG@10 by far less than the fast
+    path's own loss (reports/fast-path, docs/serving.md), and the model was never trained on device or locale."""
+    return not context.query.strip()
+
 
 @dataclasses.dataclass(frozen=True)
 class PreparedQuery:
-    """A checked RecommendQuery with its history resolved and its user text rendered: all but the encoding."""
+    """A checked RecommendQuery with its history resolved and its user text rendered (the full path; "" on the
+    fast path, which reads no text): all but the encoding."""
 
     query: RecommendQuery
     resolved: list[ResolvedItem]
     text: str
+    path: str = FULL_PATH  # FULL_PATH or FAST_PATH
 
 
 class Recommender:
@@ -51,11 +69,13 @@ class Recommender:
         limits: request limits to enforce.
         catalogue: the live catalogue over the bundle's index (one is made from the bundle when None).
         new_item_share: the share of every list reserved for new items when a request does not say (0..1).
+        new_item_cooccurrence: how much co-occurrence new items borrow (llmrec.scoring.ScoringRule).
+        encoder_path: "auto" (the fast path where it applies, if the bundle has one) or "always" (never).
     """
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
                  catalogue: Catalogue | None = None, new_item_share: float = 0.0,
-                 new_item_cooccurrence: float = 1.0) -> None:
+                 new_item_cooccurrence: float = 1.0, encoder_path: str = "auto") -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
@@ -64,6 +84,10 @@ class Recommender:
         self.new_item_share = new_item_share
         self.max_history_items = bundle.manifest.max_history_items
         self.rule = dataclasses.replace(bundle.manifest.scoring_rule(), borrowed_cooccurrence=new_item_cooccurrence)
+        # The fast path's rule (a zero user vector); None: every request takes the full path.
+        fast_rule = bundle.manifest.fast_scoring_rule() if encoder_path == "auto" else None
+        self.fast_rule = None if fast_rule is None else dataclasses.replace(
+            fast_rule, borrowed_cooccurrence=new_item_cooccurrence)
 
     @property
     def model_version(self) -> str:
@@ -105,6 +129,18 @@ class Recommender:
 
     # --- ranking -----------------------------------------------------------------------------------------
 
+    def path_for(self, catalogued_history: bool, context: RequestContext, force_full_path: bool = False) -> str:
+        """FAST_PATH or FULL_PATH for a user whose history is non-empty and all catalogued (or not), in this
+        context: the one rule for Recommend, RecommendBatch, RecommendStream and sessions."""
+        fast = self.fast_rule is not None and catalogued_history and not force_full_path and fast_path_allows(context)
+        return FAST_PATH if fast else FULL_PATH
+
+    def path(self, query: RecommendQuery) -> str:
+        """The path that serves this query (path_for); unknown ids fail the query on either path (NotFound)."""
+        history = query.user.history
+        return self.path_for(bool(history) and all(ref.item_id is not None for ref in history), query.user.context,
+                             query.force_full_path)
+
     async def recommend(self, query: RecommendQuery) -> list[ScoredItem]:
         """The top query.k items for a user, exclusions and filters applied inside the search.
 
@@ -113,6 +149,8 @@ class Recommender:
             NotFound: the history names an unknown item id.
         """
         prepared = self.prepare(query)
+        if prepared.path == FAST_PATH:
+            return await self.rank(prepared, None)
         return await self.rank(prepared, await self.encode_user(prepared.text))
 
     async def recommend_batch(self, queries: Sequence[RecommendQuery]) -> list[list[ScoredItem] | Exception]:
@@ -129,9 +167,11 @@ class Recommender:
                     error.field = f"requests[{position}].{error.field}"
                 outcomes.append(error)
         ready = [(n, p) for n, p in enumerate(outcomes) if isinstance(p, PreparedQuery)]
-        vectors = await self.encoder.encode_users_each([p.text for _, p in ready])
+        encoded = iter(await self.encoder.encode_users_each([p.text for _, p in ready if p.path == FULL_PATH]))
+        vectors = [None if p.path == FAST_PATH else next(encoded) for _, p in ready]
 
-        async def finish(prepared: PreparedQuery, vector: np.ndarray | Exception) -> list[ScoredItem] | Exception:
+        async def finish(prepared: PreparedQuery, vector: np.ndarray | Exception | None,
+                         ) -> list[ScoredItem] | Exception:
             if isinstance(vector, Exception):
                 return vector
             try:
@@ -148,11 +188,13 @@ class Recommender:
         """Check a query, resolve its history and render its user text (raises like recommend)."""
         validation.check_query(query, self.limits)
         resolved = self.resolve(query.user.history, with_window_vectors=query.explain)
-        text = render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
-        return PreparedQuery(query, resolved, text)
+        path = self.path(query)
+        text = "" if path == FAST_PATH else \
+            render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
+        return PreparedQuery(query, resolved, text, path)
 
-    async def rank(self, prepared: PreparedQuery, user_vector: np.ndarray) -> list[ScoredItem]:
-        """The ranking (and explanations) of a prepared query, given its user vector."""
+    async def rank(self, prepared: PreparedQuery, user_vector: np.ndarray | None) -> list[ScoredItem]:
+        """The ranking (and explanations) of a prepared query, given its user vector (None on the fast path)."""
         query = prepared.query
         history_ids = [ref.item_id for ref in query.user.history]
         items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids,
@@ -172,14 +214,15 @@ class Recommender:
             return query.exclude_item_ids
         return query.exclude_item_ids | {ref.item_id for ref in query.user.history if ref.item_id is not None}
 
-    def search(self, user_vector: np.ndarray, k: int, exclude_ids: Iterable[str] = frozenset(),
+    def search(self, user_vector: np.ndarray | None, k: int, exclude_ids: Iterable[str] = frozenset(),
                filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = (),
                rejected_ids: Sequence[str] = (), min_score: float | None = None,
                new_item_share: float | None = None) -> list[ScoredItem]:
         """Top-k items for a user with history_ids (oldest first; None for items given as text) and rejected_ids
         under the bundle's scoring rule (llmrec.scoring), the same rule evaluation applies; rejected items are
         excluded too. floor(new_item_share * k) of them (the server's default share when None) go to the best
-        new items when the model ranks fewer there.
+        new items when the model ranks fewer there. user_vector None: the fast path (a zero user vector under the
+        fast rule).
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue, or
         when min_score drops some: those whose score, as sent (float32), is below it.
@@ -187,8 +230,15 @@ class Recommender:
         catalogued = [i for i in history_ids if i is not None]
         share = self.new_item_share if new_item_share is None else new_item_share
         slots = math.floor(share * k + 1e-9)  # the epsilon: 0.3 * 10 is 2.9999999999999996 in floating point
+        fast = user_vector is None
+        rule = self.fast_rule if fast else self.rule
+        if rule is None:
+            raise ValueError("the fast path was taken without fast-path adjustments; this is a bug")
+        if fast:
+            user_vector = np.zeros(self.catalogue.dimension, np.float32)
+        metrics.RANKINGS.labels(FAST_PATH if fast else FULL_PATH).inc()
         with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
-            items = self.catalogue.top_k(self.rule, self.query_vector(user_vector, catalogued, rejected_ids), k,
+            items = self.catalogue.top_k(rule, self.query_vector(user_vector, catalogued, rejected_ids, rule), k,
                                          catalogued, self.bundle.cooccurrence,
                                          frozenset(exclude_ids).union(rejected_ids), filters, slots)
         if min_score is None:
@@ -196,14 +246,17 @@ class Recommender:
         return [item for item in items if np.float32(item.score) >= np.float32(min_score)]
 
     def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None],
-                     rejected_ids: Sequence[str] = ()) -> np.ndarray:
-        """The scoring rule's query for a user vector, catalogued history (oldest first) and rejected items;
-        items given as text, or not in the catalogue (deleted since, never there), add nothing."""
+                     rejected_ids: Sequence[str] = (), rule: ScoringRule | None = None) -> np.ndarray:
+        """The scoring rule's query (rule: default the full path's) for a user vector, catalogued history (oldest
+        first) and rejected items; items given as text, or not in the catalogue (deleted since, never there), add
+        nothing."""
+        rule = self.rule if rule is None else rule
         sequence_spec = self.bundle.manifest.sequence_model
-        sequence_items = sequence_spec.max_items if sequence_spec is not None and sequence_spec.weight else 0
+        sequence_items = sequence_spec.max_items if sequence_spec is not None and rule.adjustments.sequence_weight \
+            else 0
         ids = [i for i in history_ids if i is not None]
-        needed = max(self.rule.history_items_read, sequence_items)
-        rejected = self.rejected_vectors(rejected_ids) if self.rule.rejected_weight else None
+        needed = max(rule.history_items_read, sequence_items)
+        rejected = self.rejected_vectors(rejected_ids) if rule.rejected_weight else None
         if (not needed or not ids) and rejected is None:
             return user_vector
         recent = self.catalogue.unit_vectors(ids[-needed:]) if needed and ids else \
@@ -213,7 +266,7 @@ class Recommender:
             window = recent[-sequence_items:]
             sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]]) if len(window) else \
                 np.zeros((1, self.catalogue.dimension), np.float32)  # no catalogued history: no sequence term
-        return self.rule.query(user_vector[None, :], [recent], sequence, None if rejected is None else [rejected])[0]
+        return rule.query(user_vector[None, :], [recent], sequence, None if rejected is None else [rejected])[0]
 
     def rejected_vectors(self, rejected_ids: Sequence[str]) -> np.ndarray | None:
         """The unit vectors of the distinct rejected items the catalogue holds (None when there are none); the

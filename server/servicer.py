@@ -203,11 +203,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @_client_work
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:
         with self.models.slot.lease() as recommender:
-            items = await recommender.recommend(convert.recommend_query(request))
+            query = convert.recommend_query(request)
+            items = await recommender.recommend(query)
             return pb.RecommendResponse(
                 items=convert.recommended_items(items),
                 model_version=recommender.model_version,
                 index_version=recommender.index_version,
+                serving_path=convert.serving_path(recommender.path(query)),
             )
 
     @_unary
@@ -215,9 +217,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def RecommendBatch(self, request: pb.RecommendBatchRequest, context) -> pb.RecommendBatchResponse:
         with self.models.slot.lease() as recommender:  # every entry is answered by this one model
             check_batch_size(len(request.requests), self.settings.max_recommend_batch)
-            outcomes = await recommender.recommend_batch([convert.recommend_query(r) for r in request.requests])
+            queries = [convert.recommend_query(r) for r in request.requests]
+            outcomes = await recommender.recommend_batch(queries)
             return pb.RecommendBatchResponse(
-                results=[convert.batch_result(outcome) for outcome in outcomes],
+                results=[convert.batch_result(outcome, recommender.path(query))
+                         for query, outcome in zip(queries, outcomes)],
                 model_version=recommender.model_version,
                 index_version=recommender.index_version,
             )
@@ -229,8 +233,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         check_page_size(request.page_size)
         page_size = request.page_size or self.settings.default_page_size
         with self.models.slot.lease() as recommender:  # the whole ranking is made before the first page goes
-            items = convert.recommended_items(await recommender.recommend(convert.recommend_query(request)))
-            versions = {"model_version": recommender.model_version, "index_version": recommender.index_version}
+            query = convert.recommend_query(request)
+            items = convert.recommended_items(await recommender.recommend(query))
+            versions = {"model_version": recommender.model_version, "index_version": recommender.index_version,
+                        "serving_path": convert.serving_path(recommender.path(query))}
         starts = range(0, len(items), page_size) if items else range(1)  # an empty ranking is one empty page
         per_message = metrics.STREAM_MESSAGE_SECONDS.labels("RecommendStream")
         for page, start in enumerate(starts):
@@ -291,6 +297,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         response.status.message = update.message
         response.items.extend(convert.recommended_items(update.items))
         response.history_length = update.history_length
+        if update.path:
+            response.serving_path = convert.serving_path(update.path)
         return response
 
     @_unary
@@ -335,6 +343,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             rejected_item_weight=recommender.rule.rejected_weight,
             max_rejected_items=recommender.limits.max_rejected_items,
             max_recommend_batch=self.settings.max_recommend_batch,
+            fast_path=recommender.fast_rule is not None,
         )
 
     @_unary

@@ -18,6 +18,8 @@ exclude_history), and the last user text with its vector. An interaction resolve
 the user text is joined from the kept parts (llmrec.template.join_user_text, so it is exactly what
 render_user gives); an event that leaves the text unchanged (k, exclusions, filters, explain) reuses the
 cached vector and costs no inference. Catalogue items keep the text they had when they entered the window.
+On the fast path (server.recommender: every history entry a catalogued item, no query) no event costs an
+inference: an interaction with a catalogued item only updates the query over the catalogue's vectors.
 
 Lifetime: a session lives as long as its Session stream. It ends when the client half-closes, after
 session_idle_timeout_s without an event (DEADLINE_EXCEEDED), by ForgetSession(session_id) (ABORTED), or when the
@@ -50,6 +52,7 @@ from llmrec.template import RequestContext, join_user_text, render_context, rend
 from llmrec.server import metrics, validation
 from llmrec.server.catalogue import ResolvedItem
 from llmrec.server.domain import AttributeFilter, HistoryRef, ScoredItem
+from llmrec.server.recommender import FAST_PATH
 from llmrec.server.errors import (
     REASON_CLIENT_SESSIONS, REASON_SESSION_FORGOTTEN, REASON_SESSION_IDLE, REASON_SESSION_NOT_FOUND,
     REASON_TOO_MANY_SESSIONS, Aborted, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError,
@@ -69,6 +72,7 @@ class SessionConfigEvent:
     filters: tuple[AttributeFilter, ...] = ()
     rejected_item_ids: tuple[str, ...] = ()
     min_score: float | None = None
+    force_full_path: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,7 @@ class SessionState:
         context: the current context; context_text is its rendering.
         rejected_ids: the items the user rejected, distinct, in the order they came.
         min_score: drop items scoring below it (None: no threshold).
+        force_full_path: run the encoder even where the fast path would serve.
     """
 
     k: int
@@ -131,6 +136,7 @@ class SessionState:
     filters: tuple[AttributeFilter, ...] = ()
     rejected_ids: tuple[str, ...] = ()
     min_score: float | None = None
+    force_full_path: bool = False
 
     @property
     def history_length(self) -> int:
@@ -139,6 +145,13 @@ class SessionState:
     @property
     def has_content(self) -> bool:
         return bool(self.history_ids) or bool(self.context.query.strip())
+
+    @property
+    def catalogued_history(self) -> bool:
+        """A non-empty history of catalogued items only (none given as text, none the catalogue lacks since a
+        model swap): what the fast path reads."""
+        return bool(self.history_ids) and all(i is not None for i in self.history_ids) and \
+            all(entry.resolved.vector is not None for entry in self.window)
 
     @property
     def user_text(self) -> str:
@@ -158,6 +171,7 @@ class SessionUpdate:
     items: list[ScoredItem]
     history_length: int
     message: str = ""
+    path: str = ""  # server.recommender's FULL_PATH or FAST_PATH; "" when nothing was ranked
 
 
 class Session:
@@ -207,6 +221,7 @@ class Session:
             state = dataclasses.replace(
                 state, k=k, exclude_item_ids=event.exclude_item_ids, exclude_history=event.exclude_history,
                 explain=event.explain, filters=event.filters, min_score=event.min_score,
+                force_full_path=event.force_full_path,
             )
             if event.rejected_item_ids:
                 state = dataclasses.replace(state, rejected_ids=tuple(dict.fromkeys(event.rejected_item_ids)))
@@ -259,13 +274,15 @@ class Session:
         if not state.has_content:
             self.state = state
             return SessionUpdate(items=[], history_length=state.history_length, message=NOTHING_YET_MESSAGE)
-        text = state.user_text
-        if text == self._cached_text and self._cached_vector is not None:
-            vector = self._cached_vector
-        else:
-            vector = await self.recommender.encode_user(text)
-            self.encodes += 1
         recommender = self.recommender
+        path = recommender.path_for(state.catalogued_history, state.context, state.force_full_path)
+        text, vector = self._cached_text, self._cached_vector
+        if path == FAST_PATH:
+            vector = None  # no encoder: search ranks with the fast rule; the cache stays for a later full event
+        elif state.user_text != text or vector is None:
+            text = state.user_text
+            vector = await recommender.encode_user(text)
+            self.encodes += 1
         items = recommender.search(vector, state.k, state.excluded_ids(), state.filters, state.history_ids,
                                    state.rejected_ids, state.min_score)
         if state.explain:
@@ -273,8 +290,8 @@ class Session:
                                               state.context.query, self._text_vectors)
         self._check_live()  # ForgetSession may have run while this event was being answered
         self.state = state  # committed only once the event has been fully answered
-        self._cached_text, self._cached_vector = text, vector
-        return SessionUpdate(items=items, history_length=state.history_length)
+        self._cached_text, self._cached_vector = text, self._cached_vector if vector is None else vector
+        return SessionUpdate(items=items, history_length=state.history_length, path=path)
 
     def rebind(self, recommender) -> None:
         """Go on with another recommender (a hot-swapped model); see the module docstring. Not while an event is

@@ -139,6 +139,10 @@ class ServerSettings(BaseSettings):
         "When idle ONNX Runtime threads busy-wait: during-runs (between the parallel sections of a run, never "
         "between runs), always (ONNX Runtime's default: also between runs, taking the cores gRPC and Python "
         "need) or never (llmrec.onnx_encoder.SPINNING; measured in docs/benchmarks.md)."))
+    encoder_path: Literal["auto", "always"] = Field("auto", description=(
+        "auto: a Recommend or Session request whose history is all catalogue ids, with no query and no items given "
+        "as text, is served without the encoder when the bundle has fast-path adjustments (the fast path: "
+        "docs/serving.md); always: every request runs the encoder (the full path)."))
     max_queue: Positive = Field(128, description=(
         "Requests that may wait for the encoder; one more gets RESOURCE_EXHAUSTED at once."))
     batch_max_requests: Positive = Field(32, description="Requests one encoder micro-batch takes at most.")

@@ -15,6 +15,11 @@ user's query (0 = none): memory of the items beyond the text window.
 Sequence model weight: how much of training.sequence_model's vector (a small transformer over the item vectors of
 the recent history) to add to the user's query (0 = none).
 
+The fast path (a request served without the encoder: docs/serving.md) is the same rule with a zero user vector; its
+own adjustments are chosen by the same search over ScoreTerms whose model term is that of a zero user vector, each
+item's temperature * bias alone, weighed like another row's own score (choose_fast_adjustments;
+experiments/fast_path.py measures what it loses).
+
 Every other row `make eval` compares (popularity, SASRec, co-occurrence alone, the no-LM hybrid, ...) is calibrated
 by the same search over the same grids (calibrate_row: its own scores as ScoreTerms' model term), so that each row is
 judged under each history policy (POLICIES) on equal terms.
@@ -29,7 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from llmrec.cooccurrence import CooccurrenceTable
-from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule
+from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, query_rows
 from llmrec.training.data import Example, Interactions, item_popularity, sequences_before
 from llmrec.training.evaluation import ScoreFn, evaluate, ranking_metrics, target_ranks
 
@@ -73,8 +78,19 @@ def calibration_search() -> dict:
             "cooccurrence_weight": list(COOCCURRENCE_WEIGHT_GRID),
             "history_vector_weight": list(HISTORY_VECTOR_WEIGHT_GRID), "sequence_weight": list(SEQUENCE_WEIGHT_GRID),
             "cooccurrence_counts": "every event before the evaluated split's targets",
+            "fast_path": "the same search again with zero user vectors, model weights " + str(list(MODEL_WEIGHT_GRID)),
             "stages": ["history_item_score x cooccurrence_weight x history_vector_weight",
                        "history_vector_weight x sequence_weight", "history_item_score x cooccurrence_weight"]}
+
+
+def validation_terms(rows: np.ndarray, unit_vectors: np.ndarray, data: Interactions, examples: Sequence[Example],
+                     table: CooccurrenceTable | None, user_vectors: np.ndarray,
+                     sequence_vectors: np.ndarray | None = None) -> TermsFn:
+    """choose_adjustments' terms_of for our model: examples[chunk]'s ScoreTerms given their user vectors (rows:
+    item_rows; zero user vectors: the fast path, whose model term is each item's temperature * bias alone)."""
+    return lambda chunk: ScoreTerms.of(
+        ScoringRule(), query_rows(user_vectors[chunk]) @ rows.T, unit_vectors, histories(data, examples[chunk]),
+        table, None if sequence_vectors is None else sequence_vectors[chunk])
 
 
 Stage = Callable[[Adjustments], list[Adjustments]]  # the best choice so far -> the choices to try next
@@ -144,6 +160,37 @@ SERVED_SCORE_SPAN = 3.0
 # scores, and a row whose best blend leans further towards co-occurrence than the grid's largest weight reaches it
 # by weighing its own score down. Ties go to the larger weight (the row's own score as it is).
 MODEL_WEIGHT_GRID = (1.0, 0.5, 0.25, 0.1)
+
+
+def choose_fast_adjustments(rows: np.ndarray, unit_vectors: np.ndarray, data: Interactions,
+                            examples: Sequence[Example], table: CooccurrenceTable | None,
+                            sequence_vectors: np.ndarray | None = None, chunk_users: int = CHUNK_USERS,
+                            ) -> tuple[Adjustments, dict]:
+    """The fast path's adjustments: choose_adjustments over zero user vectors (validation_terms), with the model
+    term (each item's temperature * bias) weighed by each of MODEL_WEIGHT_GRID first, as calibrate_row weighs a
+    row's own score: the grids were made beside a unit user vector, and without one the vector terms may need to
+    outweigh the bias by more than the grids reach. Scores scaled by 1/w rank alike, so the choice at model weight w
+    is returned as its adjustments divided by w (the served rule has no model weight). Ties go to the larger weight.
+    Returns the adjustments and {"model_weight", "chosen" (at that weight), "validation" (its search's metrics)}."""
+    zeros = np.zeros((len(examples), unit_vectors.shape[1]), np.float32)
+    terms_of = validation_terms(rows, unit_vectors, data, examples, table, zeros, sequence_vectors)
+    best = None
+    def weighed(weight: float) -> TermsFn:
+        def terms(chunk: slice) -> ScoreTerms:
+            unweighed = terms_of(chunk)
+            return dataclasses.replace(unweighed, model=weight * unweighed.model)
+        return terms
+
+    for weight in MODEL_WEIGHT_GRID:
+        chosen, validation = choose_adjustments(weighed(weight), data, examples,
+                                                with_sequence=sequence_vectors is not None, chunk_users=chunk_users)
+        metric = validation[chosen.key][CALIBRATION_METRIC]
+        if best is None or metric > best[0]:
+            best = (metric, weight, chosen, validation)
+    _, weight, chosen, validation = best
+    served = Adjustments(*(value / weight for value in dataclasses.astuple(chosen)))
+    return served, {"model_weight": weight, "chosen": dataclasses.asdict(chosen), CALIBRATION_METRIC: best[0],
+                    "validation": validation}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,8 +131,9 @@ class TextRecommender(nn.Module):
                 parameter.requires_grad = False
 
     def save(self, directory: Path, item_ids: Sequence[str], adjustments: Adjustments | None = Adjustments(),
-             cooccurrence: CooccurrenceTable | None = None) -> None:
-        """adjustments None: not chosen yet (the item head then reads as not calibrated, see ItemHead)."""
+             cooccurrence: CooccurrenceTable | None = None, fast_adjustments: Adjustments | None = None) -> None:
+        """adjustments None: not chosen yet (the item head then reads as not calibrated, see ItemHead);
+        fast_adjustments None: the checkpoint has no fast path (ItemHead.fast_adjustments)."""
         layout = CheckpointLayout(directory)
         layout.root.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(layout.encoder)
@@ -145,6 +146,7 @@ class TextRecommender(nn.Module):
             item_bias=self.item_bias.detach().cpu().numpy(),
             **{name: np.float64(value) for name, value in
                (dataclasses.asdict(adjustments) if adjustments is not None else {}).items()},
+            **_fast_fields(fast_adjustments),
             cooccurrence_indptr=table.indptr,
             cooccurrence_neighbours=table.neighbours,
             cooccurrence_weights=table.weights,
@@ -229,6 +231,28 @@ class ItemHead:
     calibrated: bool  # False: saved without some adjustments (choose them again before serving)
     cooccurrence: CooccurrenceTable
     cold_start: ColdStartMap | None = None  # the text -> (id vector, bias) map (llmrec.cold_start), once fitted
+    # The fast path's adjustments (a zero user vector: llmrec.manifest.FastPathSpec); None: not chosen.
+    fast_adjustments: Adjustments | None = None
+
+
+_FAST_PREFIX = "fast_"  # item_head.npz keys of the fast path's adjustments: fast_<Adjustments field>
+
+
+def _fast_fields(adjustments: Adjustments | None) -> dict[str, np.float64]:
+    if adjustments is None:
+        return {}
+    return {_FAST_PREFIX + name: np.float64(value) for name, value in dataclasses.asdict(adjustments).items()}
+
+
+def save_fast_adjustments(checkpoint: Path, adjustments: Adjustments) -> None:
+    """Add (or replace) the fast path's adjustments in a checkpoint's item head, leaving the rest as it is (for
+    checkpoints trained before training chose them: experiments/fast_path.py)."""
+    path = CheckpointLayout(checkpoint).item_head
+    with np.load(path) as head:
+        arrays = {name: head[name] for name in head.files}
+    arrays.update(_fast_fields(adjustments))
+    with path.open("wb") as handle:  # np.savez(path) would append .npz to a name without it; this one has it
+        np.savez(handle, **arrays)
 
 
 def load_item_head(checkpoint: Path) -> ItemHead | None:
@@ -246,5 +270,7 @@ def load_item_head(checkpoint: Path) -> ItemHead | None:
         else:
             table = CooccurrenceTable.empty(len(item_ids))
         cold_start = ColdStartMap(head["cold_start_weights"]) if "cold_start_weights" in head else None
+        fast = Adjustments(**{name: float(head[_FAST_PREFIX + name]) for name in names}) \
+            if all(_FAST_PREFIX + name in head for name in names) else None
         return ItemHead(item_ids, head["id_embedding"], head["item_bias"], adjustments,
-                        all(name in head for name in names), table, cold_start)
+                        all(name in head for name in names), table, cold_start, fast)

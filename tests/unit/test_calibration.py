@@ -1,6 +1,8 @@
 """Post-training adjustments: the history item score (once per distinct history item) and the co-occurrence
 weight, the history vector weight and the sequence model weight, chosen by validation CALIBRATION_METRIC."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -8,10 +10,10 @@ from llmrec.template import ItemFields
 from llmrec.training.data import Example, Interactions
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.history_vector import RECENCY_DECAY
-from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule
+from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule, item_rows
 from llmrec.training.calibration import (
     COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, MODEL_WEIGHT_GRID, POLICIES, SERVED_SCORE_SPAN, calibrate_row,
-    choose_adjustments, cooccurrence_before, cooccurrence_only_scores, evaluate_policies, histories, span_scale,
+    choose_adjustments, choose_fast_adjustments, cooccurrence_before, cooccurrence_only_scores, evaluate_policies, histories, span_scale,
 )
 
 ITEMS = 12
@@ -179,6 +181,26 @@ def test_the_history_vector_is_chosen_when_targets_resemble_history_items():
     best, ndcg = choose_adjustments_of(scores, data, examples, CooccurrenceTable.empty(ITEMS), pairs)
     assert best.history_vector_weight > 0 and best.history_item_score < 0  # the history itself falls below
     assert ndcg[best.key]["ndcg@10"] == 1.0 and ndcg[Adjustments().key]["ndcg@10"] < 0.5
+
+
+def test_the_fast_path_weighs_the_bias_down_when_the_vectors_must_outweigh_it():
+    # No user vector: the history vector must lift 2m + 1 above item 11, whose bias (5) no grid weight (<= 1.6)
+    # passes at model weight 1; at 0.25 it does. The served adjustments are the choice divided by that weight.
+    pairs = np.eye(ITEMS, dtype=np.float32)[np.arange(ITEMS) // 2]
+    sequences = [[2 * (u % 5), 2 * (u % 5) + 1] for u in range(40)]
+    data = interactions(sequences)
+    examples = [Example(u, 1) for u in range(40)]
+    biases = np.zeros(ITEMS)
+    biases[11] = 5.0
+    rows = item_rows(pairs, biases, temperature=1.0)
+    table = CooccurrenceTable.empty(ITEMS)
+    served, found = choose_fast_adjustments(rows, pairs, data, examples, table)
+    assert found["model_weight"] < 1 and found["ndcg@50"] == pytest.approx(1.0)
+    chosen = dataclasses.astuple(Adjustments(**found["chosen"]))
+    assert dataclasses.astuple(served) == pytest.approx([value / found["model_weight"] for value in chosen])
+    scores = ScoringRule(served).dense_scores(np.zeros((40, ITEMS), np.float32), rows, histories(data, examples),
+                                              table)
+    assert (scores.argmax(axis=1) == [sequence[1] for sequence in sequences]).all()
 
 
 def test_the_history_vector_term_is_the_decayed_sum_of_recent_item_vectors():

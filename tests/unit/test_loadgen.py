@@ -21,6 +21,19 @@ def test_workload_draws_real_histories_with_context():
     assert loadgen.build_workload(FIXTURES / "tiny", count=20, history_items=5, seed=3) == workload
 
 
+def test_a_workload_pinned_to_a_path_asks_for_it_and_checks_the_answer():
+    workload = loadgen.build_workload(FIXTURES / "tiny", count=4, history_items=5, seed=3)
+    full, fast = workload.on_path("full"), workload.on_path("fast")
+    assert full.recommend_request(0).force_full_path and full.session_events(0, 2)[0].config.force_full_path
+    assert not fast.recommend_request(0).force_full_path and fast.users == workload.users
+    fast.check_path(loadgen.pb.SERVING_PATH_FAST)
+    workload.check_path(loadgen.pb.SERVING_PATH_FULL)  # unpinned: any path
+    with pytest.raises(RuntimeError, match="not the fast path"):
+        fast.check_path(loadgen.pb.SERVING_PATH_FULL)
+    with pytest.raises(ValueError, match="path must be one of"):
+        workload.on_path("quick")
+
+
 def test_workload_needs_long_enough_histories():
     with pytest.raises(ValueError, match="more than"):
         loadgen.build_workload(FIXTURES / "tiny", history_items=10_000)

@@ -9,6 +9,7 @@ import torch
 from experiments.synthetic import SyntheticConfig, write_dataset
 from llmrec.scoring import ScoreTerms
 from llmrec.training import sequence_model as sequence_module
+from llmrec.training import calibration as calibration_module
 from llmrec.training import train as train_module
 from llmrec.training.calibration import CHUNK_USERS
 from llmrec.training.config import TrainConfig
@@ -40,7 +41,7 @@ class FakeModel:
     def to(self, device):
         return self
 
-    def save(self, root, item_ids, adjustments=None, cooccurrence=None):
+    def save(self, root, item_ids, adjustments=None, cooccurrence=None, fast_adjustments=None):
         self.saved.append(adjustments)
 
 
@@ -69,16 +70,17 @@ def test_finish_run_chooses_the_adjustments_chunk_by_chunk(tmp_path, monkeypatch
             shapes.append((np.shape(model), len(histories)))
             return original(rule, model, unit_vectors, histories, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "ScoreTerms", SpiedTerms)
+    monkeypatch.setattr(calibration_module, "ScoreTerms", SpiedTerms)
     model = FakeModel(data.num_items)
     metrics = train_module.finish_run(model, data, TrainConfig(), tmp_path / "run", tmp_path, {"steps": 1})
 
     assert shapes, "finish_run did not score any chunk"
     assert max(rows for (rows, _), _ in shapes) <= CHUNK_USERS  # never all users at once
     assert all(columns == data.num_items and users == rows for (rows, columns), users in shapes)
-    stages = len(train_module.calibration_stage_choices(with_sequence=True))
     chunks = -(-len(valid) // CHUNK_USERS)
-    assert chunks <= len(shapes) <= stages * chunks and sum(users for _, users in shapes[:chunks]) == len(valid)
+    # every pass of the searches (the full path's stages, then the fast path's per bias weight) scores every chunk
+    assert len(shapes) >= 2 * chunks and len(shapes) % chunks == 0
+    assert sum(users for _, users in shapes[:chunks]) == len(valid)
     assert model.saved[-1] is not None and metrics["adjustments"] == vars(model.saved[-1])
 
 

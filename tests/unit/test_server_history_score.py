@@ -47,6 +47,8 @@ def recommender(history_item_score: float, cooccurrence_weight: float = 0.0,
                                      sequence_model=SequenceModelSpec(sequence_weight, sequence_model.max_items)
                                      if sequence_model is not None else None, rejected_item_weight=rejected_weight)
     manifest.scoring_rule = types.MethodType(Manifest.scoring_rule, manifest)
+    manifest.fast_path = None
+    manifest.fast_scoring_rule = types.MethodType(Manifest.fast_scoring_rule, manifest)
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)},
                                    cooccurrence=cooccurrence or CooccurrenceTable.empty(COUNT),

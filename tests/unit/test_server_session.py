@@ -38,6 +38,9 @@ class FakeRecommender:
         return [ResolvedItem(ref.item_id, ref.text or ItemFields(f"Film {ref.item_id}", ("Drama",)))
                 for ref in history]
 
+    def path_for(self, catalogued_history, context, force_full_path=False):
+        return "full"  # the fast path is tested through the real server (tests/integration/test_fast_path.py)
+
     async def encode_user(self, text):
         self.encoded.append(text)
         return np.ones(4, dtype=np.float32)

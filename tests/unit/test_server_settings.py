@@ -85,6 +85,8 @@ def test_flags_used_by_the_makefile_tests_and_bench(tmp_path: Path):
     assert (settings.ort_spinning, settings.max_queue, settings.max_concurrent_rpcs) == ("never", 5, 64)
     assert not settings.verify_hashes and not settings.cold_start_map and settings.new_item_share == 0.1
     assert parse_settings(["--bundle", "b", "--no-batch-across-requests"]).batch_across_requests is False
+    assert parse_settings(["--bundle", "b"]).encoder_path == "auto"
+    assert parse_settings(["--bundle", "b", "--encoder-path", "always"]).encoder_path == "always"
 
 
 def test_observability_flags_and_variables(monkeypatch: pytest.MonkeyPatch):
@@ -143,6 +145,7 @@ def test_precedence_is_flags_then_environment_then_config_file_then_defaults(mon
     (["--bundle", "b", "--port", "70000"], "port (--port, LLMREC_PORT): Input should be less than or equal to 65535"),
     (["--bundle", "b", "--max-k", "0"], "max_k (--max-k, LLMREC_MAX_K): Input should be greater than or equal to 1"),
     (["--bundle", "b", "--ort-spinning", "sometimes"], "Input should be 'during-runs', 'always' or 'never'"),
+    (["--bundle", "b", "--encoder-path", "never"], "Input should be 'auto' or 'always'"),
     (["--bundle", "b", "--default-session-k", "200"], "default_session_k (200) must not exceed max_k (100)"),
     ([], "set exactly one of --bundle-root DIR and --bundle DIR"),
 ])
