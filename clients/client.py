@@ -143,6 +143,7 @@ class Recommendations:
     items: list[Recommendation]
     model_version: str
     index_version: str
+    serving_path: str = ""  # "fast" (no encoder run) or "full"; "" when the server did not say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +326,9 @@ def _explanation(message: pb.RecommendedItem) -> Explanation | None:
     return Explanation(reasons=reasons, summary=message.explanation.summary)
 
 
+_SERVING_PATHS = {pb.SERVING_PATH_FAST: "fast", pb.SERVING_PATH_FULL: "full"}
+
+
 def _recommendations(items: Iterable[pb.RecommendedItem]) -> list[Recommendation]:
     return [Recommendation(rank=i.rank, item_id=i.item_id, score=i.score, title=i.title, explanation=_explanation(i))
             for i in items]
@@ -398,17 +402,18 @@ class RecommenderClient:
         timestamp: TimestampLike = None, utc_offset_minutes: int = 0, exclude: Iterable[str] = (),
         exclude_history: bool = False, page_size: int = 0, explain: bool = False, filters: FiltersLike = (),
         category: str | Sequence[str] = (), rejected: Iterable[str] = (), min_score: float | None = None,
-        new_item_share: float | None = None,
+        new_item_share: float | None = None, force_full_path: bool = False,
     ) -> pb.RecommendRequest:
         """The RecommendRequest the keyword arguments describe (filters and category: attribute_filters;
         rejected: ids the user rejected, never returned and pushing items like them down; min_score: drop
-        items scoring below it; new_item_share None: the server's default)."""
+        items scoring below it; new_item_share None: the server's default; force_full_path: run the encoder
+        even where the fast path would serve)."""
         return pb.RecommendRequest(
             history=[history_item(h) for h in history],
             context=context(query, device, locale, timestamp, utc_offset_minutes),
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history, page_size=page_size,
             explain=explain, filters=attribute_filters(filters, category), rejected_item_ids=list(rejected),
-            min_score=min_score, new_item_share=new_item_share,
+            min_score=min_score, new_item_share=new_item_share, force_full_path=force_full_path,
         )
 
     def recommend(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Recommendations:
@@ -418,11 +423,12 @@ class RecommenderClient:
             history: catalogue ids and/or item texts, oldest first.
             **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history,
                 explain, filters, category, rejected, min_score, new_item_share (the share of k reserved for new
-                items).
+                items), force_full_path.
         """
         request = self.build_request(history, **kwargs)
         response = self._call(self.stub.Recommend, request)
-        return Recommendations(_recommendations(response.items), response.model_version, response.index_version)
+        return Recommendations(_recommendations(response.items), response.model_version, response.index_version,
+                               _SERVING_PATHS.get(response.serving_path, ""))
 
     def recommend_batch(self, requests: Sequence[Mapping[str, Any] | pb.RecommendRequest]) -> BatchRecommendations:
         """recommend() for many users in one call: one entry per request, in order, each ok or with its own

@@ -159,3 +159,14 @@ def test_session_interactions_with_catalogued_items_run_no_encoder(start_server,
         assert send(config=pb.SessionConfig(k=5, force_full_path=True)).serving_path == pb.SERVING_PATH_FULL
         requests.put(None)
         list(responses)
+
+
+def test_the_client_reports_the_path_and_can_force_the_full_one(start_server, fast_bundle):
+    from llmrec.clients.client import RecommenderClient
+
+    server = start_server(fast_bundle)
+    with RecommenderClient(server.target) as client:
+        fast = client.recommend(HISTORY, k=5)
+        full = client.recommend(HISTORY, k=5, force_full_path=True)
+    assert (fast.serving_path, full.serving_path) == ("fast", "full")
+    assert [item.item_id for item in fast.items] == expected(fast_bundle, HISTORY, 5)[0]
