@@ -60,8 +60,9 @@ class Postgres:
         self._server.cleanup()
 
 
-class _Sequencer:
-    """The seeding side's Replica (server.store): this process only writes changes; the replicas apply them."""
+class SequenceOnly:
+    """A Replica (server.store) that only follows sequence numbers, with no catalogue: for a process that only
+    writes changes (the replicas apply them) or a test of the store alone."""
 
     revision = 0
 
@@ -83,7 +84,7 @@ def seed_items(dsn: str, manifest, count: int, items_per_change: int = 1, prefix
     from llmrec.template import ItemFields
 
     store = PostgresStore(dsn, manifest.bundle_version, manifest.index_dimension)
-    store.open(_Sequencer())
+    store.open(SequenceOnly())
     rng = np.random.default_rng(4)
     ids = [f"{prefix}{n}" for n in range(count)]
     try:

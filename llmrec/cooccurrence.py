@@ -136,7 +136,7 @@ class Borrowers:
         return cls(np.zeros(0, np.int64), np.zeros((0, DONORS), np.int64), np.zeros((0, DONORS), np.float32))
 
     @functools.cached_property
-    def _by_donor(self) -> tuple[np.ndarray, np.ndarray]:
+    def by_donor(self) -> tuple[np.ndarray, np.ndarray]:
         """(flat (borrower, donor) positions ordered by donor row, those donor rows): who borrows from a row."""
         flat = self.donors.ravel()
         order = np.argsort(flat, kind="stable")
@@ -148,7 +148,7 @@ class Borrowers:
         many new items the catalogue holds."""
         if not len(self.items) or not len(rows):
             return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        order, donor_rows = self._by_donor
+        order, donor_rows = self.by_donor
         starts = np.searchsorted(donor_rows, rows, side="left")
         counts = np.searchsorted(donor_rows, rows, side="right") - starts
         total = int(counts.sum())

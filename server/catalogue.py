@@ -164,6 +164,7 @@ class Catalogue:
         self._is_donor = bundle.cooccurrence.has_row()
         self._donors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._borrowers: Borrowers | None = Borrowers.none()  # None: to be rebuilt from _donors
+        self._borrowers_rebuild = threading.Lock()  # concurrent readers after a change rebuild it once
         self._postings: dict[tuple[str, str], set[int]] = {}
         for label, item in enumerate(self._items):
             self._post(label, item, add=True)
@@ -547,17 +548,22 @@ class Catalogue:
         return {n: (donors[i], weights[i]) for i, n in enumerate(borrowing)}
 
     def _borrowers_now(self) -> Borrowers:
-        """The Borrowers of the live new items (hold the read lock); rebuilt after a change."""
+        """The Borrowers of the live new items (hold the read lock): rebuilt by the first request after a change
+        (replaying many changes at start-up rebuilds nothing), with its inverse index, once."""
         borrowers = self._borrowers
-        if borrowers is None:
-            labels = np.fromiter(self._donors, np.int64, len(self._donors))
-            if not len(labels):
-                borrowers = Borrowers.none()
-            else:
-                borrowers = Borrowers(labels, np.stack([self._donors[int(n)][0] for n in labels]),
+        if borrowers is not None:
+            return borrowers
+        with self._borrowers_rebuild:
+            if self._borrowers is None:
+                labels = np.fromiter(self._donors, np.int64, len(self._donors))
+                if not len(labels):
+                    self._borrowers = Borrowers.none()
+                else:
+                    built = Borrowers(labels, np.stack([self._donors[int(n)][0] for n in labels]),
                                       np.stack([self._donors[int(n)][1] for n in labels]))
-            self._borrowers = borrowers
-        return borrowers
+                    built.by_donor  # noqa: B018 - its inverse index, built here once, not per request
+                    self._borrowers = built
+            return self._borrowers
 
     def _upsert_one(self, item: CatalogueItem, row: np.ndarray,
                     donors: tuple[np.ndarray, np.ndarray] | None = None) -> None:

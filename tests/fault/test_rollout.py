@@ -32,7 +32,7 @@ from llmrec import manifest as mf
 from llmrec.clients.client import RecommenderClient, RecommenderError
 
 from bench.hot_swap import variant_bundle
-from bench.postgres_server import Postgres, PostgresUnavailable
+from bench.postgres_server import Postgres, PostgresUnavailable, SequenceOnly
 from fault_helpers import CALL_TIMEOUT_S, START_TIMEOUT_S, ServerProcess, report_dir, size, write_report
 
 WRITES = size("LLMREC_SCALE_WRITES", 20)
@@ -284,18 +284,6 @@ def _carried(replica: ServerProcess) -> int:
     raise AssertionError(replica.run_log()[-3000:])
 
 
-class Follower:
-    """A Replica (server.store) that only follows sequence numbers: the store tests below need no catalogue."""
-
-    revision = 0
-
-    def apply_change(self, sequence: int, operation) -> None:
-        self.revision = sequence
-
-    def change_records(self) -> list:
-        return []
-
-
 def test_a_migration_stopped_half_way_is_resumed_by_the_next_replica(fleet, tiny_bundle, monkeypatch):
     import asyncio
 
@@ -310,7 +298,7 @@ def test_a_migration_stopped_half_way_is_resumed_by_the_next_replica(fleet, tiny
 
     def opened(version: str) -> shared.PostgresStore:
         store = shared.PostgresStore(fleet.postgres.dsn, version, dimension)
-        store.open(Follower())
+        store.open(SequenceOnly())
         return store
 
     async def encode(items):  # what Recommender.item_rows returns: one index row per item
