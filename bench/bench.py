@@ -830,7 +830,7 @@ def fast_path_targets(fast: dict[str, Any], quality: dict[str, Any] | None) -> l
     out = [{"target": name, "measured": round(float(value), 3), "required": required, "met": bool(met)}
            for name, value, required, met in rows]
     if quality is not None:
-        loss = quality["relative_ndcg10_loss_vs_full"]["fast"]
+        loss = quality["relative_ndcg10_loss_vs_full"]["fast_user_map"]
         out.append({"target": f"relative NDCG@10 loss vs the full path, {quality['dataset']} validation "
                               f"({quality['users']} users; experiments/fast_path.py)",
                     "measured": round(float(loss), 4), "required": f"<= {FAST_QUALITY_LOSS:.0%}",

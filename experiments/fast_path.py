@@ -1,5 +1,5 @@
-"""What the fast path loses: llmrec's scoring rule with a zero user vector (no encoder run) against the full path,
-on validation users (never the test split: nothing here is chosen or reported on it).
+"""What the fast path loses: llmrec's scoring rule without the encoder's user vector (no encoder run) against the
+full path, on validation users (never the test split: nothing here is chosen or reported on it).
 
     python -m experiments.fast_path --data data/ml-100k --checkpoint runs/ml-100k/checkpoint \
         --report reports/fast-path/ml-100k [--save-to-checkpoint]
@@ -9,15 +9,18 @@ Rows, each ranked over the whole catalogue by llmrec.scoring.ScoringRule.dense_s
   adjustments, as the bundle serves it;
 - full_without_context: the same user vectors rendered without context: how much the context adds, which decides
   whether a request with context may take the fast path (docs/serving.md);
-- fast: a zero user vector (the history vector, the sequence model over item vectors and co-occurrence only) with
-  its own adjustments, chosen on these users by the full path's own search (training/calibration.py,
-  choose_fast_adjustments: ScoreTerms whose model term is the bias alone, weighed by MODEL_WEIGHT_GRID);
-- fast_cross_fitted: the same, each fold's adjustments chosen on the other folds only (an out-of-sample check of
-  that choice; the full path's adjustments were chosen on all validation users in training).
+- fast_user_map: as served: the user vector predicted from the history's item vectors by the fast path's user map
+  (llmrec.fast_user), with adjustments chosen on these users by training's own search (training/calibration.py,
+  choose_fast_path); each user's vector is predicted by the map fitted on the other folds of users (held out);
+- fast_user_map_cross_fitted: the same, each fold's map and adjustments both chosen on the other folds only (an
+  out-of-sample check of the whole choice; the full path's adjustments were chosen on all validation users);
+- fast_zero_vector: no user map, a zero user vector (the history vector, the sequence model and co-occurrence
+  only) with its own adjustments (choose_fast_adjustments): what the map adds.
 Paired comparisons against full (experiments/significance.py: bootstrap interval, randomization p-value).
 The encoder's outputs are kept in <report>/vectors.npz, so a rerun skips the encoding (remove it after retraining).
---save-to-checkpoint writes the fast adjustments into the checkpoint's item head, so that `make export` puts them
-in the bundle's manifest (fast_path); checkpoints trained since choose them in training already.
+--save-to-checkpoint writes the fast path's adjustments and user map (fitted on all these users) into the
+checkpoint's item head, so that `make export` puts them in the bundle; checkpoints trained since choose them in
+training already.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ import typer
 
 from experiments.significance import CONFIDENCE, compare
 from llmrec.scoring import Adjustments, ScoringRule, item_rows
-from llmrec.training.calibration import CALIBRATION_METRIC, choose_fast_adjustments, cooccurrence_before, histories
+from llmrec.training.calibration import (
+    CALIBRATION_METRIC, choose_fast_adjustments, choose_fast_path, cooccurrence_before, histories,
+)
 from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.cli_options import configure_logging
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import Example, Interactions, load_interactions, split_examples
 from llmrec.training.evaluation import ScoreFn, evaluate
-from llmrec.training.model import TextRecommender, load_item_head, save_fast_adjustments
+from llmrec.training.model import TextRecommender, load_item_head, save_fast_path
 from llmrec.training.progress import phase
 from llmrec.training.sequence_model import load_sequence_model
 from llmrec.training.train import catalogue_vectors, histories_sequence_vectors, user_vectors
@@ -77,25 +82,28 @@ def dense(inputs: Inputs, users: np.ndarray, adjustments: Adjustments, examples:
     return score
 
 
-def choose_fast(inputs: Inputs, at: np.ndarray) -> tuple[Adjustments, dict]:
-    """The fast path's adjustments chosen on inputs.examples[at] (training's choose_fast_adjustments)."""
-    return choose_fast_adjustments(inputs.rows, inputs.unit, inputs.data, [inputs.examples[i] for i in at],
-                                   inputs.table, None if inputs.sequences is None else inputs.sequences[at])
+def subset(inputs: Inputs, at: np.ndarray) -> Inputs:
+    return dataclasses.replace(inputs, examples=[inputs.examples[i] for i in at],
+                               sequences=None if inputs.sequences is None else inputs.sequences[at])
 
 
-def cross_fitted_ranks(inputs: Inputs, folds: int) -> tuple[np.ndarray, list[dict]]:
-    """Each user's target rank on the fast path with adjustments chosen on the other folds (users n % folds)."""
+def cross_fitted_ranks(inputs: Inputs, user_vectors: np.ndarray, folds: int, seed: int,
+                       ) -> tuple[np.ndarray, list[dict]]:
+    """Each user's target rank on the fast path with the user map and adjustments chosen on the other folds (users
+    n % folds): training's choose_fast_path on those users only."""
     n = len(inputs.examples)
     ranks = np.empty(n, dtype=np.int64)
     chosen = []
-    zeros = np.zeros((n, inputs.unit.shape[1]), np.float32)
     for fold in range(folds):
         held = np.arange(fold, n, folds)
-        adjustments, _ = choose_fast(inputs, np.setdiff1d(np.arange(n), held))
-        examples = [inputs.examples[i] for i in held]
-        sub = dataclasses.replace(inputs, examples=examples,
-                                  sequences=None if inputs.sequences is None else inputs.sequences[held])
-        _, held_ranks = evaluate(dense(sub, zeros[held], adjustments), inputs.data, examples, KS,
+        rest = subset(inputs, np.setdiff1d(np.arange(n), held))
+        adjustments, fit, _ = choose_fast_path(inputs.rows, inputs.unit, inputs.data, rest.examples, inputs.table,
+                                               rest.sequences, user_vectors[np.setdiff1d(np.arange(n), held)], seed)
+        sub = subset(inputs, held)
+        predicted = fit.map.user_vectors([inputs.unit[h[-fit.map.items_read:]] for h in histories(inputs.data,
+                                                                                                sub.examples)],
+                                         sub.sequences)
+        _, held_ranks = evaluate(dense(sub, predicted, adjustments), inputs.data, sub.examples, KS,
                                  desc=f"fast path, fold {fold}", return_ranks=True)
         ranks[held] = held_ranks
         chosen.append(dataclasses.asdict(adjustments))
@@ -132,21 +140,26 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, folds: int,
     sequence_model = load_sequence_model(layout.sequence_model)
     sequences = None if sequence_model is None else histories_sequence_vectors(sequence_model, data, examples, unit)
     inputs = Inputs(data, examples, rows, unit, cooccurrence_before(data, "valid"), sequences)
-    with phase("choose the fast path's adjustments", log):
-        fast, fast_validation = choose_fast(inputs, np.arange(len(examples)))
-    log.info("fast path adjustments %s (model weight %g, %s %.4f)", fast, fast_validation["model_weight"],
-             CALIBRATION_METRIC, fast_validation[CALIBRATION_METRIC])
-    zeros = np.zeros_like(with_context)
+    with phase("fit the fast path's user map and choose its adjustments", log):
+        fast, fit, fast_validation = choose_fast_path(rows, unit, data, examples, inputs.table, sequences,
+                                                      with_context, config.seed)
+    log.info("fast path adjustments %s (model weight %g, %s %.4f), user map %s", fast,
+             fast_validation["model_weight"], CALIBRATION_METRIC, fast_validation[CALIBRATION_METRIC],
+             fast_validation["user_map"])
+    with phase("choose the zero vector's adjustments", log):
+        zero, zero_validation = choose_fast_adjustments(rows, unit, data, examples, inputs.table, sequences)
     rows_out, ranks = {}, {}
     for name, vectors, adjustments in (("full", with_context, head.adjustments),
                                        ("full_without_context", without_context, head.adjustments),
-                                       ("fast", zeros, fast)):
+                                       ("fast_user_map", fit.held_out, fast),
+                                       ("fast_zero_vector", np.zeros_like(with_context), zero)):
         rows_out[name], ranks[name] = evaluate(dense(inputs, vectors, adjustments), data, examples, KS, desc=name,
                                                return_ranks=True)
     chosen_per_fold: list[dict] = []
     if folds > 1:
-        with phase(f"fast path, {folds}-fold cross-fitted adjustments", log):
-            ranks["fast_cross_fitted"], chosen_per_fold = cross_fitted_ranks(inputs, folds)
+        with phase(f"fast path, {folds}-fold cross-fitted user map and adjustments", log):
+            ranks["fast_user_map_cross_fitted"], chosen_per_fold = cross_fitted_ranks(inputs, with_context, folds,
+                                                                                      config.seed)
     comparisons = {name: compare([ranks[name]], [ranks["full"]]) for name in ranks if name != "full"}
     full_ndcg = rows_out["full"]["ndcg@10"]
     relative = {name: 1.0 - comparisons[name]["ndcg@10"]["system"] / full_ndcg if full_ndcg else None
@@ -158,7 +171,10 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, folds: int,
         "checkpoint": str(checkpoint),
         "use_context": config.use_context,
         "adjustments": {"full": dataclasses.asdict(head.adjustments), "fast": dataclasses.asdict(fast),
-                        "fast_model_weight": fast_validation["model_weight"], "fast_per_fold": chosen_per_fold},
+                        "fast_model_weight": fast_validation["model_weight"], "fast_per_fold": chosen_per_fold,
+                        "fast_zero_vector": dataclasses.asdict(zero),
+                        "fast_zero_vector_model_weight": zero_validation["model_weight"]},
+        "user_map": fast_validation["user_map"],
         "calibration_metric": CALIBRATION_METRIC,
         "rows": rows_out,
         "comparisons_vs_full": comparisons,
@@ -169,8 +185,8 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, folds: int,
     (report / "report.json").write_text(json.dumps(summary, indent=2))
     (report / "report.md").write_text(markdown(summary))
     if save_to_checkpoint:
-        save_fast_adjustments(checkpoint, fast)
-        log.info("fast path adjustments written into %s", layout.item_head)
+        save_fast_path(checkpoint, fast, fit.map)
+        log.info("fast path adjustments and user map written into %s", layout.item_head)
     return summary
 
 
@@ -179,9 +195,11 @@ def markdown(summary: dict) -> str:
     lines = [
         f"# Fast path vs full path: {summary['dataset']}, {summary['users']} validation users",
         "",
-        "Full ranking over the catalogue by llmrec.scoring's rule (dense_scores). fast = a zero user vector (no "
-        "encoder run) with its own adjustments, chosen on these users by the full path's search "
-        f"({summary['calibration_metric']}); fast_cross_fitted = each fold's adjustments chosen on the other folds. "
+        "Full ranking over the catalogue by llmrec.scoring's rule (dense_scores). fast_user_map = as served (no "
+        "encoder run): the user vector predicted from the history's item vectors by the user map (each user's by the "
+        "map fitted on the other folds), adjustments chosen on these users by training's search "
+        f"({summary['calibration_metric']}); fast_user_map_cross_fitted = each fold's map and adjustments chosen on "
+        "the other folds; fast_zero_vector = a zero user vector with its own adjustments (no map). "
         f"Differences vs full: mean per user, {CONFIDENCE:.0%} paired bootstrap interval, randomization p-value.",
         "",
         "| row | NDCG@10 | Recall@10 | NDCG@50 | Recall@50 | NDCG@10 vs full [interval] | Recall@10 vs full "
@@ -204,9 +222,17 @@ def markdown(summary: dict) -> str:
     adjustments = summary["adjustments"]
     lines += ["", "Adjustments (history_item_score, cooccurrence_weight, history_vector_weight, sequence_weight):", "",
               f"- full (the checkpoint's): {adjustments['full']}",
-              f"- fast: {adjustments['fast']} (chosen at model weight {adjustments['fast_model_weight']:g})"]
-    lines += [f"- fast, fold {n} (chosen on the other folds): {a}" for n, a in enumerate(adjustments["fast_per_fold"])]
-    lines += ["", f"Target: relative NDCG@10 loss of fast vs full <= {summary['target_relative_ndcg10_loss']:.0%}."]
+              f"- fast_user_map: {adjustments['fast']} (chosen at model weight {adjustments['fast_model_weight']:g})"]
+    lines += [f"- fast_user_map, fold {n} (chosen on the other folds): {a}"
+              for n, a in enumerate(adjustments["fast_per_fold"])]
+    lines += [f"- fast_zero_vector: {adjustments['fast_zero_vector']} (chosen at model weight "
+              f"{adjustments['fast_zero_vector_model_weight']:g})"]
+    user_map = summary["user_map"]
+    lines += ["", f"User map (llmrec.fast_user): fitted on {user_map['users']} users' encoder vectors, ridge strength "
+              f"{user_map['alpha']:g}, held-out R^2 {user_map['held_out_r2']:.3f}, reads the sequence model: "
+              f"{user_map['reads_sequence']}."]
+    lines += ["", f"Target: relative NDCG@10 loss of fast_user_map vs full <= "
+              f"{summary['target_relative_ndcg10_loss']:.0%}."]
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +241,7 @@ def main(
     checkpoint: Path = typer.Option(..., help="training checkpoint (trained and calibrated)"),
     report: Path = typer.Option(..., help="report directory: report.md and report.json"),
     users: int = typer.Option(0, help="the first N validation users (0 = all)"),
-    folds: int = typer.Option(2, min=0, help="cross-fitting folds of the fast adjustments (0 or 1: none)"),
+    folds: int = typer.Option(2, min=0, help="cross-fitting folds of the user map and adjustments (0 or 1: none)"),
     save_to_checkpoint: bool = typer.Option(False, "--save-to-checkpoint",
                                             help="write the fast adjustments into the checkpoint's item head"),
 ) -> None:

@@ -23,6 +23,7 @@ from llmrec.export.validate import QualityThresholds, compare
 from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
 from llmrec.cold_start import ColdStartMap
+from llmrec.fast_user import FastUserMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import write_items
 from llmrec.manifest import (
@@ -117,11 +118,17 @@ def build_bundle(
         np.save(staging / layout.VECTORS_FILE, vectors)
         if head.cold_start is not None:  # the server's rows carry temperature * bias: so does the map's output
             np.save(staging / layout.COLD_START_FILE, head.cold_start.scaled(temperature).weights)
+        fast_user_map = head.fast_user_map if head.fast_adjustments is not None else None
+        if fast_user_map is not None:
+            if fast_user_map.reads_sequence and sequence_spec is None:
+                raise ValueError(f"{checkpoint}: the fast path's user map reads a sequence model it does not have")
+            np.save(staging / layout.FAST_USER_MAP_FILE, fast_user_map.weights)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
         write_items(staging / layout.ITEMS_FILE, catalogue)
 
         files = {relative: sha256_file(staging / relative)
-                 for relative in layout.bundle_files(sequence_spec is not None, head.cold_start is not None)}
+                 for relative in layout.bundle_files(sequence_spec is not None, head.cold_start is not None,
+                                                     fast_user_map is not None)}
         created = dt.datetime.now(dt.timezone.utc)
         digest = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:10]
         version = f"{created:%Y%m%dT%H%M%SZ}-{digest}"
@@ -145,7 +152,8 @@ def build_bundle(
                                              recent_items=history_vector.RECENT_ITEMS,
                                              recency_decay=history_vector.RECENCY_DECAY),
             sequence_model=sequence_spec,
-            fast_path=FastPathSpec.of(head.fast_adjustments) if head.fast_adjustments is not None else None,
+            fast_path=None if head.fast_adjustments is None else FastPathSpec.of(head.fast_adjustments,
+                                                                                 fast_user_map is not None),
             index=IndexSpec(space="ip", m=index_m, ef_construction=index_ef_construction, ef_search=index_ef_search),
             files=files,
             quality=quality,
@@ -172,6 +180,7 @@ class _ServedHead:
     cooccurrence: CooccurrenceTable
     cold_start: ColdStartMap | None  # in trained units (bias, not temperature * bias)
     fast_adjustments: Adjustments | None = None  # the fast path's (ItemHead.fast_adjustments)
+    fast_user_map: FastUserMap | None = None  # ItemHead.fast_user_map
 
 
 def _served_head(checkpoint: Path, item_ids: list[str], text_vectors: np.ndarray) -> _ServedHead:
@@ -201,7 +210,8 @@ def _served_head(checkpoint: Path, item_ids: list[str], text_vectors: np.ndarray
     config_path = CheckpointLayout(checkpoint).config
     temperature = json.loads(config_path.read_text())["temperature"] if config_path.is_file() else DEFAULT_TEMPERATURE
     return _ServedHead(id_vectors, biases, new_item_bias, temperature, head.adjustments,
-                       head.cooccurrence.renumber(new_row, len(item_ids)), head.cold_start, head.fast_adjustments)
+                       head.cooccurrence.renumber(new_row, len(item_ids)), head.cold_start, head.fast_adjustments,
+                       head.fast_user_map)
 
 
 def _random_users(catalogue: Sequence[tuple[str, ItemFields]], max_history_items: int, count: int = 64) -> list[str]:

@@ -19,6 +19,8 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
                             gives new items an id vector and a bias column from their text vector, if the
                             checkpoint has one (manifest cold_start_map true); its bias output is the index row's
                             bias column (temperature * bias)
+    model/fast_user_map.npy float32 (features, dimension): the fast path's user map (llmrec.fast_user), if the
+                            checkpoint has one (manifest fast_path.user_map true)
 
 Integrity: manifest.sha256 covers manifest.json, whose `files` cover every other file, so one chain of hashes
 covers the whole bundle. The manifest digest is checked on every read (it is cheap); the file hashes unless
@@ -31,11 +33,12 @@ index_dimension == dimension + 1, weights >= 0, counts >= 1), bundle_version a p
 state directory), `files` keyed by exactly the bundle's known relative paths, and no unknown or missing field.
 Any violation is a BundleError with one line naming every bad field.
 
-Fast path: fast_path, when present, holds the adjustments chosen on validation for a query with a zero user vector
-(the encoder is not run: llmrec.scoring's rule over the catalogue's vectors alone, the same recencies and rejected
-weight); the server serves catalogued-only requests with it (docs/serving.md). Absent (bundles exported before it
-existed, or a checkpoint that never chose them): every request takes the full path; such bundles stay valid and keep
-their digest.
+Fast path: fast_path, when present, holds the adjustments chosen on validation for a query without the encoder's
+user vector (llmrec.scoring's rule over the catalogue's vectors alone, the same recencies and rejected weight): the
+user vector is the user map's prediction from the history's item vectors (llmrec.fast_user) when user_map is true,
+else zero (bundles exported before the map existed); the server serves catalogued-only requests with it
+(docs/serving.md). Absent (bundles exported before it existed, or a checkpoint that never chose them): every request
+takes the full path; such bundles stay valid and keep their digest.
 
 Format 6 (this one) added manifest.sha256 and the strict schema; the server refuses every other format.
 
@@ -73,6 +76,7 @@ INDEX_FILE = "items/index.hnsw"
 COOCCURRENCE_FILE = "items/cooccurrence.npz"
 SEQUENCE_MODEL_FILE = "model/sequence_model.onnx"
 COLD_START_FILE = "model/cold_start.npy"
+FAST_USER_MAP_FILE = "model/fast_user_map.npy"
 BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE,
                 COOCCURRENCE_FILE)
 # A bundle version names directories (the bundle's and the server's state directory): a plain name, never a path.
@@ -91,7 +95,7 @@ Decay = Annotated[float, Field(gt=0, le=1)]  # recency weights decay**j, j = 0 f
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 BundleFile = Literal["model/model_int8.onnx", "model/model_fp32.onnx", "tokenizer/tokenizer.json",
                      "items/items.jsonl", "items/vectors.npy", "items/index.hnsw", "items/cooccurrence.npz",
-                     "model/sequence_model.onnx", "model/cold_start.npy"]
+                     "model/sequence_model.onnx", "model/cold_start.npy", "model/fast_user_map.npy"]
 
 
 @dataclass(config=_STRICT)
@@ -131,21 +135,23 @@ class SequenceModelSpec:
 
 @dataclass(config=_STRICT)
 class FastPathSpec:
-    """The adjustments of the fast path: llmrec.scoring's rule with a zero user vector (no encoder run), chosen on
-    validation by training/calibration.py's search (choose_fast_adjustments). Recencies are the full path's."""
+    """The adjustments of the fast path (no encoder run), chosen on validation by training/calibration.py's search
+    (choose_fast_path), and whether its user vector comes from model/fast_user_map.npy (else it is zero).
+    Recencies are the full path's."""
 
     history_item_score: float
     cooccurrence_weight: Weight
     history_vector_weight: Weight
     sequence_weight: Weight
+    user_map: bool = False  # absent in bundles exported before the map existed: a zero user vector
 
     def adjustments(self) -> Adjustments:
         return Adjustments(self.history_item_score, self.cooccurrence_weight, self.history_vector_weight,
                            self.sequence_weight)
 
     @classmethod
-    def of(cls, adjustments: Adjustments) -> FastPathSpec:
-        return cls(**dataclasses.asdict(adjustments))
+    def of(cls, adjustments: Adjustments, user_map: bool = False) -> FastPathSpec:
+        return cls(**dataclasses.asdict(adjustments), user_map=user_map)
 
 
 @dataclass(config=_STRICT)
@@ -234,14 +240,15 @@ class Manifest:
             rejected_weight=self.rejected_item_weight)
 
     def fast_scoring_rule(self) -> ScoringRule | None:
-        """The rule of the fast path (no encoder: a zero user vector), or None when the bundle has none."""
+        """The rule of the fast path (no encoder run), or None when the bundle has none."""
         if self.fast_path is None:
             return None
         return dataclasses.replace(self.scoring_rule(), adjustments=self.fast_path.adjustments())
 
     @property
     def required_files(self) -> tuple[str, ...]:
-        return bundle_files(self.sequence_model is not None, self.cold_start_map)
+        return bundle_files(self.sequence_model is not None, self.cold_start_map,
+                            self.fast_path is not None and self.fast_path.user_map)
 
 
 _MANIFEST = TypeAdapter(Manifest)
@@ -284,10 +291,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def bundle_files(with_sequence_model: bool, with_cold_start_map: bool = False) -> tuple[str, ...]:
+def bundle_files(with_sequence_model: bool, with_cold_start_map: bool = False,
+                 with_fast_user_map: bool = False) -> tuple[str, ...]:
     """Every file a bundle holds (besides manifest.json and manifest.sha256)."""
     return (BUNDLE_FILES + ((SEQUENCE_MODEL_FILE,) if with_sequence_model else ())
-            + ((COLD_START_FILE,) if with_cold_start_map else ()))
+            + ((COLD_START_FILE,) if with_cold_start_map else ())
+            + ((FAST_USER_MAP_FILE,) if with_fast_user_map else ()))
 
 
 def sha256_file(path: Path) -> str:

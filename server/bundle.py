@@ -11,6 +11,7 @@ import numpy as np
 
 from llmrec import manifest as mf
 from llmrec.cold_start import ColdStartMap
+from llmrec.fast_user import FastUserMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import read_items
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
@@ -38,6 +39,8 @@ class LoadedBundle:
         sequence_model: the sequence model over item vectors, or None if the bundle has none.
         cold_start: the map from a new item's text vector to its id vector and bias column (llmrec.cold_start),
             or None if the bundle has none (new items then get new_item_bias).
+        fast_user_map: the fast path's user vector from the history's item vectors (llmrec.fast_user), or None
+            (the fast path then ranks with a zero user vector).
     """
 
     path: Path
@@ -52,6 +55,7 @@ class LoadedBundle:
     cooccurrence: CooccurrenceTable
     sequence_model: SequenceRunner | None
     cold_start: ColdStartMap | None = None
+    fast_user_map: FastUserMap | None = None
 
     @property
     def model_version(self) -> str:
@@ -148,11 +152,25 @@ class LoadedBundle:
             try:
                 cold_start = ColdStartMap(np.load(path / mf.COLD_START_FILE))
             except (OSError, ValueError) as error:
-                raise mf.BundleError(f"bundle {path}: unreadable {mf.COLD_START_FILE} ({_one_line(error)})") \
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.COLD_START_FILE} ({one_line(error)})") \
                     from error
             if cold_start.dimension != manifest.dimension:
                 raise mf.BundleError(f"bundle {path}: the cold-start map reads {cold_start.dimension} dims, "
                                      f"manifest says {manifest.dimension}")
+
+        fast_user_map = None
+        if manifest.fast_path is not None and manifest.fast_path.user_map:
+            try:
+                fast_user_map = FastUserMap(np.load(path / mf.FAST_USER_MAP_FILE))
+            except (OSError, ValueError) as error:
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.FAST_USER_MAP_FILE} ({one_line(error)})") \
+                    from error
+            if fast_user_map.dimension != manifest.dimension:
+                raise mf.BundleError(f"bundle {path}: the fast path's user map gives {fast_user_map.dimension} dims, "
+                                     f"manifest says {manifest.dimension}")
+            if fast_user_map.reads_sequence and sequence_model is None:
+                raise mf.BundleError(f"bundle {path}: the fast path's user map reads the sequence model's vector, "
+                                     "and the bundle has no sequence model")
 
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         try:
@@ -170,7 +188,7 @@ class LoadedBundle:
         logger.info("loaded bundle %s: %d items, %s on %s, template v%s", manifest.bundle_version,
                     manifest.item_count, precision, encoder.provider, manifest.template_version)
         return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors, cooccurrence,
-                   sequence_model, cold_start)
+                   sequence_model, cold_start, fast_user_map)
 
 
 def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:

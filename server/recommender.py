@@ -234,8 +234,6 @@ class Recommender:
         rule = self.fast_rule if fast else self.rule
         if rule is None:
             raise ValueError("the fast path was taken without fast-path adjustments; this is a bug")
-        if fast:
-            user_vector = np.zeros(self.catalogue.dimension, np.float32)
         metrics.RANKINGS.labels(FAST_PATH if fast else FULL_PATH).inc()
         with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
             items = self.catalogue.top_k(rule, self.query_vector(user_vector, catalogued, rejected_ids, rule), k,
@@ -245,17 +243,21 @@ class Recommender:
             return items
         return [item for item in items if np.float32(item.score) >= np.float32(min_score)]
 
-    def query_vector(self, user_vector: np.ndarray, history_ids: Sequence[str | None],
+    def query_vector(self, user_vector: np.ndarray | None, history_ids: Sequence[str | None],
                      rejected_ids: Sequence[str] = (), rule: ScoringRule | None = None) -> np.ndarray:
         """The scoring rule's query (rule: default the full path's) for a user vector, catalogued history (oldest
         first) and rejected items; items given as text, or not in the catalogue (deleted since, never there), add
-        nothing."""
+        nothing. user_vector None: the fast path's, predicted from the history by the bundle's user map
+        (llmrec.fast_user), or zero when it has none."""
         rule = self.rule if rule is None else rule
+        user_map = self.bundle.fast_user_map if user_vector is None else None
+        if user_vector is None:
+            user_vector = np.zeros(self.catalogue.dimension, np.float32)
         sequence_spec = self.bundle.manifest.sequence_model
-        sequence_items = sequence_spec.max_items if sequence_spec is not None and rule.adjustments.sequence_weight \
-            else 0
+        reads_sequence = rule.adjustments.sequence_weight or (user_map is not None and user_map.reads_sequence)
+        sequence_items = sequence_spec.max_items if sequence_spec is not None and reads_sequence else 0
         ids = [i for i in history_ids if i is not None]
-        needed = max(rule.history_items_read, sequence_items)
+        needed = max(rule.history_items_read, sequence_items, user_map.items_read if user_map is not None else 0)
         rejected = self.rejected_vectors(rejected_ids) if rule.rejected_weight else None
         if (not needed or not ids) and rejected is None:
             return user_vector
@@ -266,6 +268,8 @@ class Recommender:
             window = recent[-sequence_items:]
             sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]]) if len(window) else \
                 np.zeros((1, self.catalogue.dimension), np.float32)  # no catalogued history: no sequence term
+        if user_map is not None and len(recent):
+            user_vector = user_map.user_vectors([recent], sequence)[0]
         return rule.query(user_vector[None, :], [recent], sequence, None if rejected is None else [rejected])[0]
 
     def rejected_vectors(self, rejected_ids: Sequence[str]) -> np.ndarray | None:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from llmrec import fast_user
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, query_rows
 from llmrec.training.data import Example, Interactions, item_popularity, sequences_before
@@ -165,15 +166,17 @@ MODEL_WEIGHT_GRID = (1.0, 0.5, 0.25, 0.1)
 def choose_fast_adjustments(rows: np.ndarray, unit_vectors: np.ndarray, data: Interactions,
                             examples: Sequence[Example], table: CooccurrenceTable | None,
                             sequence_vectors: np.ndarray | None = None, chunk_users: int = CHUNK_USERS,
-                            ) -> tuple[Adjustments, dict]:
-    """The fast path's adjustments: choose_adjustments over zero user vectors (validation_terms), with the model
-    term (each item's temperature * bias) weighed by each of MODEL_WEIGHT_GRID first, as calibrate_row weighs a
-    row's own score: the grids were made beside a unit user vector, and without one the vector terms may need to
-    outweigh the bias by more than the grids reach. Scores scaled by 1/w rank alike, so the choice at model weight w
-    is returned as its adjustments divided by w (the served rule has no model weight). Ties go to the larger weight.
-    Returns the adjustments and {"model_weight", "chosen" (at that weight), "validation" (its search's metrics)}."""
-    zeros = np.zeros((len(examples), unit_vectors.shape[1]), np.float32)
-    terms_of = validation_terms(rows, unit_vectors, data, examples, table, zeros, sequence_vectors)
+                            user_vectors: np.ndarray | None = None) -> tuple[Adjustments, dict]:
+    """The fast path's adjustments: choose_adjustments over its user vectors (validation_terms; None: zero vectors,
+    else those the fast path's user map predicts, llmrec.fast_user), with the model term weighed by each of
+    MODEL_WEIGHT_GRID first, as calibrate_row weighs a row's own score: the grids were made beside the encoder's
+    unit user vector, and without it the vector terms may need to outweigh the model term by more than the grids
+    reach. Scores scaled by 1/w rank alike, so the choice at model weight w is returned as its adjustments divided
+    by w (the served rule has no model weight). Ties go to the larger weight. Returns the adjustments and {"model_weight", "chosen" (at that weight),
+    "validation" (its search's metrics)}."""
+    if user_vectors is None:
+        user_vectors = np.zeros((len(examples), unit_vectors.shape[1]), np.float32)
+    terms_of = validation_terms(rows, unit_vectors, data, examples, table, user_vectors, sequence_vectors)
     best = None
     def weighed(weight: float) -> TermsFn:
         def terms(chunk: slice) -> ScoreTerms:
@@ -191,6 +194,22 @@ def choose_fast_adjustments(rows: np.ndarray, unit_vectors: np.ndarray, data: In
     served = Adjustments(*(value / weight for value in dataclasses.astuple(chosen)))
     return served, {"model_weight": weight, "chosen": dataclasses.asdict(chosen), CALIBRATION_METRIC: best[0],
                     "validation": validation}
+
+
+def choose_fast_path(rows: np.ndarray, unit_vectors: np.ndarray, data: Interactions, examples: Sequence[Example],
+                     table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None, user_vectors: np.ndarray,
+                     seed: int = 0, chunk_users: int = CHUNK_USERS,
+                     ) -> tuple[Adjustments, fast_user.FastUserFit, dict]:
+    """The fast path's user map (llmrec.fast_user, fitted on these users' encoder vectors: no targets read) and its
+    adjustments (choose_fast_adjustments over the map's held-out predictions, each fold's by the map fitted on the
+    other folds). Returns the adjustments, the fit (its map and held-out predictions) and {"user_map": the fit's
+    description, **choose_fast_adjustments' record}."""
+    inputs = fast_user.catalogue_features(unit_vectors, histories(data, examples), sequence_vectors)
+    fitted = fast_user.fit(inputs, user_vectors, seed)
+    del inputs
+    adjustments, chosen = choose_fast_adjustments(rows, unit_vectors, data, examples, table, sequence_vectors,
+                                                  chunk_users, fitted.held_out)
+    return adjustments, fitted, {"user_map": fitted.as_json(), **chosen}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from llmrec.cold_start import ColdStartMap
 from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.fast_user import FastUserMap
 from llmrec.scoring import Adjustments
 from llmrec.training.checkpoint import ITEM_HEAD_FILE, CheckpointLayout, encoder_dir
 from llmrec.training.progress import progress
@@ -131,9 +132,11 @@ class TextRecommender(nn.Module):
                 parameter.requires_grad = False
 
     def save(self, directory: Path, item_ids: Sequence[str], adjustments: Adjustments | None = Adjustments(),
-             cooccurrence: CooccurrenceTable | None = None, fast_adjustments: Adjustments | None = None) -> None:
+             cooccurrence: CooccurrenceTable | None = None, fast_adjustments: Adjustments | None = None,
+             fast_user_map: FastUserMap | None = None) -> None:
         """adjustments None: not chosen yet (the item head then reads as not calibrated, see ItemHead);
-        fast_adjustments None: the checkpoint has no fast path (ItemHead.fast_adjustments)."""
+        fast_adjustments None: the checkpoint has no fast path (ItemHead.fast_adjustments); fast_user_map None: its
+        fast path ranks with a zero user vector."""
         layout = CheckpointLayout(directory)
         layout.root.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(layout.encoder)
@@ -146,7 +149,7 @@ class TextRecommender(nn.Module):
             item_bias=self.item_bias.detach().cpu().numpy(),
             **{name: np.float64(value) for name, value in
                (dataclasses.asdict(adjustments) if adjustments is not None else {}).items()},
-            **_fast_fields(fast_adjustments),
+            **_fast_fields(fast_adjustments, fast_user_map),
             cooccurrence_indptr=table.indptr,
             cooccurrence_neighbours=table.neighbours,
             cooccurrence_weights=table.weights,
@@ -231,26 +234,32 @@ class ItemHead:
     calibrated: bool  # False: saved without some adjustments (choose them again before serving)
     cooccurrence: CooccurrenceTable
     cold_start: ColdStartMap | None = None  # the text -> (id vector, bias) map (llmrec.cold_start), once fitted
-    # The fast path's adjustments (a zero user vector: llmrec.manifest.FastPathSpec); None: not chosen.
+    # The fast path's adjustments (llmrec.manifest.FastPathSpec); None: not chosen.
     fast_adjustments: Adjustments | None = None
+    # The fast path's user vector from the history's item vectors (llmrec.fast_user); None: a zero user vector.
+    fast_user_map: FastUserMap | None = None
 
 
 _FAST_PREFIX = "fast_"  # item_head.npz keys of the fast path's adjustments: fast_<Adjustments field>
 
 
-def _fast_fields(adjustments: Adjustments | None) -> dict[str, np.float64]:
+_FAST_USER_MAP = "fast_user_map"  # item_head.npz key of the fast path's user map weights
+
+
+def _fast_fields(adjustments: Adjustments | None, user_map: FastUserMap | None) -> dict[str, np.ndarray]:
     if adjustments is None:
         return {}
-    return {_FAST_PREFIX + name: np.float64(value) for name, value in dataclasses.asdict(adjustments).items()}
+    fields = {_FAST_PREFIX + name: np.float64(value) for name, value in dataclasses.asdict(adjustments).items()}
+    return fields if user_map is None else {**fields, _FAST_USER_MAP: user_map.weights}
 
 
-def save_fast_adjustments(checkpoint: Path, adjustments: Adjustments) -> None:
-    """Add (or replace) the fast path's adjustments in a checkpoint's item head, leaving the rest as it is (for
-    checkpoints trained before training chose them: experiments/fast_path.py)."""
+def save_fast_path(checkpoint: Path, adjustments: Adjustments, user_map: FastUserMap | None) -> None:
+    """Add (or replace) the fast path's adjustments and user map in a checkpoint's item head, leaving the rest as it
+    is (for checkpoints trained before training chose them: experiments/fast_path.py)."""
     path = CheckpointLayout(checkpoint).item_head
     with np.load(path) as head:
-        arrays = {name: head[name] for name in head.files}
-    arrays.update(_fast_fields(adjustments))
+        arrays = {name: head[name] for name in head.files if name != _FAST_USER_MAP}
+    arrays.update(_fast_fields(adjustments, user_map))
     with path.open("wb") as handle:  # np.savez(path) would append .npz to a name without it; this one has it
         np.savez(handle, **arrays)
 
@@ -272,5 +281,6 @@ def load_item_head(checkpoint: Path) -> ItemHead | None:
         cold_start = ColdStartMap(head["cold_start_weights"]) if "cold_start_weights" in head else None
         fast = Adjustments(**{name: float(head[_FAST_PREFIX + name]) for name in names}) \
             if all(_FAST_PREFIX + name in head for name in names) else None
+        user_map = FastUserMap(head[_FAST_USER_MAP]) if fast is not None and _FAST_USER_MAP in head else None
         return ItemHead(item_ids, head["id_embedding"], head["item_bias"], adjustments,
-                        all(name in head for name in names), table, cold_start, fast)
+                        all(name in head for name in names), table, cold_start, fast, user_map)

@@ -43,7 +43,7 @@ from llmrec.scoring import Adjustments, ScoreTerms, ScoringRule, item_rows
 from llmrec.training.calibration import (
     CALIBRATION_METRIC, CHUNK_USERS, COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, HISTORY_VECTOR_WEIGHT_GRID,
     POLICIES, SEQUENCE_WEIGHT_GRID, calibration_search, choose_adjustments, cooccurrence_before, evaluate_policies,
-    choose_fast_adjustments, histories, validation_terms,
+    choose_fast_path, histories, validation_terms,
 )
 from llmrec.training.progress import BoundedProgress, phase, progress
 from llmrec.training.sequence_model import (
@@ -446,16 +446,18 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
     log.info("adjustments %s chosen on %d validation users: %s %.4f (%.4f with none)", adjustments, len(valid),
              CALIBRATION_METRIC, calibration[adjustments.key][CALIBRATION_METRIC],
              calibration[Adjustments().key][CALIBRATION_METRIC])
-    # The fast path (no encoder run: a zero user vector) gets its own adjustments by the same search.
-    with phase("choose the fast path's adjustments", log):
-        fast_adjustments, fast_calibration = choose_fast_adjustments(rows, item_array, data, valid,
-                                                                     cooccurrence["valid"], valid_sequences)
+    # The fast path (no encoder run) predicts the user vector from the history's item vectors (llmrec.fast_user)
+    # and gets its own adjustments by the same search.
+    with phase("fit the fast path's user map and choose its adjustments", log):
+        fast_adjustments, fast_fit, fast_calibration = choose_fast_path(
+            rows, item_array, data, valid, cooccurrence["valid"], valid_sequences, valid_users, config.seed)
     log.info("fast path adjustments %s: %s %.4f on validation (full path %.4f)", fast_adjustments, CALIBRATION_METRIC,
              fast_calibration[CALIBRATION_METRIC], calibration[adjustments.key][CALIBRATION_METRIC])
     device = model.item_bias.device
     with phase("save the adjustments", log):
         # the bundle serves test histories, so it counts every event before the test targets
-        model.cpu().save(checkpoint.root, data.item_ids, adjustments, cooccurrence["test"], fast_adjustments)
+        model.cpu().save(checkpoint.root, data.item_ids, adjustments, cooccurrence["test"], fast_adjustments,
+                         fast_fit.map)
         model.to(device)
         config.save(checkpoint.config)
 
@@ -476,7 +478,8 @@ def finish_run(model: TextRecommender, data: Interactions, config: TrainConfig, 
             "items": cold_start.items, "id_alpha": cold_start.id_alpha, "bias_alpha": cold_start.bias_alpha,
             "id_r2": cold_start.id_r2, "bias_r2": cold_start.bias_r2},
         "fast_path": {"adjustments": dataclasses.asdict(fast_adjustments),
-                      **{key: fast_calibration[key] for key in ("model_weight", "chosen", CALIBRATION_METRIC)}},
+                      **{key: fast_calibration[key]
+                         for key in ("user_map", "model_weight", "chosen", CALIBRATION_METRIC)}},
         **evaluation,  # evaluate_against_baselines: the rows, each history policy, per-user test ranks
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -12,6 +12,7 @@ import pytest
 
 from llmrec import manifest as mf
 from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.fast_user import FEATURE_RECENCIES, FastUserMap
 from llmrec.item_record import read_items
 from llmrec.server.metrics import REGISTRY
 from llmrec.v1 import recommender_pb2 as pb
@@ -28,6 +29,23 @@ HISTORY = ["m1", "m4", "m9"]
 @pytest.fixture
 def fast_bundle(bundle_copy):
     return bundle_copy(fast_path=FAST)
+
+
+@pytest.fixture
+def mapped_bundle(bundle_copy):
+    """The tiny bundle with fast-path adjustments and a user map: the latest item's vector, turned (a fixed random
+    rotation), as the user vector."""
+    bundle = bundle_copy(fast_path={**FAST, "user_map": True})
+    manifest = json.loads((bundle / mf.MANIFEST_FILE).read_text())
+    dimension = manifest["dimension"]
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(dimension, dimension)))
+    weights = np.zeros((len(FEATURE_RECENCIES) * dimension + 1, dimension), np.float32)
+    weights[:dimension] = rotation
+    np.save(bundle / mf.FAST_USER_MAP_FILE, weights)
+    manifest["files"][mf.FAST_USER_MAP_FILE] = mf.sha256_file(bundle / mf.FAST_USER_MAP_FILE)
+    (bundle / mf.MANIFEST_FILE).write_text(json.dumps(manifest))
+    mf.write_manifest_digest(bundle)
+    return bundle
 
 
 @pytest.fixture
@@ -57,14 +75,18 @@ def rankings(path: str) -> float:
 
 
 def expected(bundle, history, k):
-    """The top k of ScoringRule.dense_scores with a zero user vector and the manifest's fast adjustments."""
+    """The top k of ScoringRule.dense_scores with the manifest's fast adjustments and the fast path's user vector:
+    the bundle's user map's prediction (llmrec.fast_user), or zero without one."""
     manifest = mf.read_manifest(bundle)
     rows = np.load(bundle / mf.VECTORS_FILE)
     ids = [item_id for item_id, _ in read_items(bundle / mf.ITEMS_FILE)]
     row_of = {item_id: n for n, item_id in enumerate(ids)}
     rule = manifest.fast_scoring_rule()
-    scores = rule.dense_scores(np.zeros((1, manifest.dimension), np.float32), rows, [[row_of[i] for i in history]],
-                               CooccurrenceTable.load(bundle / mf.COOCCURRENCE_FILE))[0]
+    history_rows = [row_of[i] for i in history]
+    user = np.zeros((1, manifest.dimension), np.float32)
+    if manifest.fast_path.user_map:
+        user = FastUserMap(np.load(bundle / mf.FAST_USER_MAP_FILE)).user_vectors([rows[history_rows, :-1]])
+    scores = rule.dense_scores(user, rows, [history_rows], CooccurrenceTable.load(bundle / mf.COOCCURRENCE_FILE))[0]
     order = np.argsort(-scores, kind="stable")[:k]
     return [ids[n] for n in order], scores[order]
 
@@ -86,6 +108,34 @@ def test_catalogued_only_request_is_ranked_without_the_encoder_exactly_as_the_ru
         timed = stub.Recommend(request(context=pb.Context(device="mobile", locale="en-US", utc_offset_minutes=60)),
                                timeout=10)
         assert timed.serving_path == pb.SERVING_PATH_FAST and ids_of(timed.items) == want_ids
+
+
+def test_the_fast_path_user_map_predicts_the_user_vector_as_the_rule_says(start_server, fast_bundle, mapped_bundle):
+    for bundle in (mapped_bundle, fast_bundle):
+        server = start_server(bundle)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            runs = encoder_runs()
+            response = stub.Recommend(request(k=10), timeout=10)
+            assert encoder_runs() == runs and response.serving_path == pb.SERVING_PATH_FAST
+            want_ids, want_scores = expected(bundle, HISTORY, 10)
+            assert ids_of(response.items) == want_ids
+            assert [item.score for item in response.items] == pytest.approx(want_scores.tolist(), abs=1e-5)
+        if bundle is mapped_bundle:
+            mapped = want_ids
+    assert mapped != want_ids  # the map's user vector changes the ranking
+
+
+def test_a_user_map_of_the_wrong_size_is_refused_at_load(mapped_bundle):
+    from llmrec.server.bundle import LoadedBundle
+
+    np.save(mapped_bundle / mf.FAST_USER_MAP_FILE, np.zeros((7, 3), np.float32))
+    manifest = json.loads((mapped_bundle / mf.MANIFEST_FILE).read_text())
+    manifest["files"][mf.FAST_USER_MAP_FILE] = mf.sha256_file(mapped_bundle / mf.FAST_USER_MAP_FILE)
+    (mapped_bundle / mf.MANIFEST_FILE).write_text(json.dumps(manifest))
+    mf.write_manifest_digest(mapped_bundle)
+    with pytest.raises(mf.BundleError, match="unreadable model/fast_user_map.npy"):
+        LoadedBundle.load(mapped_bundle, prefer_gpu=False)
 
 
 def test_a_query_a_text_item_or_the_request_field_take_the_full_path(start_server, fast_bundle):

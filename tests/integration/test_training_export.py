@@ -143,6 +143,18 @@ def test_the_bundle_serves_the_checkpoints_sequence_model(trained_bundle, traine
                                sequence_vectors(model, histories, items), atol=1e-5)
 
 
+def test_the_bundle_serves_the_checkpoints_fast_path_user_map(trained_bundle, trained_run):
+    data, out, metrics = trained_run
+    head = load_item_head(CheckpointLayout.of_run(out).root)
+    assert head.fast_adjustments is not None and head.fast_user_map is not None
+    fit = metrics["fast_path"]["user_map"]
+    assert fit["users"] == len(split_examples(data, "valid")) and fit["reads_sequence"]
+    manifest = read_manifest(trained_bundle)
+    assert manifest.fast_path.user_map and layout.FAST_USER_MAP_FILE in manifest.files
+    bundle = LoadedBundle.load(trained_bundle, prefer_gpu=False)
+    np.testing.assert_array_equal(bundle.fast_user_map.weights, head.fast_user_map.weights)
+
+
 def test_training_gives_items_never_a_target_the_cold_start_maps_prediction(trained_run):
     data, out, metrics = trained_run
     head = load_item_head(CheckpointLayout.of_run(out).root)

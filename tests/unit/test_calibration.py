@@ -13,7 +13,7 @@ from llmrec.history_vector import RECENCY_DECAY
 from llmrec.scoring import Adjustments, Recency, ScoreTerms, ScoringRule, item_rows
 from llmrec.training.calibration import (
     COOCCURRENCE_WEIGHT_GRID, HISTORY_SCORE_GRID, MODEL_WEIGHT_GRID, POLICIES, SERVED_SCORE_SPAN, calibrate_row,
-    choose_adjustments, choose_fast_adjustments, cooccurrence_before, cooccurrence_only_scores, evaluate_policies, histories, span_scale,
+    choose_adjustments, choose_fast_adjustments, choose_fast_path, cooccurrence_before, cooccurrence_only_scores, evaluate_policies, histories, span_scale,
 )
 
 ITEMS = 12
@@ -201,6 +201,25 @@ def test_the_fast_path_weighs_the_bias_down_when_the_vectors_must_outweigh_it():
     scores = ScoringRule(served).dense_scores(np.zeros((40, ITEMS), np.float32), rows, histories(data, examples),
                                               table)
     assert (scores.argmax(axis=1) == [sequence[1] for sequence in sequences]).all()
+
+
+def test_the_fast_path_user_map_reads_what_a_zero_vector_cannot():
+    # Every user goes a -> a + 1 and the encoder's user vector points at a + 1: a linear function of the latest
+    # item's vector that the history vector (pointing at a itself) and a zero user vector cannot express.
+    sequences = [[u % ITEMS, (u + 1) % ITEMS] for u in range(60)]
+    data = interactions(sequences)
+    examples = [Example(u, 1) for u in range(60)]
+    rows = item_rows(AXES, np.zeros(ITEMS), temperature=1.0)
+    table = CooccurrenceTable.empty(ITEMS)
+    encoder_vectors = AXES[[(u + 1) % ITEMS for u in range(60)]]
+    adjustments, fit, record = choose_fast_path(rows, AXES, data, examples, table, None, encoder_vectors)
+    assert record["user_map"]["held_out_r2"] > 0.9 and not fit.map.reads_sequence
+    assert record["ndcg@50"] == pytest.approx(1.0)  # chosen over the held-out predictions
+    predicted = fit.map.user_vectors([AXES[h] for h in histories(data, examples)])
+    scores = ScoringRule(adjustments).dense_scores(predicted, rows, histories(data, examples), table)
+    assert (scores.argmax(axis=1) == [sequence[1] for sequence in sequences]).all()
+    _, zero = choose_fast_adjustments(rows, AXES, data, examples, table)
+    assert zero["ndcg@50"] < 0.5
 
 
 def test_the_history_vector_term_is_the_decayed_sum_of_recent_item_vectors():

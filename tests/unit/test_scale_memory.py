@@ -41,7 +41,7 @@ class FakeModel:
     def to(self, device):
         return self
 
-    def save(self, root, item_ids, adjustments=None, cooccurrence=None, fast_adjustments=None):
+    def save(self, root, item_ids, adjustments=None, cooccurrence=None, fast_adjustments=None, fast_user_map=None):
         self.saved.append(adjustments)
 
 
