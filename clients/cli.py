@@ -162,6 +162,9 @@ def recommend(
     attr: Attr = None,
     reject: Reject = None,
     min_score: MinScore = None,
+    force_full_path: Annotated[bool, typer.Option(
+        "--force-full-path", help="Run the model's encoder even where the fast path would serve (the output says "
+                                  "which path did: fast or full).")] = False,
     json_output: Json = False,
     timeout: Timeout = 10.0,
 ) -> None:
@@ -173,14 +176,15 @@ def recommend(
             result = client.recommend(history, k=k, query=query, device=device, locale=locale,
                                       exclude=exclude or [], exclude_history=exclude_history, explain=explain,
                                       filters=filters, category=category or [], rejected=reject or [],
-                                      min_score=min_score)
+                                      min_score=min_score, force_full_path=force_full_path)
     except RecommenderError as error:
         _fail(error)
-    if json_output:
+    if json_output:  # serving_path among the fields
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
         return
     typer.echo(format_items(result.items))
-    typer.echo(f"\nmodel {result.model_version}  index {result.index_version}")
+    path = f"  path {result.serving_path}" if result.serving_path else ""  # "": a server too old to say
+    typer.echo(f"\nmodel {result.model_version}  index {result.index_version}{path}")
 
 
 _BATCH_KEYS = {"history", "k", "query", "device", "locale", "timestamp", "utc_offset_minutes", "exclude",

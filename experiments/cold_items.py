@@ -35,10 +35,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from experiments.baselines.sasrec import SASRecConfig, _left_pad, train_sasrec
-from llmrec.export.bundle import build_bundle
+from llmrec.export.bundle import build_bundle, with_cooccurrence
+from llmrec.item_record import read_items
+from llmrec.manifest import ITEMS_FILE
 from llmrec.template import render_item
 from llmrec.training.calibration import cooccurrence_before
-from llmrec.training.checkpoint import CheckpointLayout, checkpoint_dir
+from llmrec.training.checkpoint import checkpoint_dir
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import Example, Interactions, item_popularity, load_interactions, split_examples
 from llmrec.training.evaluation import ranking_metrics, target_ranks
@@ -176,26 +178,16 @@ def served_ranks(stub: pb_grpc.RecommenderStub, data: Interactions, test: Sequen
     return Ranked(ranks[k], top10, ranks.get(10) if len(lengths) > 1 else None)
 
 
-def validation_bundle(out: Path, warm: Interactions, config: TrainConfig) -> Path:
-    """The run's bundle as it would have been built before the validation targets: its co-occurrence table counts
+def validation_bundle(out: Path, warm: Interactions, bundle: Path) -> Path:
+    """The served bundle as it would have been built before the validation targets: its co-occurrence table counts
     only the training part of each sequence (cooccurrence_before(warm, "valid"), what calibration scores
     validation users with). The served bundle's table also counts the validation events, each validation
-    target's own among them, which would inflate warm validation targets and bias the choice against borrowing."""
-    checkpoint = out / "valid-checkpoint"
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    shutil.copytree(checkpoint_dir(out / "run"), checkpoint)
-    layout = CheckpointLayout(checkpoint)
-    with np.load(layout.item_head) as head:
-        arrays = dict(head)
-    table = cooccurrence_before(warm, "valid")
-    arrays.update(cooccurrence_indptr=table.indptr, cooccurrence_neighbours=table.neighbours,
-                  cooccurrence_weights=table.weights)
-    with layout.item_head.open("wb") as handle:
-        np.savez(handle, **arrays)
+    target's own among them, which would inflate warm validation targets and bias the choice against borrowing.
+    Every other file is the served bundle's (with_cooccurrence: a copy, no re-export)."""
+    row_of = {item_id: row for row, (item_id, _) in enumerate(read_items(bundle / ITEMS_FILE))}
+    table = cooccurrence_before(warm, "valid").renumber(np.array([row_of[i] for i in warm.item_ids]), len(row_of))
     shutil.rmtree(out / "valid-bundles", ignore_errors=True)
-    return build_bundle(checkpoint, list(zip(warm.item_ids, warm.items)), out / "valid-bundles",
-                        max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
-                        max_history_items=config.max_history_items, check_quality=False)
+    return with_cooccurrence(bundle, table, out / "valid-bundles")
 
 
 def choose_borrowing(bundle: Path, data: Interactions, cold: np.ndarray, valid: Sequence[Example], use_context: bool,
@@ -339,7 +331,7 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
                                   max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
                                   max_history_items=config.max_history_items)
     with phase("choose new_item_cooccurrence on validation users", log):
-        valid_bundle = validation_bundle(out, warm, config)
+        valid_bundle = validation_bundle(out, warm, bundle)
         borrowing = choose_borrowing(valid_bundle, data, cold, split_examples(data, "valid")[:max_users],
                                      config.use_context, k, borrowing_choices)
     borrow = ["--new-item-cooccurrence", str(borrowing["chosen"])]

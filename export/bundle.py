@@ -130,8 +130,7 @@ def build_bundle(
                  for relative in layout.bundle_files(sequence_spec is not None, head.cold_start is not None,
                                                      fast_user_map is not None)}
         created = dt.datetime.now(dt.timezone.utc)
-        digest = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:10]
-        version = f"{created:%Y%m%dT%H%M%SZ}-{digest}"
+        version = _bundle_version(created, files)
         manifest = Manifest(
             bundle_version=version,
             created_at=created.isoformat(timespec="seconds"),
@@ -166,6 +165,41 @@ def build_bundle(
         staging.rename(final)  # atomic on one filesystem: a bundle is either complete or absent
     log.info("bundle %s written (%d items, quality %s)", final, len(catalogue), quality)
     return final
+
+
+def with_cooccurrence(bundle: Path, table: CooccurrenceTable, out_root: Path) -> Path:
+    """A new bundle under out_root/<bundle_version>/: `bundle` with another co-occurrence table (over its rows).
+
+    Every other file is copied as it is; the manifest lists the table's sha256 and gets a new bundle_version
+    (named as build_bundle names one), so the two never share a server's state directory. No export, quantization
+    or encoding: seconds where build_bundle takes minutes. Nothing is written under out_root if a step fails.
+    """
+    manifest = layout.read_manifest(bundle)
+    if table.num_items != manifest.item_count:
+        raise ValueError(f"the table has {table.num_items} items, the bundle {manifest.item_count}")
+    out_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_root, prefix=".building-") as work:
+        staging = Path(work) / "bundle"
+        for relative in manifest.required_files:
+            if relative != layout.COOCCURRENCE_FILE:
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(bundle / relative, staging / relative)
+        table.save(staging / layout.COOCCURRENCE_FILE)
+        files = {**manifest.files, layout.COOCCURRENCE_FILE: sha256_file(staging / layout.COOCCURRENCE_FILE)}
+        created = dt.datetime.now(dt.timezone.utc)
+        changed = dataclasses.replace(manifest, bundle_version=_bundle_version(created, files),
+                                      created_at=created.isoformat(timespec="seconds"), files=files)
+        layout.write_manifest(staging, changed)
+        final = out_root / changed.bundle_version
+        staging.rename(final)
+    log.info("bundle %s written: %s with another co-occurrence table", final, bundle)
+    return final
+
+
+def _bundle_version(created: dt.datetime, files: dict[str, str]) -> str:
+    """<creation time>-<digest of the files' sha256s>: versions sort by creation time."""
+    digest = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:10]
+    return f"{created:%Y%m%dT%H%M%SZ}-{digest}"
 
 
 @dataclasses.dataclass

@@ -134,14 +134,18 @@ class Catalogue:
     Args:
         bundle: the loaded bundle; its index is taken over (and changed) by this catalogue.
         use_cold_start_map: build new items' rows with the bundle's cold-start map, if it has one.
+        new_item_cooccurrence: how much co-occurrence new items borrow (llmrec.scoring.ScoringRule's
+            borrowed_cooccurrence, which the recommender takes from here); 0: none, and no donors are searched.
     """
 
-    def __init__(self, bundle: LoadedBundle, use_cold_start_map: bool = True) -> None:
+    def __init__(self, bundle: LoadedBundle, use_cold_start_map: bool = True,
+                 new_item_cooccurrence: float = 1.0) -> None:
         manifest = bundle.manifest
         self.bundle_version = manifest.bundle_version
         self.dimension = manifest.dimension
         self.new_item_bias = float(manifest.new_item_bias)
         self.cold_start = bundle.cold_start if use_cold_start_map else None
+        self.new_item_cooccurrence = new_item_cooccurrence
         self._index = bundle.index
         count = len(bundle.item_ids)
         # In memory (not the bundle's memory map): rows change in place when labels are reused.
@@ -159,7 +163,8 @@ class Catalogue:
         self._size = count  # labels in use or tombstoned: 0.._size-1
         self._new_labels: set[int] = set()  # labels of upserted items: the new items a list may reserve slots for
         # Upserted items the co-occurrence table has no row for borrow their nearest trained items' rows
-        # (llmrec.cooccurrence.Borrowers): label -> (donor bundle rows, weights), found when the item is applied.
+        # (llmrec.cooccurrence.Borrowers): label -> (donor bundle rows, weights), found when the item is applied,
+        # unless they borrow nothing (new_item_cooccurrence 0).
         self._bundle_vectors = bundle.vectors  # the bundle's own rows (a memory map): donors never change
         self._is_donor = bundle.cooccurrence.has_row()
         self._donors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -541,6 +546,8 @@ class Catalogue:
 
     def _find_donors(self, items: Sequence[CatalogueItem], rows: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """{position: (donor bundle rows, weights)} for the items the co-occurrence table has no row for."""
+        if not self.new_item_cooccurrence:  # borrowing is off: the search would be wasted on every replica
+            return {}
         borrowing = [n for n, item in enumerate(items) if item.item_id not in self._bundle_row_of]
         if not borrowing or not self._is_donor.any():
             return {}
@@ -684,14 +691,15 @@ def _decode_page_token(token: str) -> str | None:
     return text[len(_PAGE_TOKEN_PREFIX):]
 
 
-def open_catalogue(bundle: LoadedBundle, store: ChangeStore | None = None, use_cold_start_map: bool = True) \
-        -> Catalogue:
+def open_catalogue(bundle: LoadedBundle, store: ChangeStore | None = None, use_cold_start_map: bool = True,
+                   new_item_cooccurrence: float = 1.0) -> Catalogue:
     """The live catalogue of a bundle, with its durable changes replayed when a store is given (server.store).
     use_cold_start_map: upserted items get the bundle's cold-start map's prediction (Catalogue.row_for).
+    new_item_cooccurrence: how much co-occurrence new items borrow (Catalogue).
 
     Blocking (replay applies every stored change to the index). Raises StateError for unusable state.
     """
-    catalogue = Catalogue(bundle, use_cold_start_map)
+    catalogue = Catalogue(bundle, use_cold_start_map, new_item_cooccurrence)
     if store is not None:
         replayed = catalogue.open_store(store)
         logger.info("catalogue: %d items after replaying %d stored changes (revision %d)", catalogue.count,

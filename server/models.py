@@ -131,12 +131,13 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
         logger.info("warmed up widths %s", widths)
         stage("catalogue")
         store = store_for(settings, manifest, on_store_serving, warn_other_versions=not swapping)
-        catalogue = await asyncio.to_thread(open_catalogue, bundle, store, settings.cold_start_map)
+        catalogue = await asyncio.to_thread(open_catalogue, bundle, store, settings.cold_start_map,
+                                            settings.new_item_cooccurrence)
     except BaseException:
         encoder.close()  # its workers are idle: this returns at once
         raise
     recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share,
-                              settings.new_item_cooccurrence, settings.encoder_path)
+                              settings.encoder_path)
     return Generation(recommender, encoder, Path(path), store)
 
 

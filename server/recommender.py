@@ -2,7 +2,8 @@
 
 Two paths (docs/serving.md): the full path encodes the user text; the fast path, for a user whose history is all
 catalogue ids with no query (fast_path_allows: the rest of the context is ignored), runs no encoder: the scoring
-rule with a zero user vector and the bundle's fast-path adjustments (llmrec.manifest.FastPathSpec), over the
+rule with the user vector the bundle's user map predicts from the history's item vectors (llmrec.fast_user; zero
+in bundles without one) and the bundle's fast-path adjustments (llmrec.manifest.FastPathSpec), over the
 catalogue's vectors alone. A bundle without them, or encoder_path "always", serves every request on the full path.
 
 No gRPC here: inputs and outputs are server.domain types, failures are server.errors exceptions.
@@ -67,15 +68,14 @@ class Recommender:
         bundle: the loaded bundle.
         encoder: the async encoder running the bundle's model.
         limits: request limits to enforce.
-        catalogue: the live catalogue over the bundle's index (one is made from the bundle when None).
+        catalogue: the live catalogue over the bundle's index (one is made from the bundle when None); how much
+            co-occurrence new items borrow is its new_item_cooccurrence (it finds their donors).
         new_item_share: the share of every list reserved for new items when a request does not say (0..1).
-        new_item_cooccurrence: how much co-occurrence new items borrow (llmrec.scoring.ScoringRule).
         encoder_path: "auto" (the fast path where it applies, if the bundle has one) or "always" (never).
     """
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
-                 catalogue: Catalogue | None = None, new_item_share: float = 0.0,
-                 new_item_cooccurrence: float = 1.0, encoder_path: str = "auto") -> None:
+                 catalogue: Catalogue | None = None, new_item_share: float = 0.0, encoder_path: str = "auto") -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
@@ -83,11 +83,12 @@ class Recommender:
         validation.check_new_item_share(new_item_share)
         self.new_item_share = new_item_share
         self.max_history_items = bundle.manifest.max_history_items
-        self.rule = dataclasses.replace(bundle.manifest.scoring_rule(), borrowed_cooccurrence=new_item_cooccurrence)
-        # The fast path's rule (a zero user vector); None: every request takes the full path.
+        borrowed = self.catalogue.new_item_cooccurrence
+        self.rule = dataclasses.replace(bundle.manifest.scoring_rule(), borrowed_cooccurrence=borrowed)
+        # The fast path's rule (no encoder run); None: every request takes the full path.
         fast_rule = bundle.manifest.fast_scoring_rule() if encoder_path == "auto" else None
         self.fast_rule = None if fast_rule is None else dataclasses.replace(
-            fast_rule, borrowed_cooccurrence=new_item_cooccurrence)
+            fast_rule, borrowed_cooccurrence=borrowed)
 
     @property
     def model_version(self) -> str:

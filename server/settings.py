@@ -121,7 +121,8 @@ class ServerSettings(BaseSettings):
         "items upserted while it is set (stored rows are replayed as they were)."))
     new_item_cooccurrence: float = Field(1.0, ge=0, description=(
         "How much of their nearest trained items' co-occurrence new (upserted) items borrow (llmrec.cooccurrence."
-        "Borrowers): 1 = as much as those items would get, 0 = none (new items then have no co-occurrence score)."))
+        "Borrowers): 1 = as much as those items would get, 0 = none (new items then have no co-occurrence score, and "
+        "applying an upsert searches for no donors)."))
     new_item_share: float = Field(0.0, ge=0, le=1, description=(
         "Share of every list reserved for new (upserted) items when a request does not set new_item_share: "
         "floor(share * k) of the k go to the best-scoring new items if the model ranks fewer there. 0 = none."))

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from llmrec.clients.cli import app
 from llmrec.clients.client import RecommenderClient, RecommenderError
+from test_fast_path import FAST, HISTORY as FAST_HISTORY
 
 runner = CliRunner()
 
@@ -88,6 +89,20 @@ def test_cli_recommend_prints_a_table_with_versions(server):
     assert [int(r[0]) for r in rows] == list(range(1, 11))
     assert all(r[1].startswith("m") for r in rows)
     assert "model " in lines[-1] and "index " in lines[-1]
+    assert lines[-1].endswith("  path full")  # the tiny bundle has no fast path
+
+
+def test_cli_recommend_says_which_path_served_and_can_force_the_full_one(serve_bundle, bundle_copy):
+    server = serve_bundle(bundle_copy(fast_path=FAST))  # a bundle with fast-path adjustments
+    history = [option for item_id in FAST_HISTORY for option in ("--item", item_id)]
+    for forced, path in (([], "fast"), (["--force-full-path"], "full")):
+        shown = runner.invoke(app, ["recommend", "--target", server.target, *history, "--k", "5", *forced])
+        assert shown.exit_code == 0, shown.output
+        assert shown.stdout.splitlines()[-1].endswith(f"  path {path}")
+        printed = runner.invoke(app, ["recommend", "--target", server.target, *history, "--k", "5", *forced, "--json"])
+        assert printed.exit_code == 0, printed.output
+        payload = json.loads(printed.stdout)
+        assert payload["serving_path"] == path and len(payload["items"]) == 5
 
 
 def test_cli_recommend_json_honours_options(server):

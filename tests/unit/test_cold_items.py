@@ -2,7 +2,11 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cold_items import hold_out
+from experiments.cold_items import hold_out, validation_bundle
+from llmrec import manifest as mf
+from llmrec.cooccurrence import CooccurrenceTable
+from llmrec.item_record import read_items
+from llmrec.training.calibration import cooccurrence_before
 from llmrec.training.data import load_interactions, split_examples, train_sequences
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny"
@@ -19,3 +23,21 @@ def test_held_out_items_never_reach_training_and_no_target_leaks():
         assert trained_ids == allowed[: len(trained_ids)]
         assert len(warm.timestamps[user]) == len(warm.sequences[user])
     assert len(split_examples(data, "test")) == len(data.user_ids)
+
+
+def test_the_validation_bundle_is_the_served_one_with_the_table_counted_before_validation(tiny_bundle, tmp_path):
+    warm, _ = hold_out(load_interactions(TINY), share=0.0, seed=0)  # every item: the tiny bundle serves them all
+    valid = validation_bundle(tmp_path, warm, tiny_bundle)
+    served, manifest = mf.read_manifest(tiny_bundle), mf.read_manifest(valid)  # every file's sha256 checked
+    assert valid.parent == tmp_path / "valid-bundles" and manifest.bundle_version != served.bundle_version
+    assert {f for f in served.files if manifest.files[f] != served.files[f]} == {mf.COOCCURRENCE_FILE}
+
+    def pairs(table: CooccurrenceTable, ids: list[str]) -> list[tuple[str, str, float]]:
+        rows, cols, counts = table.counts()
+        return sorted(zip([ids[r] for r in rows], [ids[c] for c in cols], counts.tolist()))
+
+    want = pairs(cooccurrence_before(warm, "valid"), warm.item_ids)
+    served_ids = [item_id for item_id, _ in read_items(valid / mf.ITEMS_FILE)]
+    assert want and pairs(CooccurrenceTable.load(valid / mf.COOCCURRENCE_FILE), served_ids) == want
+    assert validation_bundle(tmp_path, warm, tiny_bundle).parent == valid.parent  # a rerun replaces it
+    assert len(list(valid.parent.iterdir())) == 1

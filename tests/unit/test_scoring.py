@@ -13,6 +13,7 @@ from llmrec.cooccurrence import Borrowers, CooccurrenceTable, nearest_donors
 from llmrec.scoring import (
     DEFAULT_REJECTED_WEIGHT, Adjustments, Recency, ScoreTerms, ScoringRule, item_rows, query_rows,
 )
+from llmrec.server import catalogue as catalogue_module
 from llmrec.server.catalogue import Catalogue
 from llmrec.server.domain import CatalogueItem
 from llmrec.server.state import Upsert
@@ -41,7 +42,8 @@ def rejections(seed: int = 0) -> list[np.ndarray]:
     return [rng.choice(COUNT, size=rng.integers(0, 5), replace=False) for _ in range(20)]
 
 
-def catalogue_of(rows: np.ndarray, table: CooccurrenceTable | None = None) -> Catalogue:
+def catalogue_of(rows: np.ndarray, table: CooccurrenceTable | None = None, new_item_cooccurrence: float = 1.0
+                 ) -> Catalogue:
     """A catalogue whose bundle holds these rows (and this co-occurrence table over them)."""
     count = len(rows)
     index = hnswlib.Index(space="ip", dim=DIM + 1)
@@ -53,7 +55,7 @@ def catalogue_of(rows: np.ndarray, table: CooccurrenceTable | None = None) -> Ca
     bundle = types.SimpleNamespace(manifest=manifest, index=index, item_ids=ids, items=[ItemFields(i) for i in ids],
                                    vectors=rows, row_of={item_id: n for n, item_id in enumerate(ids)}, cold_start=None,
                                    cooccurrence=table if table is not None else CooccurrenceTable.empty(count))
-    return Catalogue(bundle)
+    return Catalogue(bundle, new_item_cooccurrence=new_item_cooccurrence)
 
 
 @pytest.mark.parametrize("rule", [RULE, ScoringRule(), ScoringRule(Adjustments(history_item_score=2.0)),
@@ -104,6 +106,33 @@ def test_new_items_borrow_cooccurrence_alike_in_both_views():
     alone = dataclasses.replace(RULE, borrowed_cooccurrence=0.0).adjustments_of(histories[0], table,
                                                                                  borrowers=borrowers)
     assert np.isin(lent[0], borrowers.items).any() and not np.isin(alone[0], borrowers.items).any()
+
+
+def test_without_borrowing_no_donors_are_searched_and_the_ranking_is_unchanged(monkeypatch):
+    """new_item_cooccurrence 0: applying new items runs no donor search, and every list is the one a catalogue that
+    found their donors gives under a rule that borrows nothing (what the server served before it skipped them)."""
+    rows, _, users, _, sequence_vectors = catalogue_inputs(9)
+    trained = COUNT - 60
+    rng = np.random.default_rng(9)
+    table = CooccurrenceTable.from_sequences(
+        [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)], trained)
+    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    searches = []
+    monkeypatch.setattr(catalogue_module, "nearest_donors",
+                        lambda *args, **kwargs: searches.append(args) or nearest_donors(*args, **kwargs))
+    new_items = Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
+                        for n in range(trained, COUNT)], rows[trained:])
+    borrowing, without = catalogue_of(rows[:trained], table), catalogue_of(rows[:trained], table, 0.0)
+    borrowing._apply(new_items)
+    assert len(searches) == 1  # the table has rows: with borrowing on, the new items' donors are searched
+    without._apply(new_items)
+    assert len(searches) == 1 and without._borrowers_now().items.size == 0
+    rule = dataclasses.replace(RULE, borrowed_cooccurrence=0.0)
+    for user in range(len(users)):
+        query = rule.query(users[user:user + 1], [rows[histories[user], :DIM]], sequence_vectors[user:user + 1])[0]
+        history = [f"i{n:03d}" for n in histories[user]]
+        before = borrowing.top_k(rule, query, 20, history, table, new_item_slots=3)
+        assert without.top_k(rule, query, 20, history, table, new_item_slots=3) == before
 
 
 def test_donors_are_the_nearest_items_with_a_row_weighted_by_their_cosine():
