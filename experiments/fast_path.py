@@ -101,8 +101,7 @@ def cross_fitted_ranks(inputs: Inputs, user_vectors: np.ndarray, folds: int, see
                                                rest.sequences, user_vectors[np.setdiff1d(np.arange(n), held)], seed)
         sub = subset(inputs, held)
         predicted = fit.map.user_vectors([inputs.unit[h[-fit.map.items_read:]] for h in histories(inputs.data,
-                                                                                                sub.examples)],
-                                         sub.sequences)
+                                                                                                sub.examples)])
         _, held_ranks = evaluate(dense(sub, predicted, adjustments), inputs.data, sub.examples, KS,
                                  desc=f"fast path, fold {fold}", return_ranks=True)
         ranks[held] = held_ranks
@@ -229,8 +228,7 @@ def markdown(summary: dict) -> str:
               f"{adjustments['fast_zero_vector_model_weight']:g})"]
     user_map = summary["user_map"]
     lines += ["", f"User map (llmrec.fast_user): fitted on {user_map['users']} users' encoder vectors, ridge strength "
-              f"{user_map['alpha']:g}, held-out R^2 {user_map['held_out_r2']:.3f}, reads the sequence model: "
-              f"{user_map['reads_sequence']}."]
+              f"{user_map['alpha']:g}, held-out R^2 {user_map['held_out_r2']:.3f}."]
     lines += ["", f"Target: relative NDCG@10 loss of fast_user_map vs full <= "
               f"{summary['target_relative_ndcg10_loss']:.0%}."]
     return "\n".join(lines) + "\n"

@@ -120,8 +120,6 @@ def build_bundle(
             np.save(staging / layout.COLD_START_FILE, head.cold_start.scaled(temperature).weights)
         fast_user_map = head.fast_user_map if head.fast_adjustments is not None else None
         if fast_user_map is not None:
-            if fast_user_map.reads_sequence and sequence_spec is None:
-                raise ValueError(f"{checkpoint}: the fast path's user map reads a sequence model it does not have")
             np.save(staging / layout.FAST_USER_MAP_FILE, fast_user_map.weights)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
         write_items(staging / layout.ITEMS_FILE, catalogue)

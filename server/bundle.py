@@ -168,9 +168,6 @@ class LoadedBundle:
             if fast_user_map.dimension != manifest.dimension:
                 raise mf.BundleError(f"bundle {path}: the fast path's user map gives {fast_user_map.dimension} dims, "
                                      f"manifest says {manifest.dimension}")
-            if fast_user_map.reads_sequence and sequence_model is None:
-                raise mf.BundleError(f"bundle {path}: the fast path's user map reads the sequence model's vector, "
-                                     "and the bundle has no sequence model")
 
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         try:

@@ -255,8 +255,8 @@ class Recommender:
         if user_vector is None:
             user_vector = np.zeros(self.catalogue.dimension, np.float32)
         sequence_spec = self.bundle.manifest.sequence_model
-        reads_sequence = rule.adjustments.sequence_weight or (user_map is not None and user_map.reads_sequence)
-        sequence_items = sequence_spec.max_items if sequence_spec is not None and reads_sequence else 0
+        sequence_items = sequence_spec.max_items if sequence_spec is not None and rule.adjustments.sequence_weight \
+            else 0
         ids = [i for i in history_ids if i is not None]
         needed = max(rule.history_items_read, sequence_items, user_map.items_read if user_map is not None else 0)
         rejected = self.rejected_vectors(rejected_ids) if rule.rejected_weight else None
@@ -270,7 +270,7 @@ class Recommender:
             sequence = self.bundle.sequence_model.vectors([window[window.any(axis=1)]]) if len(window) else \
                 np.zeros((1, self.catalogue.dimension), np.float32)  # no catalogued history: no sequence term
         if user_map is not None and len(recent):
-            user_vector = user_map.user_vectors([recent], sequence)[0]
+            user_vector = user_map.user_vectors([recent])[0]
         return rule.query(user_vector[None, :], [recent], sequence, None if rejected is None else [rejected])[0]
 
     def rejected_vectors(self, rejected_ids: Sequence[str]) -> np.ndarray | None:

@@ -204,7 +204,7 @@ def choose_fast_path(rows: np.ndarray, unit_vectors: np.ndarray, data: Interacti
     adjustments (choose_fast_adjustments over the map's held-out predictions, each fold's by the map fitted on the
     other folds). Returns the adjustments, the fit (its map and held-out predictions) and {"user_map": the fit's
     description, **choose_fast_adjustments' record}."""
-    inputs = fast_user.catalogue_features(unit_vectors, histories(data, examples), sequence_vectors)
+    inputs = fast_user.catalogue_features(unit_vectors, histories(data, examples))
     fitted = fast_user.fit(inputs, user_vectors, seed)
     del inputs
     adjustments, chosen = choose_fast_adjustments(rows, unit_vectors, data, examples, table, sequence_vectors,
