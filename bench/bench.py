@@ -875,7 +875,10 @@ def fast_path_markdown(fast: dict[str, Any], report: dict[str, Any], quality_pat
     poisson = fast["poisson_50"]
     lines += ["", f"Fast path at half its capacity ({fast['max_qps']:.1f}/s measured just before), Poisson arrivals: "
               f"{poisson['qps']:.1f}/s, p50 {poisson['p50_ms']:.2f} ms, p99 {poisson['p99_ms']:.2f} ms, "
-              f"{poisson['error_count']} errors; c=1 p50 around it {fast['c1_around_poisson_p50_ms']:.2f} ms."]
+              f"{poisson['error_count']} errors (the load generator sent requests late by p50 "
+              f"{poisson.get('send_lateness_p50_ms', float('nan')):.2f} / p99 "
+              f"{poisson.get('send_lateness_p99_ms', float('nan')):.2f} ms, included); c=1 p50 around it "
+              f"{fast['c1_around_poisson_p50_ms']:.2f} ms."]
     return "\n".join(lines) + "\n"
 
 

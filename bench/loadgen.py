@@ -151,6 +151,8 @@ class RunResult:
     ok: int
     errors: dict[str, int]
     latencies_ms: list[float] = dataclasses.field(repr=False, default_factory=list)
+    # Open loop only: how late each recorded request left the load generator (its own busy time, not the server's).
+    send_lateness_ms: list[float] = dataclasses.field(repr=False, default_factory=list)
 
     @property
     def qps(self) -> float:
@@ -167,6 +169,9 @@ class RunResult:
             "p50_ms": round(self.percentile(50), 3), "p95_ms": round(self.percentile(95), 3),
             "p99_ms": round(self.percentile(99), 3),
             "mean_ms": round(float(np.mean(self.latencies_ms)), 3) if self.latencies_ms else float("nan"),
+            **({"send_lateness_p50_ms": round(float(np.percentile(self.send_lateness_ms, 50)), 3),
+                "send_lateness_p99_ms": round(float(np.percentile(self.send_lateness_ms, 99)), 3)}
+               if self.send_lateness_ms else {}),
         }
 
 
@@ -329,13 +334,17 @@ def arrival_times(rate: float, duration: float, poisson: bool, seed: int = 0) ->
 
 async def open_loop(caller: Caller, rate: float, duration: float, poisson: bool, warmup: float = 1.0,
                     seed: int = 0, sessions: int = 64, name: str = "") -> RunResult:
-    """Requests at scheduled times (warmup seconds unrecorded first); latency from the scheduled start."""
+    """Requests at scheduled times (warmup seconds unrecorded first); latency from the scheduled start, and how
+    late each left (the generator's own delay, which the latency includes)."""
     recorder = _Recorder()
+    lateness: list[float] = []
     schedule = arrival_times(rate, warmup + duration, poisson, seed)
     streams: list[SessionStream | None] = [None] * sessions
     counter = itertools.count()
 
     async def one(number: int, scheduled: float, recorded: bool) -> None:
+        if recorded:
+            lateness.append((time.perf_counter() - scheduled) * 1e3)
         try:
             if caller.method == "session":
                 slot = number % sessions
@@ -371,7 +380,7 @@ async def open_loop(caller: Caller, rate: float, duration: float, poisson: bool,
             await stream.close()
     mode = "poisson" if poisson else "constant"
     return RunResult(name or f"{caller.method} {mode} {rate:g}/s", caller.method, mode, rate, duration,
-                     len(recorder.latencies), dict(recorder.errors), recorder.latencies)
+                     len(recorder.latencies), dict(recorder.errors), recorder.latencies, lateness)
 
 
 def channel(target: str) -> grpc.aio.Channel:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
@@ -55,3 +58,21 @@ def test_result_summary():
     summary = result.summary()
     assert summary["qps"] == 50 and summary["error_count"] == 2
     assert summary["p50_ms"] == pytest.approx(50.5) and summary["p99_ms"] == pytest.approx(99.01)
+
+
+def test_the_open_loop_records_how_late_a_busy_generator_sent():
+    class Blocking:
+        """A caller that holds the event loop 20 ms per call: every later request leaves late."""
+
+        method = "recommend"
+
+        async def call(self, number: int) -> None:
+            time.sleep(0.02)
+
+    result = asyncio.run(loadgen.open_loop(Blocking(), rate=100, duration=0.2, poisson=False, warmup=0.0))
+    summary = result.summary()
+    assert result.ok == len(result.send_lateness_ms) == 20
+    # request n is due at 10 n ms but cannot leave before the n calls ahead of it have held the loop 20 ms each
+    assert result.send_lateness_ms[-1] >= 19 * 20 - 19 * 10
+    assert summary["send_lateness_p99_ms"] >= summary["send_lateness_p50_ms"] > 0
+    assert all(latency >= late for latency, late in zip(result.latencies_ms, result.send_lateness_ms))
