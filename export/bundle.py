@@ -52,9 +52,9 @@ def build_bundle(
     validation_users: Sequence[UserText] = (),
     check_quality: bool = True,
     thresholds: QualityThresholds = QualityThresholds(),
-    index_m: int = 32,
-    index_ef_construction: int = 200,
-    index_ef_search: int = 128,
+    index_m: int = layout.DEFAULT_INDEX.m,
+    index_ef_construction: int = layout.DEFAULT_INDEX.ef_construction,
+    index_ef_search: int = layout.DEFAULT_INDEX.ef_search,
     training_info: dict | None = None,
 ) -> Path:
     """Export, quantize, check, embed the catalogue, index it and write out_root/<bundle_version>/.

@@ -76,3 +76,15 @@ def test_the_open_loop_records_how_late_a_busy_generator_sent():
     assert result.send_lateness_ms[-1] >= 19 * 20 - 19 * 10
     assert summary["send_lateness_p99_ms"] >= summary["send_lateness_p50_ms"] > 0
     assert all(latency >= late for latency, late in zip(result.latencies_ms, result.send_lateness_ms))
+
+
+def test_the_bench_rewrites_only_what_lies_between_its_markers(tmp_path):
+    from bench.bench import RESULTS_BEGIN, RESULTS_END, rewrite_section
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"# Benchmarks\n\nhand-written\n\n{RESULTS_BEGIN}\n\nold table\n{RESULTS_END}\n\nwhy\n")
+    rewrite_section(docs, RESULTS_BEGIN, RESULTS_END, "new table\n")
+    assert docs.read_text() == f"# Benchmarks\n\nhand-written\n\n{RESULTS_BEGIN}\n\nnew table\n\n{RESULTS_END}\n\nwhy\n"
+    docs.write_text("no markers")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        rewrite_section(docs, RESULTS_BEGIN, RESULTS_END, "x")
