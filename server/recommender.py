@@ -222,8 +222,8 @@ class Recommender:
         """Top-k items for a user with history_ids (oldest first; None for items given as text) and rejected_ids
         under the bundle's scoring rule (llmrec.scoring), the same rule evaluation applies; rejected items are
         excluded too. floor(new_item_share * k) of them (the server's default share when None) go to the best
-        new items when the model ranks fewer there. user_vector None: the fast path (a zero user vector under the
-        fast rule).
+        new items when the model ranks fewer there. user_vector None: the fast path (the user map's vector, or zero,
+        under the fast rule: query_vector).
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue, or
         when min_score drops some: those whose score, as sent (float32), is below it.

@@ -15,10 +15,11 @@ user's query (0 = none): memory of the items beyond the text window.
 Sequence model weight: how much of training.sequence_model's vector (a small transformer over the item vectors of
 the recent history) to add to the user's query (0 = none).
 
-The fast path (a request served without the encoder: docs/serving.md) is the same rule with a zero user vector; its
-own adjustments are chosen by the same search over ScoreTerms whose model term is that of a zero user vector, each
-item's temperature * bias alone, weighed like another row's own score (choose_fast_adjustments;
-experiments/fast_path.py measures what it loses).
+The fast path (a request served without the encoder: docs/serving.md) is the same rule with the user vector that
+its user map (llmrec.fast_user) predicts from the history's item vectors; the map is fitted on the validation users'
+encoder vectors and the fast path's own adjustments are chosen by the same search over the map's held-out
+predictions, its model term weighed like another row's own score (choose_fast_path; experiments/fast_path.py
+measures what it loses).
 
 Every other row `make eval` compares (popularity, SASRec, co-occurrence alone, the no-LM hybrid, ...) is calibrated
 by the same search over the same grids (calibrate_row: its own scores as ScoreTerms' model term), so that each row is
@@ -79,7 +80,8 @@ def calibration_search() -> dict:
             "cooccurrence_weight": list(COOCCURRENCE_WEIGHT_GRID),
             "history_vector_weight": list(HISTORY_VECTOR_WEIGHT_GRID), "sequence_weight": list(SEQUENCE_WEIGHT_GRID),
             "cooccurrence_counts": "every event before the evaluated split's targets",
-            "fast_path": "the same search again with zero user vectors, model weights " + str(list(MODEL_WEIGHT_GRID)),
+            "fast_path": "the same search again with the fast path's user map's held-out vectors, model weights "
+                         + str(list(MODEL_WEIGHT_GRID)),
             "stages": ["history_item_score x cooccurrence_weight x history_vector_weight",
                        "history_vector_weight x sequence_weight", "history_item_score x cooccurrence_weight"]}
 
@@ -88,7 +90,7 @@ def validation_terms(rows: np.ndarray, unit_vectors: np.ndarray, data: Interacti
                      table: CooccurrenceTable | None, user_vectors: np.ndarray,
                      sequence_vectors: np.ndarray | None = None) -> TermsFn:
     """choose_adjustments' terms_of for our model: examples[chunk]'s ScoreTerms given their user vectors (rows:
-    item_rows; zero user vectors: the fast path, whose model term is each item's temperature * bias alone)."""
+    item_rows; the fast path's: its user map's predictions, llmrec.fast_user)."""
     return lambda chunk: ScoreTerms.of(
         ScoringRule(), query_rows(user_vectors[chunk]) @ rows.T, unit_vectors, histories(data, examples[chunk]),
         table, None if sequence_vectors is None else sequence_vectors[chunk])

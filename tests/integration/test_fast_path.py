@@ -1,5 +1,6 @@
 """The fast path through the real server: catalogued-only requests are ranked without the encoder, exactly as the
-scoring rule ranks a zero user vector with the bundle's fast-path adjustments; everything else takes the full path."""
+scoring rule ranks the fast path's user vector (the bundle's user map's prediction, or zero without one) with the
+bundle's fast-path adjustments; everything else takes the full path."""
 
 from __future__ import annotations
 
