@@ -1,8 +1,9 @@
 """experiments/static_int8.py: the calibration feeds and the metrics it reports."""
 
 import numpy as np
+import onnx
 
-from experiments.static_int8 import CalibrationTexts, batch_effect, top_k, top_k_agreement
+from experiments.static_int8 import CalibrationTexts, batch_effect, down_projections, top_k, top_k_agreement
 from llmrec import manifest as mf
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.scoring import item_rows
@@ -43,3 +44,8 @@ def test_top_k_agreement_over_item_rows():
     other = reference.copy()
     other[0, -1] = reference[0, -1] + 100  # one item of user 0's top 10 replaced
     assert top_k_agreement(reference, other) == {"mean_overlap": 0.95, "same_set_share": 0.5}
+
+
+def test_down_projections_are_the_ffn_output_matmuls(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / mf.MODEL_FP32_FILE))
+    assert down_projections(model) == [f"/encoder/layer.{n}/output/dense/MatMul" for n in range(6)]
