@@ -34,7 +34,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -199,8 +199,8 @@ def _machine() -> dict:
 
 
 def main(
-    bundle: Path = typer.Option(..., help="bundle directory (its model_fp32.onnx is quantized, model_int8.onnx compared)"),
-    data: Path | None = typer.Option(None, help="data set whose real users to take; default random catalogue histories"),
+    bundle: Path = typer.Option(..., help="bundle directory: its FP32 model is quantized, its INT8 model compared"),
+    data: Path | None = typer.Option(None, help="data set to take real users from; default: random histories"),
     out: Path = typer.Option(Path("reports/static-int8"), help="report directory"),
     users: int = typer.Option(300, min=TOP_K, help="evaluated users"),
     calibration_texts: int = typer.Option(300, min=2, help="calibration texts: half users, half items"),
