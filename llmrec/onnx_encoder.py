@@ -124,11 +124,16 @@ class OnnxEncoder:
         """Token ids and attention mask, padded to a bucketed length; texts longer than max_tokens are cut."""
         return self.pad(self.token_ids(texts, max_tokens), max_tokens)
 
-    def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(batch, width) token ids and mask -> (batch, dimension) float32 unit vectors."""
+    def feed(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's inputs for (batch, width) token ids and mask (token types all 0 where the model has them)."""
         feed = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._input_names:
             feed["token_type_ids"] = np.zeros_like(ids)
+        return feed
+
+    def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(batch, width) token ids and mask -> (batch, dimension) float32 unit vectors."""
+        feed = self.feed(ids, mask)
         hidden = self._run_bound(feed) if self.io_binding else self.session.run(None, feed)[0]
         weights = mask[:, :, None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
