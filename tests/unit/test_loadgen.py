@@ -88,3 +88,18 @@ def test_the_bench_rewrites_only_what_lies_between_its_markers(tmp_path):
     docs.write_text("no markers")
     with pytest.raises(ValueError, match="lacks the markers"):
         rewrite_section(docs, RESULTS_BEGIN, RESULTS_END, "x")
+
+
+def test_round_robin_spreads_an_open_loop_over_the_processes():
+    from bench.poisson_lanes import RoundRobin
+
+    class Counting:
+        def __init__(self) -> None:
+            self.numbers: list[int] = []
+
+        async def call(self, number: int) -> None:
+            self.numbers.append(number)
+
+    callers = [Counting(), Counting()]
+    result = asyncio.run(loadgen.open_loop(RoundRobin(callers), rate=200, duration=0.05, poisson=False, warmup=0.0))
+    assert result.ok == 10 and callers[0].numbers == [0, 2, 4, 6, 8] and callers[1].numbers == [1, 3, 5, 7, 9]
