@@ -147,27 +147,10 @@ class LoadedBundle:
                 raise mf.BundleError(f"bundle {path}: the sequence model reads {sequence_model.dimension} dims, "
                                      f"manifest says {manifest.dimension}")
 
-        cold_start = None
-        if manifest.cold_start_map:
-            try:
-                cold_start = ColdStartMap(np.load(path / mf.COLD_START_FILE))
-            except (OSError, ValueError) as error:
-                raise mf.BundleError(f"bundle {path}: unreadable {mf.COLD_START_FILE} ({one_line(error)})") \
-                    from error
-            if cold_start.dimension != manifest.dimension:
-                raise mf.BundleError(f"bundle {path}: the cold-start map reads {cold_start.dimension} dims, "
-                                     f"manifest says {manifest.dimension}")
-
-        fast_user_map = None
-        if manifest.fast_path is not None and manifest.fast_path.user_map:
-            try:
-                fast_user_map = FastUserMap(np.load(path / mf.FAST_USER_MAP_FILE))
-            except (OSError, ValueError) as error:
-                raise mf.BundleError(f"bundle {path}: unreadable {mf.FAST_USER_MAP_FILE} ({one_line(error)})") \
-                    from error
-            if fast_user_map.dimension != manifest.dimension:
-                raise mf.BundleError(f"bundle {path}: the fast path's user map gives {fast_user_map.dimension} dims, "
-                                     f"manifest says {manifest.dimension}")
+        cold_start = _load_matrix(path, mf.COLD_START_FILE, ColdStartMap, manifest.dimension) \
+            if manifest.cold_start_map else None
+        fast_user_map = _load_matrix(path, mf.FAST_USER_MAP_FILE, FastUserMap, manifest.dimension) \
+            if manifest.fast_path is not None and manifest.fast_path.user_map else None
 
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         try:
@@ -194,6 +177,20 @@ def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:
     except ValueError as error:  # "<path>:<line>: not a valid item record (...)"
         raise mf.BundleError(str(error)) from error
     return [item_id for item_id, _ in catalogue], [fields for _, fields in catalogue]
+
+
+def _load_matrix(bundle: Path, relative: str, kind: type[ColdStartMap] | type[FastUserMap],
+                 dimension: int) -> ColdStartMap | FastUserMap:
+    """A bundle's .npy map (ColdStartMap, FastUserMap: they check their own shape) whose vectors have the manifest's
+    dimension."""
+    try:
+        loaded = kind(np.load(bundle / relative))
+    except (OSError, ValueError) as error:
+        raise mf.BundleError(f"bundle {bundle}: unreadable {relative} ({one_line(error)})") from error
+    if loaded.dimension != dimension:
+        raise mf.BundleError(f"bundle {bundle}: {relative} is for {loaded.dimension}-dim vectors, manifest says "
+                             f"{dimension}")
+    return loaded
 
 
 def one_line(error: BaseException) -> str:
