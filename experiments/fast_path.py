@@ -96,12 +96,12 @@ def cross_fitted_ranks(inputs: Inputs, user_vectors: np.ndarray, folds: int, see
     chosen = []
     for fold in range(folds):
         held = np.arange(fold, n, folds)
-        rest = subset(inputs, np.setdiff1d(np.arange(n), held))
+        others = np.setdiff1d(np.arange(n), held)
+        rest = subset(inputs, others)
         adjustments, fit, _ = choose_fast_path(inputs.rows, inputs.unit, inputs.data, rest.examples, inputs.table,
-                                               rest.sequences, user_vectors[np.setdiff1d(np.arange(n), held)], seed)
+                                               rest.sequences, user_vectors[others], seed)
         sub = subset(inputs, held)
-        predicted = fit.map.user_vectors([inputs.unit[h[-fit.map.items_read:]] for h in histories(inputs.data,
-                                                                                                sub.examples)])
+        predicted = fit.map.catalogue_user_vectors(inputs.unit, histories(inputs.data, sub.examples))
         _, held_ranks = evaluate(dense(sub, predicted, adjustments), inputs.data, sub.examples, KS,
                                  desc=f"fast path, fold {fold}", return_ranks=True)
         ranks[held] = held_ranks

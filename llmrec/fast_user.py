@@ -75,6 +75,10 @@ class FastUserMap:
         """(n, dim) float32 predicted user vectors of histories (item vectors oldest first)."""
         return (features(history_item_vectors, self.dimension) @ self.weights).astype(np.float32)
 
+    def catalogue_user_vectors(self, unit_vectors: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """user_vectors of histories given as item numbers (rows of unit_vectors, oldest first)."""
+        return (catalogue_features(unit_vectors, histories) @ self.weights).astype(np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class FastUserFit:

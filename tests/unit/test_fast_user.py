@@ -38,6 +38,9 @@ def test_catalogue_features_read_only_the_recent_items_in_chunks():
     histories = [rng.integers(0, 40, size=rng.integers(1, 35)) for _ in range(9)]
     chunked = fast_user.catalogue_features(unit, histories, chunk_users=4)
     np.testing.assert_array_equal(chunked, fast_user.features([unit[h] for h in histories], DIM))
+    user_map = FastUserMap(rng.normal(size=(len(FEATURE_RECENCIES) * DIM + 1, DIM)).astype(np.float32))
+    np.testing.assert_allclose(user_map.catalogue_user_vectors(unit, histories),
+                               user_map.user_vectors([unit[h] for h in histories]), rtol=1e-5, atol=1e-6)
 
 
 def test_the_fit_recovers_a_linear_map_and_predicts_held_out_users():
