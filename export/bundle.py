@@ -118,7 +118,7 @@ def build_bundle(
         np.save(staging / layout.VECTORS_FILE, vectors)
         if head.cold_start is not None:  # the server's rows carry temperature * bias: so does the map's output
             np.save(staging / layout.COLD_START_FILE, head.cold_start.scaled(temperature).weights)
-        fast_user_map = head.fast_user_map if head.fast_adjustments is not None else None
+        fast_user_map = head.fast_user_map  # only ever with fast adjustments (load_item_head)
         if fast_user_map is not None:
             np.save(staging / layout.FAST_USER_MAP_FILE, fast_user_map.weights)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)

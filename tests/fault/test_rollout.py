@@ -33,7 +33,7 @@ from llmrec.clients.client import RecommenderClient, RecommenderError
 
 from bench.hot_swap import variant_bundle
 from bench.postgres_server import Postgres, PostgresUnavailable, SequenceOnly
-from fault_helpers import CALL_TIMEOUT_S, START_TIMEOUT_S, ServerProcess, report_dir, size, write_report
+from fault_helpers import CALL_TIMEOUT_S, ServerProcess, report_dir, size, write_report
 
 WRITES = size("LLMREC_SCALE_WRITES", 20)
 CONVERGE_TIMEOUT_S = 300  # bounds for a hang, never performance assertions
