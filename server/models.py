@@ -433,6 +433,8 @@ class ModelManager:
                         carried += await carry_changes(old.recommender, new.recommender, self._check_stopping)
                         self._check_stopping()
                         self.slot.swap(new)
+                logger.info("hot swap (%s): model %s swapped in; releasing the rollout lock", trigger,
+                            new.model_version)
         except BaseException as error:
             if new is not None and self.slot.current is not new:
                 await asyncio.to_thread(new.close)

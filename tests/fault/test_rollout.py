@@ -265,14 +265,17 @@ def _log(replica: ServerProcess) -> list[dict]:
 
 
 def _swap_span(replica: ServerProcess) -> tuple[float, float]:
-    """(loading began, SERVING) of the replica's hot swap, from its log's timestamps."""
+    """(loading began, swapped in) of the replica's hot swap, from its log's timestamps: both logged while the
+    replica holds the rollout lock (its SERVING line comes after the release, so it may follow the next loading)."""
     times = {}
     for line in _log(replica):
-        for step in ("loading", "SERVING"):
-            if line["message"].startswith(f"hot swap (poll): {step}"):
-                times[step] = dt.datetime.fromisoformat(line["time"]).timestamp()
+        message = line["message"]
+        if message.startswith("hot swap (poll): loading"):
+            times["loading"] = dt.datetime.fromisoformat(line["time"]).timestamp()
+        elif message.startswith("hot swap (poll): model") and "releasing the rollout lock" in message:
+            times["swapped"] = dt.datetime.fromisoformat(line["time"]).timestamp()
     assert len(times) == 2, replica.run_log()[-3000:]
-    return times["loading"], times["SERVING"]
+    return times["loading"], times["swapped"]
 
 
 def _carried(replica: ServerProcess) -> int:
