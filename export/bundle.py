@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
 from llmrec.export.index import build_hnsw, hnsw_recall
 from llmrec.export.onnx import export_fp32, export_sequence_model, quantize_int8
-from llmrec.export.validate import QualityThresholds, compare
+from llmrec.export.ranking_stage import export_ranker_int8
+from llmrec.export.validate import QualityCheckFailed, QualityThresholds, compare
 from llmrec import manifest as layout
 from llmrec import cooccurrence, history_vector
 from llmrec.cold_start import ColdStartMap
@@ -27,13 +29,16 @@ from llmrec.fast_user import FastUserMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import write_items
 from llmrec.manifest import (
-    CooccurrenceSpec, FastPathSpec, HistoryVectorSpec, IndexSpec, Manifest, SequenceModelSpec, sha256_file,
+    BundleError, CooccurrenceSpec, FastPathSpec, HistoryVectorSpec, IndexSpec, Manifest, RankingStageSpec,
+    SequenceModelSpec, sha256_file,
 )
 from llmrec.onnx_encoder import OnnxEncoder
+from llmrec.ranking_stage import PairScorer
 from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item, render_user
 from llmrec.scoring import DEFAULT_TEMPERATURE, Adjustments, item_rows, query_rows
 from llmrec.training.checkpoint import CheckpointLayout, encoder_dir
 from llmrec.training.model import load_item_head, mean_pool
+from llmrec.training.ranking_stage import RANKER_DIR, RANKER_FILE, CrossEncoder
 from llmrec.training.sequence_model import load_sequence_model
 
 log = logging.getLogger("llmrec.export")
@@ -123,10 +128,12 @@ def build_bundle(
             np.save(staging / layout.FAST_USER_MAP_FILE, fast_user_map.weights)
         head.cooccurrence.save(staging / layout.COOCCURRENCE_FILE)
         write_items(staging / layout.ITEMS_FILE, catalogue)
+        ranking_stage = _ranking_stage(checkpoint, staging, work_dir / "ranker", users, item_texts,
+                                       quality if check_quality else None)
 
         files = {relative: sha256_file(staging / relative)
                  for relative in layout.bundle_files(sequence_spec is not None, head.cold_start is not None,
-                                                     fast_user_map is not None)}
+                                                     fast_user_map is not None, ranking_stage is not None)}
         created = dt.datetime.now(dt.timezone.utc)
         version = _bundle_version(created, files)
         manifest = Manifest(
@@ -157,6 +164,7 @@ def build_bundle(
             training=training_info or {},
             versions={name: _version(name) for name in _VERSIONED_PACKAGES},
             cold_start_map=head.cold_start is not None,
+            ranking_stage=ranking_stage,
         )
         layout.write_manifest(staging, manifest)  # manifest.json and manifest.sha256, its digest
         final = out_root / version
@@ -192,6 +200,39 @@ def with_cooccurrence(bundle: Path, table: CooccurrenceTable, out_root: Path) ->
         staging.rename(final)
     log.info("bundle %s written: %s with another co-occurrence table", final, bundle)
     return final
+
+
+# The INT8 ranking stage must order a user's candidates like PyTorch: its logits' correlation, pooled over users.
+MIN_RANKER_LOGIT_CORRELATION = 0.95
+RANKER_CHECK_CANDIDATES = 20
+
+
+def _ranking_stage(checkpoint: Path, staging: Path, work_dir: Path, users: list[str], item_texts: list[str],
+                   quality: dict | None) -> RankingStageSpec | None:
+    """Export the checkpoint's ranking stage (training/ranking_stage.py) into the bundle as INT8, checked against
+    PyTorch on the validation users and the first items (quality None: not checked); None when it has none."""
+    directory = Path(checkpoint) / RANKER_DIR
+    if not (directory / RANKER_FILE).is_file():
+        return None
+    chosen = json.loads((directory / RANKER_FILE).read_text())
+    if Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab() != \
+            Tokenizer.from_file(str(staging / layout.TOKENIZER_FILE)).get_vocab():
+        raise BundleError(f"{directory}'s tokenizer is not the encoder's: the bundle carries one tokenizer")
+    shutil.copy(export_ranker_int8(directory, work_dir), staging / layout.RANKER_FILE)
+    if quality is not None:
+        items = item_texts[:RANKER_CHECK_CANDIDATES]
+        reference = CrossEncoder(directory)
+        scorer = PairScorer(staging / layout.RANKER_FILE, staging / layout.TOKENIZER_FILE, chosen["max_length"])
+        expected = np.concatenate([reference.score([user] * len(items), items, chosen["max_length"])
+                                   for user in users[:8]])
+        got = np.concatenate([scorer.logits(user, items) for user in users[:8]])
+        correlation = float(np.corrcoef(expected, got)[0, 1])
+        quality["ranker_int8_vs_pytorch_logit_correlation"] = correlation
+        if not correlation >= MIN_RANKER_LOGIT_CORRELATION:
+            raise QualityCheckFailed(f"the INT8 ranking stage's logits correlate {correlation:.3f} with PyTorch's "
+                                     f"(at least {MIN_RANKER_LOGIT_CORRELATION} needed)")
+    return RankingStageSpec(weight=float(chosen["weight"]), candidates=int(chosen["candidates"]),
+                            max_length=int(chosen["max_length"]))
 
 
 def _bundle_version(created: dt.datetime, files: dict[str, str]) -> str:

@@ -21,6 +21,8 @@ A bundle is a directory `<root>/<bundle_version>/` holding:
                             bias column (temperature * bias)
     model/fast_user_map.npy float32 (features, dimension): the fast path's user map (llmrec.fast_user), if the
                             checkpoint has one (manifest fast_path.user_map true)
+    model/ranker_int8.onnx  the ranking stage's cross-encoder (llmrec.ranking_stage), dynamic INT8, if the checkpoint
+                            has one (manifest ranking_stage not null); it reads tokenizer/tokenizer.json too
 
 Integrity: manifest.sha256 covers manifest.json, whose `files` cover every other file, so one chain of hashes
 covers the whole bundle. The manifest digest is checked on every read (it is cheap); the file hashes unless
@@ -77,6 +79,7 @@ COOCCURRENCE_FILE = "items/cooccurrence.npz"
 SEQUENCE_MODEL_FILE = "model/sequence_model.onnx"
 COLD_START_FILE = "model/cold_start.npy"
 FAST_USER_MAP_FILE = "model/fast_user_map.npy"
+RANKER_FILE = "model/ranker_int8.onnx"
 BUNDLE_FILES = (MODEL_INT8_FILE, MODEL_FP32_FILE, TOKENIZER_FILE, ITEMS_FILE, VECTORS_FILE, INDEX_FILE,
                 COOCCURRENCE_FILE)
 # A bundle version names directories (the bundle's and the server's state directory): a plain name, never a path.
@@ -95,7 +98,8 @@ Decay = Annotated[float, Field(gt=0, le=1)]  # recency weights decay**j, j = 0 f
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 BundleFile = Literal["model/model_int8.onnx", "model/model_fp32.onnx", "tokenizer/tokenizer.json",
                      "items/items.jsonl", "items/vectors.npy", "items/index.hnsw", "items/cooccurrence.npz",
-                     "model/sequence_model.onnx", "model/cold_start.npy", "model/fast_user_map.npy"]
+                     "model/sequence_model.onnx", "model/cold_start.npy", "model/fast_user_map.npy",
+                     "model/ranker_int8.onnx"]
 
 
 @dataclass(config=_STRICT)
@@ -162,6 +166,17 @@ class FastPathSpec:
 
 
 @dataclass(config=_STRICT)
+class RankingStageSpec:
+    """The ranking stage (llmrec.ranking_stage): the cross-encoder re-scores the first stage's best `candidates`,
+    score = first-stage score + weight * logit; weight and candidates chosen on validation
+    (training/ranking_stage.py)."""
+
+    weight: Weight
+    candidates: Count
+    max_length: Count  # tokens of a (user, item) pair
+
+
+@dataclass(config=_STRICT)
 class Manifest:
     bundle_version: str  # a plain name (BUNDLE_VERSION_PATTERN): it names the server's state directory
     created_at: str  # RFC 3339
@@ -191,6 +206,8 @@ class Manifest:
     # True: new items get their id vector and bias from model/cold_start.npy; false (or absent, as in bundles
     # exported before the map existed): a text vector alone and new_item_bias.
     cold_start_map: bool = False
+    # The ranking stage (model/ranker_int8.onnx); None (or absent, as in bundles exported before it existed): none.
+    ranking_stage: RankingStageSpec | None = None
 
     @field_validator("bundle_version")
     @classmethod
@@ -255,7 +272,7 @@ class Manifest:
     @property
     def required_files(self) -> tuple[str, ...]:
         return bundle_files(self.sequence_model is not None, self.cold_start_map,
-                            self.fast_path is not None and self.fast_path.user_map)
+                            self.fast_path is not None and self.fast_path.user_map, self.ranking_stage is not None)
 
 
 _MANIFEST = TypeAdapter(Manifest)
@@ -299,11 +316,11 @@ def _short(value: Any) -> str:
 
 
 def bundle_files(with_sequence_model: bool, with_cold_start_map: bool = False,
-                 with_fast_user_map: bool = False) -> tuple[str, ...]:
+                 with_fast_user_map: bool = False, with_ranker: bool = False) -> tuple[str, ...]:
     """Every file a bundle holds (besides manifest.json and manifest.sha256)."""
     return (BUNDLE_FILES + ((SEQUENCE_MODEL_FILE,) if with_sequence_model else ())
             + ((COLD_START_FILE,) if with_cold_start_map else ())
-            + ((FAST_USER_MAP_FILE,) if with_fast_user_map else ()))
+            + ((FAST_USER_MAP_FILE,) if with_fast_user_map else ()) + ((RANKER_FILE,) if with_ranker else ()))
 
 
 def sha256_file(path: Path) -> str:
