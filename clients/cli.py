@@ -165,6 +165,9 @@ def recommend(
     force_full_path: Annotated[bool, typer.Option(
         "--force-full-path", help="Run the model's encoder even where the fast path would serve (the output says "
                                   "which path did: fast or full).")] = False,
+    ranking_stage: Annotated[bool | None, typer.Option(
+        "--ranking-stage/--no-ranking-stage", help="Re-score the list with the model's cross-encoder, or not "
+                                                   "(default: the server's setting).")] = None,
     json_output: Json = False,
     timeout: Timeout = 10.0,
 ) -> None:
@@ -176,7 +179,8 @@ def recommend(
             result = client.recommend(history, k=k, query=query, device=device, locale=locale,
                                       exclude=exclude or [], exclude_history=exclude_history, explain=explain,
                                       filters=filters, category=category or [], rejected=reject or [],
-                                      min_score=min_score, force_full_path=force_full_path)
+                                      min_score=min_score, force_full_path=force_full_path,
+                                      ranking_stage=ranking_stage)
     except RecommenderError as error:
         _fail(error)
     if json_output:  # serving_path among the fields

@@ -402,18 +402,20 @@ class RecommenderClient:
         timestamp: TimestampLike = None, utc_offset_minutes: int = 0, exclude: Iterable[str] = (),
         exclude_history: bool = False, page_size: int = 0, explain: bool = False, filters: FiltersLike = (),
         category: str | Sequence[str] = (), rejected: Iterable[str] = (), min_score: float | None = None,
-        new_item_share: float | None = None, force_full_path: bool = False,
+        new_item_share: float | None = None, force_full_path: bool = False, ranking_stage: bool | None = None,
     ) -> pb.RecommendRequest:
         """The RecommendRequest the keyword arguments describe (filters and category: attribute_filters;
         rejected: ids the user rejected, never returned and pushing items like them down; min_score: drop
         items scoring below it; new_item_share None: the server's default; force_full_path: run the encoder
-        even where the fast path would serve)."""
+        even where the fast path would serve; ranking_stage: re-score with the model's cross-encoder, None: the
+        server's default)."""
         return pb.RecommendRequest(
             history=[history_item(h) for h in history],
             context=context(query, device, locale, timestamp, utc_offset_minutes),
             k=k, exclude_item_ids=list(exclude), exclude_history=exclude_history, page_size=page_size,
             explain=explain, filters=attribute_filters(filters, category), rejected_item_ids=list(rejected),
             min_score=min_score, new_item_share=new_item_share, force_full_path=force_full_path,
+            ranking_stage=ranking_stage,
         )
 
     def recommend(self, history: Sequence[HistoryLike] = (), **kwargs: Any) -> Recommendations:
@@ -423,7 +425,7 @@ class RecommenderClient:
             history: catalogue ids and/or item texts, oldest first.
             **kwargs: k, query, device, locale, timestamp, utc_offset_minutes, exclude, exclude_history,
                 explain, filters, category, rejected, min_score, new_item_share (the share of k reserved for new
-                items), force_full_path.
+                items), force_full_path, ranking_stage (None: the server's default).
         """
         request = self.build_request(history, **kwargs)
         response = self._call(self.stub.Recommend, request)

@@ -15,6 +15,7 @@ from llmrec.fast_user import FastUserMap
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import read_items
 from llmrec.onnx_encoder import OnnxEncoder, choose_providers
+from llmrec.ranking_stage import PairScorer
 from llmrec.sequence_runner import SequenceRunner
 from llmrec.template import TEMPLATE_VERSION, ItemFields
 
@@ -41,6 +42,7 @@ class LoadedBundle:
             or None if the bundle has none (new items then get new_item_bias).
         fast_user_map: the fast path's user vector from the history's item vectors (llmrec.fast_user), or None
             (the fast path then ranks with a zero user vector).
+        ranker: the ranking stage's cross-encoder (llmrec.ranking_stage), or None if the bundle has none.
     """
 
     path: Path
@@ -56,6 +58,7 @@ class LoadedBundle:
     sequence_model: SequenceRunner | None
     cold_start: ColdStartMap | None = None
     fast_user_map: FastUserMap | None = None
+    ranker: PairScorer | None = None
 
     @property
     def model_version(self) -> str:
@@ -152,6 +155,14 @@ class LoadedBundle:
         fast_user_map = _load_matrix(path, mf.FAST_USER_MAP_FILE, FastUserMap, manifest.dimension) \
             if manifest.fast_path is not None and manifest.fast_path.user_map else None
 
+        ranker = None
+        if manifest.ranking_stage is not None:
+            try:
+                ranker = PairScorer(path / mf.RANKER_FILE, path / mf.TOKENIZER_FILE, manifest.ranking_stage.max_length,
+                                    intra_op_threads)
+            except Exception as error:  # onnxruntime and tokenizers raise their own types for unreadable files
+                raise mf.BundleError(f"bundle {path}: unreadable {mf.RANKER_FILE} ({one_line(error)})") from error
+
         index = hnswlib.Index(space=manifest.index.space, dim=manifest.index_dimension)
         try:
             index.load_index(str(path / mf.INDEX_FILE), max_elements=manifest.item_count)
@@ -168,7 +179,7 @@ class LoadedBundle:
         logger.info("loaded bundle %s: %d items, %s on %s, template v%s", manifest.bundle_version,
                     manifest.item_count, precision, encoder.provider, manifest.template_version)
         return cls(path, manifest, encoder, precision, item_ids, items, row_of, index, vectors, cooccurrence,
-                   sequence_model, cold_start, fast_user_map)
+                   sequence_model, cold_start, fast_user_map, ranker)
 
 
 def _read_items(path: Path) -> tuple[list[str], list[ItemFields]]:

@@ -239,6 +239,17 @@ class Catalogue:
                     found[item_id] = ResolvedItem(item_id, item.fields, self._vectors[label, : self.dimension].copy())
         return found
 
+    def texts_of(self, item_ids: Sequence[str]) -> list[tuple[ItemFields, bool] | None]:
+        """Each item's text and whether it is new (upserted): what the ranking stage reads; None for an item
+        gone since (deleted after it was found)."""
+        out: list[tuple[ItemFields, bool] | None] = []
+        with self._lock.read():
+            for item_id in item_ids:
+                label = self._label_of.get(item_id)
+                item = None if label is None else self._items[label]
+                out.append(None if item is None else (item.fields, label in self._new_labels))
+        return out
+
     def resolve(self, history: Iterable[HistoryRef], vectors_from: int | None = None) -> list[ResolvedItem]:
         """History refs -> ResolvedItem, in order; catalogue vectors for entries at positions >= vectors_from.
 

@@ -77,6 +77,7 @@ def recommend_query(request: pb.RecommendRequest) -> RecommendQuery:
         min_score=request.min_score if request.HasField("min_score") else None,
         new_item_share=request.new_item_share if request.HasField("new_item_share") else None,
         force_full_path=request.force_full_path,
+        ranking_stage=request.ranking_stage if request.HasField("ranking_stage") else None,
     )
 
 

@@ -50,6 +50,8 @@ class RecommendQuery:
         min_score: drop items scoring below it (None: no threshold).
         new_item_share: share of the k reserved for new (upserted) items, 0..1; None: the server's default.
         force_full_path: run the encoder even where the fast path would serve (server.recommender).
+        ranking_stage: re-score the best candidates with the model's cross-encoder (llmrec.ranking_stage); None:
+            the server's default.
     """
 
     user: UserInput
@@ -62,6 +64,7 @@ class RecommendQuery:
     min_score: float | None = None
     new_item_share: float | None = None
     force_full_path: bool = False
+    ranking_stage: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,9 @@ MODEL_SECONDS = Histogram("llmrec_model_seconds", "ONNX Runtime time per run (po
 RANKING_SECONDS = Histogram("llmrec_ranking_seconds", "Scoring rule top-k time per query (query vector, "
                             "adjustments, re-score of raised items, final order), the index search included.",
                             buckets=_SECONDS, registry=REGISTRY)
+RANKING_STAGE_SECONDS = Histogram("llmrec_ranking_stage_seconds", "Ranking stage time per query: the cross-encoder "
+                                  "over the first stage's list (tokenisation and one ONNX run).",
+                                  buckets=_SECONDS, registry=REGISTRY)
 INDEX_SECONDS = Histogram("llmrec_index_seconds", "Item index (HNSW, or exact) search time per query.",
                           buckets=_SECONDS, registry=REGISTRY)
 RPC_SECONDS = Histogram("llmrec_rpc_seconds", "Server-side time per unary RPC, by method (streaming RPCs: "

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from llmrec.manifest import RankingStageSpec
+from llmrec.ranking_stage import rerank
 from llmrec.scoring import ScoringRule
 from llmrec.template import ItemFields, RequestContext, UserText, render_item, render_user
 
@@ -30,7 +32,7 @@ from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, ScoredItem, UserInput, WriteResult,
 )
 from llmrec.server.encoding import AsyncEncoder
-from llmrec.server.errors import InvalidArgument, ServiceError
+from llmrec.server.errors import FailedPrecondition, InvalidArgument, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,19 @@ UPSERT_ENCODE_CHUNK = 16
 
 # How a ranking was made: the names of SERVING_PATH_FULL / SERVING_PATH_FAST and of the metric label.
 FULL_PATH, FAST_PATH = "full", "fast"
+
+
+def best_with_reserved(new: np.ndarray, k: int, slots: int) -> list[int]:
+    """Positions of the k first of a list in score order, best first, at least min(slots, new items in the list) of
+    them new: the best new items beyond the k replace the lowest others."""
+    chosen = list(range(min(k, len(new))))
+    missing = min(slots, int(new.sum())) - int(new[chosen].sum())
+    if missing <= 0:
+        return chosen
+    extra = [n for n in range(len(chosen), len(new)) if new[n]][:missing]
+    others = [n for n in chosen if not new[n]]
+    dropped = set(others[len(others) - len(extra):])
+    return sorted([n for n in chosen if n not in dropped] + extra)
 
 
 def fast_path_allows(context: RequestContext) -> bool:
@@ -72,10 +87,13 @@ class Recommender:
             co-occurrence new items borrow is its new_item_cooccurrence (it finds their donors).
         new_item_share: the share of every list reserved for new items when a request does not say (0..1).
         encoder_path: "auto" (the fast path where it applies, if the bundle has one) or "always" (never).
+        ranking_stage: re-score with the bundle's ranking stage when a request does not say (bundles without one
+            serve without it).
     """
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
-                 catalogue: Catalogue | None = None, new_item_share: float = 0.0, encoder_path: str = "auto") -> None:
+                 catalogue: Catalogue | None = None, new_item_share: float = 0.0, encoder_path: str = "auto",
+                 ranking_stage: bool = False) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
@@ -89,6 +107,10 @@ class Recommender:
         fast_rule = bundle.manifest.fast_scoring_rule() if encoder_path == "auto" else None
         self.fast_rule = None if fast_rule is None else dataclasses.replace(
             fast_rule, borrowed_cooccurrence=borrowed)
+        self.ranking_stage_default = ranking_stage and bundle.ranker is not None
+        if ranking_stage and bundle.ranker is None:
+            logger.warning("ranking stage on by default, but model %s has none: its requests are ranked by the first "
+                           "stage alone (GetModelInfo.ranking_stage_default is false)", bundle.model_version)
 
     @property
     def model_version(self) -> str:
@@ -194,15 +216,60 @@ class Recommender:
             render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
         return PreparedQuery(query, resolved, text, path)
 
+    def ranking_stage_for(self, query: RecommendQuery) -> RankingStageSpec | None:
+        """The ranking stage this query is re-scored with, or None.
+
+        Raises:
+            FailedPrecondition: the query asks for it and the model has none.
+        """
+        if query.ranking_stage is None:
+            return self.bundle.manifest.ranking_stage if self.ranking_stage_default else None
+        if query.ranking_stage and self.bundle.ranker is None:
+            raise FailedPrecondition(f"model {self.model_version} has no ranking stage (GetModelInfo."
+                                     "ranking_stage_candidates is 0); leave ranking_stage unset or false",
+                                     field="ranking_stage")
+        return self.bundle.manifest.ranking_stage if query.ranking_stage else None
+
     async def rank(self, prepared: PreparedQuery, user_vector: np.ndarray | None) -> list[ScoredItem]:
         """The ranking (and explanations) of a prepared query, given its user vector (None on the fast path)."""
         query = prepared.query
+        stage = self.ranking_stage_for(query)
         history_ids = [ref.item_id for ref in query.user.history]
         items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids,
-                            query.rejected_item_ids, query.min_score, query.new_item_share)
+                            query.rejected_item_ids, query.min_score if stage is None else None, query.new_item_share,
+                            0 if stage is None else stage.candidates)
+        if stage is not None:
+            items = await self.rescore(prepared, items, stage)
         if query.explain:
             items = await self.explain(items, self.window(prepared.resolved), query.user.context.query)
         return items
+
+    async def rescore(self, prepared: PreparedQuery, items: list[ScoredItem], stage: RankingStageSpec,
+                      ) -> list[ScoredItem]:
+        """The ranking stage (llmrec.ranking_stage) over the first stage's list: every item re-scored by the
+        cross-encoder, the k best kept, at least as many new items as the list's reserved share holds, min_score
+        applied to the new scores."""
+        query = prepared.query
+        found = self.catalogue.texts_of([item.item_id for item in items])
+        items, found = [i for i, f in zip(items, found) if f is not None], [f for f in found if f is not None]
+        if not items:
+            return []
+        user_text = prepared.text or render_user(UserText([r.fields for r in prepared.resolved], query.user.context),
+                                                 self.max_history_items)
+        ranker = self.bundle.ranker
+        assert ranker is not None  # ranking_stage_for gives a stage only with one
+        with tracing.span(tracing.RANKING_STAGE, {"llmrec.candidates": len(items)}), \
+                metrics.RANKING_STAGE_SECONDS.time():
+            logits = await asyncio.to_thread(ranker.logits, user_text, [render_item(fields) for fields, _ in found])
+        order, scores = rerank(np.array([item.score for item in items]), logits, stage.weight)
+        new = np.array([is_new for _, is_new in found])[order]
+        share = self.new_item_share if query.new_item_share is None else query.new_item_share
+        kept = best_with_reserved(new, query.k, math.floor(share * query.k + 1e-9))
+        ranked = [dataclasses.replace(items[order[n]], score=float(scores[n]), rank=rank)
+                  for rank, n in enumerate(kept, 1)]
+        if query.min_score is None:
+            return ranked
+        return [item for item in ranked if np.float32(item.score) >= np.float32(query.min_score)]
 
     def window(self, resolved: Sequence[ResolvedItem]) -> list[ResolvedItem]:
         """The history entries the model reads: the most recent max_history_items."""
@@ -218,7 +285,7 @@ class Recommender:
     def search(self, user_vector: np.ndarray | None, k: int, exclude_ids: Iterable[str] = frozenset(),
                filters: Sequence[AttributeFilter] = (), history_ids: Sequence[str | None] = (),
                rejected_ids: Sequence[str] = (), min_score: float | None = None,
-               new_item_share: float | None = None) -> list[ScoredItem]:
+               new_item_share: float | None = None, candidates: int = 0) -> list[ScoredItem]:
         """Top-k items for a user with history_ids (oldest first; None for items given as text) and rejected_ids
         under the bundle's scoring rule (llmrec.scoring), the same rule evaluation applies; rejected items are
         excluded too. floor(new_item_share * k) of them (the server's default share when None) go to the best
@@ -226,7 +293,8 @@ class Recommender:
         under the fast rule: query_vector).
 
         Fewer than k come back only when exclusions and filters leave fewer than k items in the catalogue, or
-        when min_score drops some: those whose score, as sent (float32), is below it.
+        when min_score drops some: those whose score, as sent (float32), is below it. candidates > k: that many
+        come back instead (the ranking stage's list), the reserved new-item slots still counted on k.
         """
         catalogued = [i for i in history_ids if i is not None]
         share = self.new_item_share if new_item_share is None else new_item_share
@@ -237,8 +305,8 @@ class Recommender:
             raise ValueError("the fast path was taken without fast-path adjustments; this is a bug")
         metrics.RANKINGS.labels(FAST_PATH if fast else FULL_PATH).inc()
         with tracing.span(tracing.RANKING, {"llmrec.k": k}), metrics.RANKING_SECONDS.time():
-            items = self.catalogue.top_k(rule, self.query_vector(user_vector, catalogued, rejected_ids, rule), k,
-                                         catalogued, self.bundle.cooccurrence,
+            items = self.catalogue.top_k(rule, self.query_vector(user_vector, catalogued, rejected_ids, rule),
+                                         max(k, candidates), catalogued, self.bundle.cooccurrence,
                                          frozenset(exclude_ids).union(rejected_ids), filters, slots)
         if min_score is None:
             return items

@@ -344,6 +344,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             max_rejected_items=recommender.limits.max_rejected_items,
             max_recommend_batch=self.settings.max_recommend_batch,
             fast_path=recommender.fast_rule is not None,
+            ranking_stage_candidates=manifest.ranking_stage.candidates if bundle.ranker is not None else 0,
+            ranking_stage_weight=manifest.ranking_stage.weight if bundle.ranker is not None else 0.0,
+            ranking_stage_default=recommender.ranking_stage_default,
         )
 
     @_unary

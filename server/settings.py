@@ -126,6 +126,9 @@ class ServerSettings(BaseSettings):
     new_item_share: float = Field(0.0, ge=0, le=1, description=(
         "Share of every list reserved for new (upserted) items when a request does not set new_item_share: "
         "floor(share * k) of the k go to the best-scoring new items if the model ranks fewer there. 0 = none."))
+    ranking_stage: bool = Field(False, description=(
+        "Re-score the first stage's best candidates with the model's cross-encoder when a request does not set "
+        "ranking_stage (llmrec.ranking_stage; tens of ms a request on a CPU). Models without one serve without it."))
     max_sessions: Positive = Field(1000, description=(
         "Live Session streams at once, server-wide (more get RESOURCE_EXHAUSTED)."))
     # Fair sharing between clients (server.fairness: who a client is, and why half).

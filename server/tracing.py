@@ -41,6 +41,7 @@ QUEUE = "llmrec.queue"
 TOKENIZE = "llmrec.tokenize"
 MODEL = "llmrec.model"
 RANKING = "llmrec.ranking"
+RANKING_STAGE = "llmrec.ranking_stage"
 INDEX = "llmrec.index"
 REQUEST_ID_ATTRIBUTE = "llmrec.request_id"
 

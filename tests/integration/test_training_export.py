@@ -1,6 +1,7 @@
 """Train a few steps on the tiny data set, export a bundle from the checkpoint and check what it holds."""
 
 import json
+import shutil
 from pathlib import Path
 
 import grpc
@@ -15,12 +16,14 @@ from llmrec.cold_start import ColdStartMap
 from llmrec.manifest import BundleError, read_manifest
 from llmrec.onnx_encoder import OnnxEncoder
 from llmrec.scoring import DEFAULT_TEMPERATURE
-from llmrec.template import TEMPLATE_VERSION, render_item
+from llmrec.ranking_stage import PairScorer
+from llmrec.template import TEMPLATE_VERSION, UserText, render_item, render_user
 from llmrec.training.checkpoint import CheckpointLayout
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import item_popularity, load_interactions, split_examples, user_text
 from llmrec.training.evaluation import cold_items
 from llmrec.training.model import TextRecommender, load_item_head, pretrained_encoder_path
+from llmrec.training.ranking_stage import CANDIDATES, RANKER_DIR, RANKER_FILE, WEIGHTS, RankerConfig, train_and_choose
 from llmrec.training.sequence_model import load_sequence_model, sequence_vectors
 from llmrec.training.train import train
 from llmrec.server.bundle import LoadedBundle
@@ -218,3 +221,55 @@ def test_quality_gate_fails_loudly_on_a_drifted_model():
     assert compare(users, items, users, items, score)["top10_overlap"] == 1.0
     with pytest.raises(QualityCheckFailed, match="cosine"):
         compare(users, items, unit(rng.normal(size=(30, 16))), items, score)
+
+
+def test_the_ranking_stage_trains_exports_and_re_scores_served_lists(trained_run, serve_bundle, tmp_path):
+    """training/ranking_stage.py trains a cross-encoder on lists mined from the first stage and saves it with its
+    validation choice into the checkpoint; export ships it as INT8 and the server re-scores the first stage's list
+    with it when asked: score = first-stage score + weight * logit, in that order, for every returned item."""
+    data, out, _ = trained_run
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(CheckpointLayout.of_run(out).root, checkpoint)  # the module's bundle stays without a ranker
+    chosen = train_and_choose(data, checkpoint, RankerConfig(max_steps=2, lists_per_step=1, negatives=3), 10)
+    assert chosen["weight"] in WEIGHTS and chosen["candidates"] in CANDIDATES and chosen["training"]["steps"] == 2
+    settings = checkpoint / RANKER_DIR / RANKER_FILE
+    settings.write_text(json.dumps({**chosen, "weight": 1.0, "candidates": 10}))  # a stage whose logits count
+    validation = [user_text(data, e) for e in split_examples(data, "valid")]
+    bundle_dir = build_bundle(checkpoint, list(zip(data.item_ids, data.items)), tmp_path / "bundles",
+                              validation_users=validation)
+    manifest = read_manifest(bundle_dir)
+    assert (manifest.ranking_stage.weight, manifest.ranking_stage.candidates) == (1.0, 10)
+    assert layout.RANKER_FILE in manifest.files
+    assert manifest.quality["ranker_int8_vs_pytorch_logit_correlation"] >= 0.95
+    scorer = PairScorer(bundle_dir / layout.RANKER_FILE, bundle_dir / layout.TOKENIZER_FILE, 128)
+    server = serve_bundle(bundle_dir)
+    history = [pb.HistoryItem(item_id=i) for i in SPACE_FAN]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert (info.ranking_stage_candidates, info.ranking_stage_weight, info.ranking_stage_default) == (10, 1.0, False)
+        first = stub.Recommend(pb.RecommendRequest(history=history, k=10), timeout=30).items
+        staged = stub.Recommend(pb.RecommendRequest(history=history, k=4, ranking_stage=True), timeout=30).items
+    user = render_user(UserText([data.items[data.item_ids.index(i)] for i in SPACE_FAN]),
+                       manifest.max_history_items)
+    logits = scorer.logits(user, [render_item(data.items[data.item_ids.index(i.item_id)]) for i in first])
+    expected = sorted(((item.score + float(logit), item.item_id) for item, logit in zip(first, logits)),
+                      key=lambda pair: -pair[0])[:4]
+    assert [item.item_id for item in staged] == [item_id for _, item_id in expected]
+    np.testing.assert_allclose([item.score for item in staged], [score for score, _ in expected], rtol=1e-5)
+    assert [item.rank for item in staged] == [1, 2, 3, 4]
+
+
+def test_asking_for_a_ranking_stage_the_model_lacks_is_refused(trained_bundle, serve_bundle):
+    server = serve_bundle(trained_bundle)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).ranking_stage_candidates == 0
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Recommend(pb.RecommendRequest(history=[pb.HistoryItem(item_id="m4")], k=5, ranking_stage=True),
+                           timeout=30)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "has no ranking stage" in error.value.details()
+        unasked = stub.Recommend(pb.RecommendRequest(history=[pb.HistoryItem(item_id="m4")], k=5,
+                                                     ranking_stage=False), timeout=30)
+        assert len(unasked.items) == 5
