@@ -50,3 +50,15 @@ def test_the_weight_chosen_is_the_mildest_that_ranks_best():
     weight, candidates, _ = choose_stage(top, first, np.where(top == targets[:, None], -5.0, noise), targets,
                                          targets.copy())
     assert weight == 0.0 and candidates == 10
+
+
+def test_the_re_scored_list_keeps_the_reserved_new_items():
+    from llmrec.server.recommender import best_with_reserved
+
+    new = np.array([False, False, False, True, False, True])  # positions in the re-scored order, best first
+    assert best_with_reserved(new, 3, 0) == [0, 1, 2]
+    assert best_with_reserved(new, 3, 1) == [0, 1, 3]  # the best new item replaces the lowest other
+    assert best_with_reserved(new, 3, 2) == [0, 3, 5]
+    assert best_with_reserved(new, 3, 5) == [0, 3, 5]  # no more new items than the list holds
+    assert best_with_reserved(np.array([True, False]), 1, 1) == [0]  # already there
+    assert best_with_reserved(new, 10, 1) == [0, 1, 2, 3, 4, 5]  # a short list stays whole
