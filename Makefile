@@ -28,7 +28,7 @@ export TOKENIZERS_PARALLELISM := false
 # hnswlib builds from source; without this it compiles for this exact CPU and may crash elsewhere.
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: help setup proto data train export serve run eval eval-cold bench test clean
+.PHONY: help setup proto data train export serve run eval eval-cold ranking-stage bench test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -79,6 +79,12 @@ eval: setup data  ## train SEEDS seeds on DATA, export, evaluate all baselines s
 COLD_ARGS ?=
 eval-cold: setup data  ## hold 20% of items out of training, upsert them into a live server; cold and warm targets
 	$(PY) -m experiments.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA)) $(COLD_ARGS)
+
+RANKING_ARGS ?=
+ranking-stage: setup data  ## train the ranking stage into RUN_DIR's checkpoint (choices on validation), report it on test
+	$(PY) -m llmrec.training.ranking_stage --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint $(RANKING_ARGS)
+	$(PY) -m experiments.ranking_stage --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint \
+		--report reports/ranking-stage/$(notdir $(DATA))
 
 bench: setup data  ## load-test the server beside the raw runtime and a PyTorch server; report in reports/bench/
 	@if ! ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then $(MAKE) --no-print-directory train export; fi
