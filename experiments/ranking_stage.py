@@ -8,7 +8,9 @@ Rows (the same test users, full ranking, the served history policy): the first s
 rule, the full path's encoder user vectors, exact search); the first stage re-scored by the cross-encoder in
 PyTorch FP32; the same with the exported INT8 ONNX model (llmrec.ranking_stage.PairScorer, what the server runs).
 Paired differences against the first stage (experiments/significance.py). Cost: the INT8 stage's time for one
-user's candidates (tokenize + one run), median and p99 over the ranked users, one request at a time.
+user's candidates (tokenize + one run), median and p99 over the ranked users, one request at a time; with --bundle
+(a bundle exported from this checkpoint), also Recommend's latency through a real server at concurrency 1, with and
+without the stage, alternating request by request over the same users' histories.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import typer
 
 from experiments.significance import CONFIDENCE, compare
+from llmrec.clients.client import RecommenderClient
 from llmrec.export.ranking_stage import export_ranker_int8
 from llmrec.ranking_stage import PairScorer
 from llmrec.template import render_item
@@ -38,7 +41,31 @@ log = logging.getLogger("llmrec.ranking_stage")
 KS = (10, 50)
 
 
-def run(data_path: Path, checkpoint: Path, report: Path, users: int) -> dict:
+def served_latency(bundle: Path, histories: list[list[str]], k: int, log_dir: Path) -> dict:
+    """Recommend's c=1 latency (ms) through `llmrec-server --bundle`, each history asked with and without the
+    ranking stage in alternating order (the first 10 are warm-up and not counted)."""
+    from bench.bench import start_llmrec  # a repo-level module: experiments run from the checkout
+
+    server = start_llmrec(bundle, log_dir / "ranking-stage-server.log")
+    times: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        with RecommenderClient(server.target, timeout_s=30.0) as client:
+            for n, history in enumerate(histories):
+                for flag in (False, True) if n % 2 == 0 else (True, False):
+                    started = time.perf_counter()
+                    client.recommend(history, k=k, ranking_stage=flag)
+                    if n >= 10:
+                        times[flag].append((time.perf_counter() - started) * 1e3)
+    finally:
+        server.stop()
+    off, on = np.array(times[False]), np.array(times[True])
+    return {"requests_each": len(off), "k": k,
+            "first_stage_ms": {"p50": float(np.median(off)), "p99": float(np.quantile(off, 0.99))},
+            "with_ranking_stage_ms": {"p50": float(np.median(on)), "p99": float(np.quantile(on, 0.99))}}
+
+
+def run(data_path: Path, checkpoint: Path, report: Path, users: int, bundle: Path | None = None,
+        latency_users: int = 300) -> dict:
     data = load_interactions(data_path)
     ranker_dir = Path(checkpoint) / RANKER_DIR
     chosen = json.loads((ranker_dir / RANKER_FILE).read_text())
@@ -72,6 +99,11 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int) -> dict:
         "stage_ms": {"candidates": candidates, "p50": float(np.median(seconds) * 1e3),
                      "p99": float(np.quantile(seconds, 0.99) * 1e3)},
     }
+    if bundle is not None:
+        with phase("served latency with and without the ranking stage", log):
+            summary["served_c1"] = served_latency(
+                bundle, [[data.item_ids[i] for i in data.sequences[e.user][: e.target_position]]
+                         for e in examples[:latency_users]], 10, report)
     report.mkdir(parents=True, exist_ok=True)
     (report / "report.json").write_text(json.dumps(summary, indent=2))
     (report / "report.md").write_text(markdown(summary))
@@ -103,6 +135,13 @@ def markdown(summary: dict) -> str:
     lines += ["", f"INT8 stage, one user's {cost['candidates']} candidates (tokenize + one ONNX run, CPU): "
               f"p50 {cost['p50']:.1f} ms, p99 {cost['p99']:.1f} ms. INT8 vs FP32 logits: correlation "
               f"{summary['int8_vs_fp32_logit_correlation']:.4f}."]
+    served = summary.get("served_c1")
+    if served:
+        off, on = served["first_stage_ms"], served["with_ranking_stage_ms"]
+        lines += ["", f"Recommend through llmrec-server, k = {served['k']}, one request at a time, "
+                  f"{served['requests_each']} requests each, alternating: first stage p50 {off['p50']:.1f} / p99 "
+                  f"{off['p99']:.1f} ms; with the ranking stage p50 {on['p50']:.1f} / p99 {on['p99']:.1f} ms (added "
+                  f"p50 {on['p50'] - off['p50']:+.1f} ms, p99 {on['p99'] - off['p99']:+.1f} ms)."]
     return "\n".join(lines) + "\n"
 
 
@@ -111,9 +150,11 @@ def main(
     checkpoint: Path = typer.Option(..., help="a checkpoint with a trained ranking stage"),
     report: Path = typer.Option(..., help="report directory: report.md and report.json"),
     users: int = typer.Option(0, min=0, help="the first N test users (0: all)"),
+    bundle: Path | None = typer.Option(None, help="a bundle exported from the checkpoint: also measure Recommend's "
+                                                  "latency through a real server with and without the stage"),
 ) -> None:
     configure_logging()
-    run(data, checkpoint, report, users)
+    run(data, checkpoint, report, users, bundle)
     typer.echo((report / "report.md").read_text())
 
 
