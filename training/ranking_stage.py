@@ -4,6 +4,11 @@ the first stage's top candidates (llmrec.ranking_stage holds the rule that combi
 Trained on hard lists: for a user's last training event, the target and `negatives` items drawn from the first
 stage's own top candidates for that history (the scoring rule with the checkpoint's adjustments), cross-entropy
 over each list. Starts from the packaged all-MiniLM-L6-v2 with a new classification head.
+
+    python -m llmrec.training.ranking_stage --data D --checkpoint C [--steps 1200 --validation-users 1000]
+
+trains it, chooses its weight and candidate count on validation and saves both into C/ranker/, which export
+ships (docs/model.md, "Ranking stage").
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from llmrec.training.data import Example, Interactions, load_interactions, split
 from llmrec.training.evaluation import ranking_metrics, target_ranks
 from llmrec.training.model import TextRecommender, evaluating, load_item_head, pretrained_encoder_path
 from llmrec.training.progress import phase, progress
-from llmrec.training.sequence_model import load_sequence_model
+from llmrec.training.sequence_model import SequenceModel, load_sequence_model
 from llmrec.training.train import catalogue_vectors, histories_sequence_vectors, user_vectors
 
 log = logging.getLogger("llmrec.ranking_stage")
@@ -48,7 +53,7 @@ class RankerConfig:
     negatives: int = 7  # per training list, drawn from the first stage's top `candidates`
     lists_per_step: int = 2
     learning_rate: float = 3e-5
-    max_steps: int = 1000
+    max_steps: int = 1200  # about 32 minutes on 2 CPU cores
     seed: int = 0
 
 
@@ -154,7 +159,7 @@ class FirstStage:
     rows: np.ndarray
     unit: np.ndarray
     table: CooccurrenceTable
-    sequence_model: object
+    sequence_model: SequenceModel | None
     user_map: FastUserMap | None
     model: TextRecommender
 
