@@ -34,7 +34,7 @@ from llmrec.training.data import load_interactions, split_examples
 from llmrec.training.evaluation import ranking_metrics
 from llmrec.training.progress import phase
 from llmrec.training.ranking_stage import (
-    RANKER_DIR, RANKER_FILE, CrossEncoder, FirstStage, pair_logits, reranked_ranks,
+    RANKER_DIR, RANKER_SETTINGS_FILE, CrossEncoder, FirstStage, pair_logits, reranked_ranks,
 )
 
 log = logging.getLogger("llmrec.ranking_stage")
@@ -68,7 +68,7 @@ def run(data_path: Path, checkpoint: Path, report: Path, users: int, bundle: Pat
         latency_users: int = 300) -> dict:
     data = load_interactions(data_path)
     ranker_dir = Path(checkpoint) / RANKER_DIR
-    chosen = json.loads((ranker_dir / RANKER_FILE).read_text())
+    chosen = json.loads((ranker_dir / RANKER_SETTINGS_FILE).read_text())
     weight, candidates, max_length = chosen["weight"], chosen["candidates"], chosen["max_length"]
     stage = FirstStage.load(data, checkpoint, "test")
     examples = split_examples(data, "test")[: users or None]

@@ -38,7 +38,7 @@ from llmrec.template import TEMPLATE_VERSION, ItemFields, UserText, render_item,
 from llmrec.scoring import DEFAULT_TEMPERATURE, Adjustments, item_rows, query_rows
 from llmrec.training.checkpoint import CheckpointLayout, encoder_dir
 from llmrec.training.model import load_item_head, mean_pool
-from llmrec.training.ranking_stage import RANKER_DIR, RANKER_FILE, CrossEncoder
+from llmrec.training.ranking_stage import RANKER_DIR, RANKER_SETTINGS_FILE, CrossEncoder
 from llmrec.training.sequence_model import load_sequence_model
 
 log = logging.getLogger("llmrec.export")
@@ -212,9 +212,9 @@ def _ranking_stage(checkpoint: Path, staging: Path, work_dir: Path, users: list[
     """Export the checkpoint's ranking stage (training/ranking_stage.py) into the bundle as INT8, checked against
     PyTorch on the validation users and the first items (quality None: not checked); None when it has none."""
     directory = Path(checkpoint) / RANKER_DIR
-    if not (directory / RANKER_FILE).is_file():
+    if not (directory / RANKER_SETTINGS_FILE).is_file():
         return None
-    chosen = json.loads((directory / RANKER_FILE).read_text())
+    chosen = json.loads((directory / RANKER_SETTINGS_FILE).read_text())
     if Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab() != \
             Tokenizer.from_file(str(staging / layout.TOKENIZER_FILE)).get_vocab():
         raise BundleError(f"{directory}'s tokenizer is not the encoder's: the bundle carries one tokenizer")

@@ -143,8 +143,9 @@ def train_ranker(model: CrossEncoder, user_texts: Sequence[str], lists: np.ndarr
 
 # --- the first stage, as training and evaluation see it ------------------------------------------------------
 
-RANKER_DIR = "ranker"  # inside the checkpoint: the cross-encoder (save_pretrained) and RANKER_FILE
-RANKER_FILE = "ranking_stage.json"  # its settings: weight, candidates, max_length, and how they were chosen
+RANKER_DIR = "ranker"  # inside the checkpoint: the cross-encoder (save_pretrained) and its settings file
+# weight, candidates and max_length, and how they were chosen
+RANKER_SETTINGS_FILE = "ranking_stage.json"
 WEIGHTS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # the grid the weight is chosen from, on validation
 CANDIDATES = (10, 20)  # how many of the first stage's best are re-scored (at most RankerConfig.candidates)
 
@@ -275,7 +276,7 @@ def train_and_choose(data: Interactions, checkpoint: Path, config: RankerConfig,
               "training": {**training, "lists": len(lists), "config": dataclasses.asdict(config)}}
     directory = Path(checkpoint) / RANKER_DIR
     model.save(directory)
-    (directory / RANKER_FILE).write_text(json.dumps(chosen, indent=2))
+    (directory / RANKER_SETTINGS_FILE).write_text(json.dumps(chosen, indent=2))
     log.info("ranking stage: weight %g over the first %d candidates, validation NDCG@10 %.4f (first stage %.4f)",
              weight, candidates, chosen["validation"]["chosen"], chosen["validation"]["first_stage"])
     return chosen

@@ -23,7 +23,9 @@ from llmrec.training.config import TrainConfig
 from llmrec.training.data import item_popularity, load_interactions, split_examples, user_text
 from llmrec.training.evaluation import cold_items
 from llmrec.training.model import TextRecommender, load_item_head, pretrained_encoder_path
-from llmrec.training.ranking_stage import CANDIDATES, RANKER_DIR, RANKER_FILE, WEIGHTS, RankerConfig, train_and_choose
+from llmrec.training.ranking_stage import (
+    CANDIDATES, RANKER_DIR, RANKER_SETTINGS_FILE, WEIGHTS, RankerConfig, train_and_choose,
+)
 from llmrec.training.sequence_model import load_sequence_model, sequence_vectors
 from llmrec.training.train import train
 from llmrec.server.bundle import LoadedBundle
@@ -232,7 +234,7 @@ def test_the_ranking_stage_trains_exports_and_re_scores_served_lists(trained_run
     shutil.copytree(CheckpointLayout.of_run(out).root, checkpoint)  # the module's bundle stays without a ranker
     chosen = train_and_choose(data, checkpoint, RankerConfig(max_steps=2, lists_per_step=1, negatives=3), 10)
     assert chosen["weight"] in WEIGHTS and chosen["candidates"] in CANDIDATES and chosen["training"]["steps"] == 2
-    settings = checkpoint / RANKER_DIR / RANKER_FILE
+    settings = checkpoint / RANKER_DIR / RANKER_SETTINGS_FILE
     settings.write_text(json.dumps({**chosen, "weight": 1.0, "candidates": 10}))  # a stage whose logits count
     validation = [user_text(data, e) for e in split_examples(data, "valid")]
     bundle_dir = build_bundle(checkpoint, list(zip(data.item_ids, data.items)), tmp_path / "bundles",
