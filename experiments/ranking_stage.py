@@ -119,7 +119,8 @@ def markdown(summary: dict) -> str:
         f"Chosen on {validation['users']} validation users: weight {chosen['weight']:g} over the first stage's "
         f"best {chosen['candidates']} (validation NDCG@10 {validation['first_stage']:.4f} -> "
         f"{validation['chosen']:.4f}); cross-encoder trained {chosen['training']['steps']} steps on "
-        f"{chosen['training']['lists']} lists in {chosen['training']['seconds']:.0f} s. Differences vs the first stage: "
+        f"{chosen['training']['lists']} lists in {chosen['training']['seconds']:.0f} s. Differences vs the first "
+        "stage: "
         f"mean per user, {CONFIDENCE:.0%} paired bootstrap interval, randomization p-value.",
         "",
         "| row | NDCG@10 | Recall@10 | NDCG@50 | Recall@50 | NDCG@10 vs first stage [interval] | ratio |",

@@ -249,7 +249,8 @@ def test_the_ranking_stage_trains_exports_and_re_scores_served_lists(trained_run
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
-        assert (info.ranking_stage_candidates, info.ranking_stage_weight, info.ranking_stage_default) == (10, 1.0, False)
+        assert (info.ranking_stage_candidates, info.ranking_stage_weight) == (10, 1.0)
+        assert not info.ranking_stage_default
         first = stub.Recommend(pb.RecommendRequest(history=history, k=10), timeout=30).items
         staged = stub.Recommend(pb.RecommendRequest(history=history, k=4, ranking_stage=True), timeout=30).items
     user = render_user(UserText([data.items[data.item_ids.index(i)] for i in SPACE_FAN]),
