@@ -85,11 +85,15 @@ class CrossEncoder(nn.Module):
     def score(self, user_texts: Sequence[str], item_texts: Sequence[str], max_length: int,
               batch_size: int = 64) -> np.ndarray:
         out = np.empty(len(user_texts), np.float32)
+        bar = progress(total=len(user_texts), desc="cross-encoder", unit="pair", logger=log,
+                       disable=len(user_texts) <= 16 * batch_size)
         with evaluating(self):
             for start in range(0, len(user_texts), batch_size):
                 batch = self.tokenize(user_texts[start:start + batch_size], item_texts[start:start + batch_size],
                                       max_length)
                 out[start:start + batch_size] = self(**batch).numpy()
+                bar.update(len(batch["input_ids"]))
+        bar.close()
         return out
 
 
