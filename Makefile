@@ -81,10 +81,11 @@ eval-cold: setup data  ## hold 20% of items out of training, upsert them into a 
 	$(PY) -m experiments.cold_items --data $(DATA) --out reports/cold-items/$(notdir $(DATA)) $(COLD_ARGS)
 
 RANKING_ARGS ?=
+RANKING_REPORT_ARGS ?=
 ranking-stage: setup data  ## train the ranking stage into RUN_DIR's checkpoint (choices on validation), report it on test
 	$(PY) -m llmrec.training.ranking_stage --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint $(RANKING_ARGS)
 	$(PY) -m experiments.ranking_stage --data $(DATA) --checkpoint $(RUN_DIR)/checkpoint \
-		--report reports/ranking-stage/$(notdir $(DATA))
+		--report reports/ranking-stage/$(notdir $(DATA)) $(RANKING_REPORT_ARGS)
 
 bench: setup data  ## load-test the server beside the raw runtime and a PyTorch server; report in reports/bench/
 	@if ! ls $(BUNDLES)/*/manifest.json >/dev/null 2>&1; then $(MAKE) --no-print-directory train export; fi
