@@ -140,6 +140,7 @@ REASON_SHUTTING_DOWN = "SHUTTING_DOWN"
 REASON_BUNDLE_REJECTED = "BUNDLE_REJECTED"            # LoadModel: metadata bundle_path, stage; the old model serves on
 REASON_LOAD_IN_PROGRESS = "MODEL_LOAD_IN_PROGRESS"    # LoadModel while another load or swap runs
 REASON_VERSION_SUPERSEDED = "MODEL_VERSION_SUPERSEDED"  # a change to a version a rollout made read-only: retry
+REASON_NO_RANKING_STAGE = "NO_RANKING_STAGE"  # ranking_stage asked of a model without one (FAILED_PRECONDITION)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from llmrec.server.domain import (
     AttributeFilter, CatalogueItem, HistoryRef, RecommendQuery, ScoredItem, UserInput, WriteResult,
 )
 from llmrec.server.encoding import AsyncEncoder
-from llmrec.server.errors import FailedPrecondition, InvalidArgument, ServiceError
+from llmrec.server.errors import REASON_NO_RANKING_STAGE, FailedPrecondition, InvalidArgument, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class Recommender:
         if query.ranking_stage and self.bundle.ranker is None:
             raise FailedPrecondition(f"model {self.model_version} has no ranking stage (GetModelInfo."
                                      "ranking_stage_candidates is 0); leave ranking_stage unset or false",
-                                     field="ranking_stage")
+                                     field="ranking_stage", reason=REASON_NO_RANKING_STAGE)
         return self.bundle.manifest.ranking_stage if query.ranking_stage else None
 
     async def rank(self, prepared: PreparedQuery, user_vector: np.ndarray | None) -> list[ScoredItem]:

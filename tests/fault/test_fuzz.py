@@ -44,8 +44,9 @@ C = grpc.StatusCode
 # its storage healthy. INTERNAL and UNKNOWN never: they mean a bug.
 COMMON = {C.OK, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED}
 ALLOWED: dict[str, set[grpc.StatusCode]] = {
-    "Recommend": COMMON | {C.NOT_FOUND},
-    "RecommendStream": COMMON | {C.NOT_FOUND},
+    # FAILED_PRECONDITION: ranking_stage asked of a model without one (the fuzz server's has none).
+    "Recommend": COMMON | {C.NOT_FOUND, C.FAILED_PRECONDITION},
+    "RecommendStream": COMMON | {C.NOT_FOUND, C.FAILED_PRECONDITION},
     "RecommendBatch": COMMON,  # each request's own outcome is in its entry: EVENT_CODES
     # Session: idle timeout (DEADLINE_EXCEEDED), ForgetSession (ABORTED), too many sessions (RESOURCE_EXHAUSTED).
     "Session": COMMON | {C.DEADLINE_EXCEEDED, C.ABORTED},
@@ -61,8 +62,8 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "LoadModel": COMMON | {C.FAILED_PRECONDITION, C.ABORTED},
 }
 # SessionResponse.status.code of one event, and RecommendBatchResult.status.code of one request: OK,
-# INVALID_ARGUMENT, NOT_FOUND, or the encoder queue being full.
-EVENT_CODES = {0, 3, 5, 8}
+# INVALID_ARGUMENT, NOT_FOUND, the encoder queue being full, or (a batch request) a ranking stage the model lacks.
+EVENT_CODES = {0, 3, 5, 8, 9}
 assert set(ALLOWED) == set(METHODS), "a new RPC needs its documented codes here"
 
 TINY_IDS = [item_id for item_id, _ in read_items(Path(__file__).parents[1] / "fixtures" / "tiny" / "items.jsonl")]
