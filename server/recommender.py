@@ -263,8 +263,7 @@ class Recommender:
             logits = await asyncio.to_thread(ranker.logits, user_text, [render_item(fields) for fields, _ in found])
         order, scores = rerank(np.array([item.score for item in items]), logits, stage.weight)
         new = np.array([is_new for _, is_new in found])[order]
-        share = self.new_item_share if query.new_item_share is None else query.new_item_share
-        kept = best_with_reserved(new, query.k, math.floor(share * query.k + 1e-9))
+        kept = best_with_reserved(new, query.k, self.reserved_slots(query.new_item_share, query.k))
         ranked = [dataclasses.replace(items[order[n]], score=float(scores[n]), rank=rank)
                   for rank, n in enumerate(kept, 1)]
         if query.min_score is None:
@@ -297,8 +296,7 @@ class Recommender:
         come back instead (the ranking stage's list), the reserved new-item slots still counted on k.
         """
         catalogued = [i for i in history_ids if i is not None]
-        share = self.new_item_share if new_item_share is None else new_item_share
-        slots = math.floor(share * k + 1e-9)  # the epsilon: 0.3 * 10 is 2.9999999999999996 in floating point
+        slots = self.reserved_slots(new_item_share, k)
         fast = user_vector is None
         rule = self.fast_rule if fast else self.rule
         if rule is None:
@@ -311,6 +309,11 @@ class Recommender:
         if min_score is None:
             return items
         return [item for item in items if np.float32(item.score) >= np.float32(min_score)]
+
+    def reserved_slots(self, new_item_share: float | None, k: int) -> int:
+        """How many of k slots go to new items at this share (None: the server's default)."""
+        share = self.new_item_share if new_item_share is None else new_item_share
+        return math.floor(share * k + 1e-9)  # the epsilon: 0.3 * 10 is 2.9999999999999996 in floating point
 
     def query_vector(self, user_vector: np.ndarray | None, history_ids: Sequence[str | None],
                      rejected_ids: Sequence[str] = (), rule: ScoringRule | None = None) -> np.ndarray:
