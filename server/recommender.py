@@ -67,13 +67,15 @@ def fast_path_allows(context: RequestContext) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedQuery:
-    """A checked RecommendQuery with its history resolved and its user text rendered (the full path; "" on the
-    fast path, which reads no text): all but the encoding."""
+    """A checked RecommendQuery with its history resolved and its user text rendered where the encoder or the
+    ranking stage reads it ("" otherwise: the fast path without a ranking stage reads no text): all but the
+    encoding."""
 
     query: RecommendQuery
     resolved: list[ResolvedItem]
     text: str
     path: str = FULL_PATH  # FULL_PATH or FAST_PATH
+    ranking_stage: RankingStageSpec | None = None  # the stage that re-scores its list (ranking_stage_for)
 
 
 class Recommender:
@@ -212,9 +214,10 @@ class Recommender:
         validation.check_query(query, self.limits)
         resolved = self.resolve(query.user.history, with_window_vectors=query.explain)
         path = self.path(query)
-        text = "" if path == FAST_PATH else \
+        stage = self.ranking_stage_for(query)
+        text = "" if path == FAST_PATH and stage is None else \
             render_user(UserText([r.fields for r in resolved], query.user.context), self.max_history_items)
-        return PreparedQuery(query, resolved, text, path)
+        return PreparedQuery(query, resolved, text, path, stage)
 
     def ranking_stage_for(self, query: RecommendQuery) -> RankingStageSpec | None:
         """The ranking stage this query is re-scored with, or None.
@@ -233,7 +236,7 @@ class Recommender:
     async def rank(self, prepared: PreparedQuery, user_vector: np.ndarray | None) -> list[ScoredItem]:
         """The ranking (and explanations) of a prepared query, given its user vector (None on the fast path)."""
         query = prepared.query
-        stage = self.ranking_stage_for(query)
+        stage = prepared.ranking_stage
         history_ids = [ref.item_id for ref in query.user.history]
         items = self.search(user_vector, query.k, self.excluded_ids(query), query.filters, history_ids,
                             query.rejected_item_ids, query.min_score if stage is None else None, query.new_item_share,
@@ -254,13 +257,12 @@ class Recommender:
         items, found = [i for i, f in zip(items, found) if f is not None], [f for f in found if f is not None]
         if not items:
             return []
-        user_text = prepared.text or render_user(UserText([r.fields for r in prepared.resolved], query.user.context),
-                                                 self.max_history_items)
         ranker = self.bundle.ranker
         assert ranker is not None  # ranking_stage_for gives a stage only with one
         with tracing.span(tracing.RANKING_STAGE, {"llmrec.candidates": len(items)}), \
                 metrics.RANKING_STAGE_SECONDS.time():
-            logits = await asyncio.to_thread(ranker.logits, user_text, [render_item(fields) for fields, _ in found])
+            logits = await asyncio.to_thread(ranker.logits, prepared.text,
+                                             [render_item(fields) for fields, _ in found])
         order, scores = rerank(np.array([item.score for item in items]), logits, stage.weight)
         new = np.array([is_new for _, is_new in found])[order]
         kept = best_with_reserved(new, query.k, self.reserved_slots(query.new_item_share, query.k))
