@@ -3,10 +3,11 @@ upsert them into a running server through gRPC, rank every test user over the wh
 cold-target and warm-target quality side by side for every row, in one run.
 
 Rows: the served system (cold-start map on, llmrec.cold_start; new items borrow their nearest trained items'
-co-occurrence, llmrec.cooccurrence.Borrowers), the same bundle served without borrowing, and with neither mechanism
-(new items get the text vector and the median trained bias, and no co-occurrence score), the served system with a
+co-occurrence, llmrec.cooccurrence.Borrowers; every new item's score raised by the new-item boost,
+llmrec.scoring), the same bundle served without the boost, with the map alone, and with no mechanism (new items
+get the text vector and the median trained bias, no co-occurrence score and no boost), the served system with a
 share of each list reserved for new items (RecommendRequest.new_item_share), the zero-shot encoder, SASRec and
-popularity. SASRec and popularity
+popularity. The borrowing scale and then the boost are chosen on validation users. SASRec and popularity
 have no parameter for a held-out item, so they rank every one below every item they know. Histories are
 excluded from every row's list (MovieLens users never rate a film twice).
 """
@@ -56,7 +57,10 @@ log = logging.getLogger("llmrec.cold_items")
 KS = (10, 50)
 SERVED = "llmrec (served)"
 BORROWING_CHOICES = (0.0, 1.0, 2.0, 4.0)  # --new-item-cooccurrence values tried on validation
+BOOST_CHOICES = (0.0, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.3, 0.5, 1.0)  # --new-item-boost values tried
+WARM_COST_BOUND = 0.01  # the boost may cost warm-target NDCG@10 at most this much, relative (the issue's bound)
 WITHOUT_EITHER = "llmrec, no cold-start mechanism (served)"
+WITHOUT_BOOST = "llmrec, no new-item boost (served)"
 REPORTED = ("recall@10", "ndcg@10", "recall@50")
 
 
@@ -151,6 +155,21 @@ def served(bundle: Path, data: Interactions, cold: np.ndarray, flags: Sequence[s
             server.wait(timeout=60)
 
 
+def recommend_request(data: Interactions, example: Example, use_context: bool, k: int,
+                      new_item_share: float | None = None) -> pb.RecommendRequest:
+    """The request for one example: its catalogued history (the last 500), its time when the model reads it."""
+    sequence = data.sequences[example.user]
+    history = [pb.HistoryItem(item_id=data.item_ids[i]) for i in sequence[: example.target_position][-500:]]
+    context = pb.Context()
+    timestamp = data.timestamp(example.user, example.target_position) if use_context else None
+    if timestamp is not None:
+        context.timestamp.CopyFrom(Timestamp(seconds=int(timestamp)))
+    request = pb.RecommendRequest(history=history, context=context, k=k, exclude_history=True)
+    if new_item_share is not None:
+        request.new_item_share = new_item_share
+    return request
+
+
 def served_ranks(stub: pb_grpc.RecommenderStub, data: Interactions, test: Sequence[Example], use_context: bool,
                  k: int, new_item_share: float | None = None) -> Ranked:
     """Each test user's target rank in the served top k (k when it is not there) and their served top 10. With a
@@ -160,17 +179,9 @@ def served_ranks(stub: pb_grpc.RecommenderStub, data: Interactions, test: Sequen
     ranks = {length: np.full(len(test), length, dtype=np.int64) for length in lengths}
     top10 = np.full((len(test), 10), -1, dtype=np.int64)
     for row, example in enumerate(test):
-        sequence = data.sequences[example.user]
-        history = [pb.HistoryItem(item_id=data.item_ids[i]) for i in sequence[: example.target_position]]
-        context = pb.Context()
-        timestamp = data.timestamp(example.user, example.target_position) if use_context else None
-        if timestamp is not None:
-            context.timestamp.CopyFrom(Timestamp(seconds=int(timestamp)))
-        target = sequence[example.target_position]
+        target = data.sequences[example.user][example.target_position]
         for length in lengths:
-            request = pb.RecommendRequest(history=history[-500:], context=context, k=length, exclude_history=True)
-            if new_item_share is not None:
-                request.new_item_share = new_item_share
+            request = recommend_request(data, example, use_context, length, new_item_share)
             ranked = [number[item.item_id] for item in stub.Recommend(request, timeout=60).items]
             if target in ranked:
                 ranks[length][row] = ranked.index(target)
@@ -202,6 +213,52 @@ def choose_borrowing(bundle: Path, data: Interactions, cold: np.ndarray, valid: 
         ndcg[choice] = round(float(ranking_metrics(ranks, (10,))["ndcg@10"]), 5)
         log.info("validation ndcg@10 with --new-item-cooccurrence %s: %.4f", choice, ndcg[choice])
     return {"chosen": max(choices, key=lambda c: (ndcg[c], -c)), "validation_ndcg@10": ndcg}
+
+
+def boosted_ranks(lists: Sequence[tuple[list[tuple[int, float]], list[tuple[int, float]]]], cold: np.ndarray,
+                  targets_of: np.ndarray, boost: float, length: int = 10) -> np.ndarray:
+    """Each target's 0-based rank (`length` when not there) in the top `length` that a server with this
+    --new-item-boost would return, from the lists served without it: per user (the top k of every item, the top k
+    of the new items alone), as (item, score) best first. Exact while the top `length` trained items are in the
+    first list: raising the new items' scores keeps each group's own order."""
+    ranks = np.full(len(lists), length, dtype=np.int64)
+    for row, (everything, new_only) in enumerate(lists):
+        scored = {item: score for item, score in everything if not cold[item]}
+        scored.update({item: score + boost for item, score in new_only})
+        best = sorted(scored, key=lambda item: -scored[item])[:length]
+        if targets_of[row] in best:
+            ranks[row] = best.index(targets_of[row])
+    return ranks
+
+
+def choose_boost(bundle: Path, data: Interactions, cold: np.ndarray, valid: Sequence[Example], use_context: bool,
+                 k: int, flags: Sequence[str], choices: Sequence[float]) -> dict:
+    """The server's --new-item-boost with the best NDCG@10 over all validation users among those that cost
+    warm-target NDCG@10 at most WARM_COST_BOUND (relative, against no boost); ties go to the smaller value. One
+    served pass (the server with `flags`) gives each user's top k and top k new items (new_item_share 1);
+    boosted_ranks merges them for every value. The test split is not looked at."""
+    number = {item_id: n for n, item_id in enumerate(data.item_ids)}
+    lists = []
+    with served(bundle, data, cold, flags) as (stub, _):
+        for example in valid:
+            lists.append(tuple(
+                [(number[item.item_id], item.score)
+                 for item in stub.Recommend(recommend_request(data, example, use_context, k, share), timeout=60).items]
+                for share in (None, 1.0)))
+    targets_of = np.array([data.sequences[e.user][e.target_position] for e in valid])
+    is_cold = cold[targets_of]
+    table = {}
+    for choice in sorted({0.0, *choices}):  # no boost: the warm cost's reference
+        ranks = boosted_ranks(lists, cold, targets_of, choice)
+        table[choice] = {"ndcg@10": round(float(ranking_metrics(ranks, (10,))["ndcg@10"]), 5),
+                         "cold recall@10": round(float(ranking_metrics(ranks[is_cold], (10,))["recall@10"]), 5),
+                         "warm recall@10": round(float(ranking_metrics(ranks[~is_cold], (10,))["recall@10"]), 5),
+                         "warm ndcg@10": round(float(ranking_metrics(ranks[~is_cold], (10,))["ndcg@10"]), 5)}
+        log.info("validation with --new-item-boost %s: %s", choice, table[choice])
+    floor = (1 - WARM_COST_BOUND) * table[0.0]["warm ndcg@10"]
+    allowed = [c for c in table if table[c]["warm ndcg@10"] >= floor]
+    return {"chosen": max(allowed, key=lambda c: (table[c]["ndcg@10"], -c)), "validation": table,
+            "cold_users": int(is_cold.sum()), "warm_users": int((~is_cold).sum())}
 
 
 # --- the offline rows: scores over the whole catalogue ----------------------------------------------------
@@ -292,9 +349,28 @@ def markdown(result: dict) -> str:
         cells = [row["cold"][m] for m in REPORTED] + [row["warm"][m] for m in REPORTED] + [row["cold_share@10"]]
         lines.append(f"| {name} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     lines += ["", "Targets:", ""] + [f"* {line}" for line in result["targets"]]
+    lines += boost_section(result["new_item_boost"])
     lines += ["", f"Upsert, acknowledged (= recommendable), seconds per item: {result['upsert_seconds_per_item']}",
               f"Cold-start map: {result['cold_start_map']}", ""]
     return "\n".join(lines)
+
+
+def boost_section(boost: dict) -> list[str]:
+    """The boost's choice on validation, as the trade-off it is: cold recall bought with warm NDCG."""
+    table = {float(c): row for c, row in boost["validation"].items()}
+    base = table[0.0]
+    lines = ["", f"New-item boost (--new-item-boost) {boost['chosen']}: the best validation NDCG@10 of all users "
+             f"among the values costing warm N@10 at most {WARM_COST_BOUND:.0%} ({boost['cold_users']} cold and "
+             f"{boost['warm_users']} warm validation targets; served lists merged, experiments.cold_items."
+             "boosted_ranks):", "",
+             "| boost | N@10 (all) | cold R@10 | warm R@10 | cold / warm R@10 | warm N@10 vs no boost |",
+             "|---|---|---|---|---|---|"]
+    for choice, row in sorted(table.items()):
+        ratio = row["cold recall@10"] / max(row["warm recall@10"], 1e-12)
+        cost = row["warm ndcg@10"] / max(base["warm ndcg@10"], 1e-12) - 1
+        lines.append(f"| {choice} | {row['ndcg@10']:.4f} | {row['cold recall@10']:.4f} | "
+                     f"{row['warm recall@10']:.4f} | {ratio:.2f} | {cost:+.1%} |")
+    return lines + [""]
 
 
 def targets(rows: dict) -> list[str]:
@@ -316,7 +392,8 @@ def targets(rows: dict) -> list[str]:
 def measure(data_path: Path, out: Path, share: float, config: TrainConfig, sequence_config: SequenceModelConfig,
             new_item_shares: Sequence[float] = (0.1, 0.2), k: int = 50, reuse: bool = False,
             sasrec_config: SASRecConfig = SASRecConfig(),
-            borrowing_choices: Sequence[float] = BORROWING_CHOICES, max_users: int | None = None) -> dict:
+            borrowing_choices: Sequence[float] = BORROWING_CHOICES, boost_choices: Sequence[float] = BOOST_CHOICES,
+            max_users: int | None = None) -> dict:
     data = load_interactions(data_path)
     warm, cold = hold_out(data, share, config.seed)
     bundles = sorted((out / "bundles").glob("*/manifest.json")) if reuse else []
@@ -330,23 +407,27 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
             bundle = build_bundle(checkpoint_dir(out / "run"), list(zip(warm.item_ids, warm.items)), out / "bundles",
                                   max_user_tokens=config.max_user_tokens, max_item_tokens=config.max_item_tokens,
                                   max_history_items=config.max_history_items)
+    valid = split_examples(data, "valid")[:max_users]
     with phase("choose new_item_cooccurrence on validation users", log):
         valid_bundle = validation_bundle(out, warm, bundle)
-        borrowing = choose_borrowing(valid_bundle, data, cold, split_examples(data, "valid")[:max_users],
-                                     config.use_context, k, borrowing_choices)
+        borrowing = choose_borrowing(valid_bundle, data, cold, valid, config.use_context, k, borrowing_choices)
     borrow = ["--new-item-cooccurrence", str(borrowing["chosen"])]
+    with phase("choose new_item_boost on validation users", log):
+        boost = choose_boost(valid_bundle, data, cold, valid, config.use_context, k, borrow, boost_choices)
     test = split_examples(data, "test")[:max_users]
     targets_of = np.array([data.sequences[e.user][e.target_position] for e in test])
     is_cold_target = cold[targets_of]
     ranked: dict[str, Ranked] = {}
     upsert_seconds = {}
     with phase("served rows", log):
-        with served(bundle, data, cold, borrow) as (stub, seconds):
+        with served(bundle, data, cold, [*borrow, "--new-item-boost", str(boost["chosen"])]) as (stub, seconds):
             upsert_seconds["map and borrowing"] = round(seconds, 4)
             ranked[SERVED] = served_ranks(stub, data, test, config.use_context, k)
             for new_share in new_item_shares:
                 ranked[f"llmrec, new_item_share {new_share} (served)"] = served_ranks(
                     stub, data, test, config.use_context, k, new_share)
+        with served(bundle, data, cold, borrow) as (stub, _):
+            ranked[WITHOUT_BOOST] = served_ranks(stub, data, test, config.use_context, k)
         with served(bundle, data, cold, ["--new-item-cooccurrence", "0"]) as (stub, seconds):
             upsert_seconds["map only"] = round(seconds, 4)
             ranked["llmrec, cold-start map, no borrowed co-occurrence (served)"] = served_ranks(
@@ -380,6 +461,7 @@ def measure(data_path: Path, out: Path, share: float, config: TrainConfig, seque
         "train": {"steps": run["steps"], "train_seconds": run["train_seconds"], "adjustments": run["adjustments"]},
         "reused_run": bool(bundles),
         "new_item_cooccurrence": borrowing,
+        "new_item_boost": boost,
         "bundle": str(bundle),
         "config": dataclasses.asdict(config),
     }

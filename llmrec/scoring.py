@@ -7,7 +7,14 @@
                   + cooccurrence_weight * cooccurrence_score(recent history, item)
 
 An item with no row in the co-occurrence table (new since the table was counted) borrows its donors' scores,
-scaled by borrowed_cooccurrence (llmrec.cooccurrence.Borrowers).
+scaled by borrowed_cooccurrence (llmrec.cooccurrence.Borrowers), and every new item gets new_item_boost on top:
+
+    score(new item) += new_item_boost
+
+Trained items carry what a new one cannot have yet (its own co-occurrence counts, a bias learned from how many
+took it), so the model's scores of new items sit below those of equally relevant trained ones. The boost is one
+constant on the score's scale that puts them back on it, chosen on validation by `make eval-cold`; within the new
+items the model's own order stands, so a new item enters a list only where the user's vector ranks it high.
 
 One definition for everyone: evaluation and calibration score every item at once (`dense_scores`,
 `ScoreTerms`); the server searches the index and re-scores exactly (`top_k`). Both views are built from the
@@ -99,6 +106,8 @@ class ScoringRule:
     rejected_weight: float = DEFAULT_REJECTED_WEIGHT  # negative feedback (the module docstring); 0 turns it off
     # How much of their donors' co-occurrence new items borrow (llmrec.cooccurrence.Borrowers); 0 turns it off.
     borrowed_cooccurrence: float = 1.0
+    # Added to every new item's score (the module docstring); 0 turns it off.
+    new_item_boost: float = 0.0
 
     @property
     def history_items_read(self) -> int:
@@ -194,12 +203,12 @@ class ScoringRule:
     def dense_scores(self, user_vectors: np.ndarray, rows: np.ndarray, histories: Sequence[Sequence[int]],
                      table: CooccurrenceTable | None, sequence_vectors: np.ndarray | None = None,
                      rejected: Sequence[Sequence[int]] | None = None,
-                     borrowers: Borrowers | None = None) -> np.ndarray:
+                     borrowers: Borrowers | None = None, new_items: np.ndarray | None = None) -> np.ndarray:
         """(n, num_items) float64 scores of every item in `rows` (item_rows) for n users with these histories
         (item numbers = row numbers) and, when given, these rejected items (the scores of the rejected items
         themselves are left in: callers that serve never return them) and, when given, items borrowing
-        co-occurrence (borrowers: rows of `rows` past the table's items). Memory is n x num_items: callers score
-        users in chunks."""
+        co-occurrence (borrowers: rows of `rows` past the table's items) and the new items that get
+        new_item_boost (item numbers). Memory is n x num_items: callers score users in chunks."""
         unit = rows[:, :-1]
         queries = self.query(user_vectors, [unit[np.asarray(h, dtype=np.int64)] for h in histories],
                              sequence_vectors,
@@ -208,6 +217,8 @@ class ScoringRule:
         for row, history in enumerate(histories):
             items, values = self.adjustments_of(history, table, borrowers=borrowers)
             scores[row, items] += values
+        if self.new_item_boost and new_items is not None:
+            scores[:, np.asarray(new_items, dtype=np.int64)] += self.new_item_boost
         return scores
 
     # --- the top-k view: an index search plus exact re-scoring (the server) ----------------------------------

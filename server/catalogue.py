@@ -321,7 +321,7 @@ class Catalogue:
             cooccurrence: the bundle's table, over bundle rows.
             new_item_slots: at least this many of the k go to new (upserted) items, the best-scoring ones, when
                 that many pass the exclusions and filters: they replace the lowest-scoring other items. The list
-                stays in score order.
+                stays in score order. New items' scores include the rule's new_item_boost.
 
         Fewer than k come back only when exclusions and filters leave fewer than k items.
         """
@@ -337,10 +337,16 @@ class Catalogue:
                 query, k, adjustments,
                 search=lambda row, n: self._search(row, n, excluded, candidates),
                 score_items=lambda items, row: self._score(items, row, excluded, candidates))
+            new: set[int] = set()  # the new items this list may hold, when the rule or the slots favour them
+            if self._new_labels and (rule.new_item_boost or new_item_slots):
+                new = self._new_labels - excluded if candidates is None else (self._new_labels & candidates) - excluded
+            if rule.new_item_boost and new:
+                labels, scores = self._with_boosted_new_items(rule, query, k, adjustments, labels, scores, new,
+                                                              excluded)
             missing = min(new_item_slots, k) - sum(int(label) in self._new_labels for label in labels)
-            if missing > 0 and self._new_labels:
-                labels, scores = self._with_new_items(rule, query, k, missing, adjustments, labels, scores,
-                                                      excluded, candidates)
+            if missing > 0 and new:
+                labels, scores = self._with_new_items(rule, query, k, missing, adjustments, labels, scores, new,
+                                                      excluded)
             items = [self._items[label] for label in labels]
         return [
             ScoredItem(item_id=item.item_id, score=float(score), title=item.fields.title, rank=rank)
@@ -348,26 +354,48 @@ class Catalogue:
             if item is not None
         ]
 
+    def _best_new(self, rule: ScoringRule, query: np.ndarray, n: int, adjustments: tuple[np.ndarray, np.ndarray],
+                  new: set[int], excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The n best of these new labels under the rule, their scores with its new_item_boost (hold the read
+        lock)."""
+        found, found_scores = rule.top_k(
+            query, n, adjustments,
+            search=lambda row, m: self._search(row, m, excluded, new),  # exact up to EXACT_SEARCH_MAX_CANDIDATES
+            score_items=lambda items, row: self._score(items, row, excluded, new))
+        return np.asarray(found, np.int64), np.asarray(found_scores, np.float64) + rule.new_item_boost
+
+    def _with_boosted_new_items(self, rule: ScoringRule, query: np.ndarray, k: int,
+                                adjustments: tuple[np.ndarray, np.ndarray], labels: np.ndarray, scores: np.ndarray,
+                                new: set[int], excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The top k once every eligible new item's score has the rule's new_item_boost: the list's own new
+        items raised, the best new items beyond it merged in (hold the read lock)."""
+        labels, scores = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
+        scores = scores + rule.new_item_boost * np.isin(labels, np.fromiter(new, np.int64, len(new)))
+        outside = new - set(labels.tolist())
+        if not outside:
+            order = np.argsort(-scores, kind="stable")
+            return labels[order], scores[order]
+        found, found_scores = self._best_new(rule, query, k, adjustments, outside, excluded)
+        merged = np.concatenate([labels, found])
+        merged_scores = np.concatenate([scores, found_scores])
+        order = np.argsort(-merged_scores, kind="stable")[:k]
+        return merged[order], merged_scores[order]
+
     def _with_new_items(self, rule: ScoringRule, query: np.ndarray, k: int, missing: int,
                         adjustments: tuple[np.ndarray, np.ndarray], labels: np.ndarray, scores: np.ndarray,
-                        excluded: set[int], candidates: set[int] | None) -> tuple[np.ndarray, np.ndarray]:
-        """The ranking with up to `missing` of the best new items not in it added, the lowest-scoring other
-        items giving way when the list is full, re-sorted by score (hold the read lock)."""
+                        new: set[int], excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The ranking with up to `missing` of the best eligible new items not in it added, the lowest-scoring
+        other items giving way when the list is full, re-sorted by score (hold the read lock)."""
         labels, scores = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
-        new = self._new_labels - excluded - set(labels.tolist())
-        if candidates is not None:
-            new &= candidates
+        new = new - set(labels.tolist())
         if not new:
             return labels, scores
-        found, found_scores = rule.top_k(
-            query, missing, adjustments,
-            search=lambda row, n: self._exact(row, min(n, len(new)), candidates=new),
-            score_items=lambda items, row: self._score(items, row, excluded, new))
+        found, found_scores = self._best_new(rule, query, missing, adjustments, new, excluded)
         others = np.flatnonzero([label not in self._new_labels for label in labels.tolist()])
         give_way = min(max(len(found) - (k - len(labels)), 0), len(others))
         kept = np.delete(np.arange(len(labels)), others[len(others) - give_way:])
-        merged = np.concatenate([labels[kept], np.asarray(found, np.int64)])
-        merged_scores = np.concatenate([scores[kept], np.asarray(found_scores, np.float64)])
+        merged = np.concatenate([labels[kept], found])
+        merged_scores = np.concatenate([scores[kept], found_scores])
         order = np.argsort(-merged_scores, kind="stable")[:k]
         return merged[order], merged_scores[order]
 

@@ -137,7 +137,7 @@ async def load_generation(settings: ServerSettings, path: Path, stage: Callable[
         encoder.close()  # its workers are idle: this returns at once
         raise
     recommender = Recommender(bundle, encoder, Limits.from_settings(settings), catalogue, settings.new_item_share,
-                              settings.encoder_path, settings.ranking_stage)
+                              settings.encoder_path, settings.ranking_stage, settings.new_item_boost)
     return Generation(recommender, encoder, Path(path), store)
 
 

@@ -88,6 +88,7 @@ class Recommender:
         catalogue: the live catalogue over the bundle's index (one is made from the bundle when None); how much
             co-occurrence new items borrow is its new_item_cooccurrence (it finds their donors).
         new_item_share: the share of every list reserved for new items when a request does not say (0..1).
+        new_item_boost: added to every new item's score (llmrec.scoring.ScoringRule.new_item_boost), >= 0.
         encoder_path: "auto" (the fast path where it applies, if the bundle has one) or "always" (never).
         ranking_stage: re-score with the bundle's ranking stage when a request does not say (bundles without one
             serve without it).
@@ -95,7 +96,7 @@ class Recommender:
 
     def __init__(self, bundle: LoadedBundle, encoder: AsyncEncoder, limits: validation.Limits,
                  catalogue: Catalogue | None = None, new_item_share: float = 0.0, encoder_path: str = "auto",
-                 ranking_stage: bool = False) -> None:
+                 ranking_stage: bool = False, new_item_boost: float = 0.0) -> None:
         self.bundle = bundle
         self.encoder = encoder
         self.limits = limits
@@ -103,12 +104,13 @@ class Recommender:
         validation.check_new_item_share(new_item_share)
         self.new_item_share = new_item_share
         self.max_history_items = bundle.manifest.max_history_items
-        borrowed = self.catalogue.new_item_cooccurrence
-        self.rule = dataclasses.replace(bundle.manifest.scoring_rule(), borrowed_cooccurrence=borrowed)
+        if not new_item_boost >= 0:
+            raise ValueError(f"new_item_boost must be >= 0, got {new_item_boost}")
+        new_items = {"borrowed_cooccurrence": self.catalogue.new_item_cooccurrence, "new_item_boost": new_item_boost}
+        self.rule = dataclasses.replace(bundle.manifest.scoring_rule(), **new_items)
         # The fast path's rule (no encoder run); None: every request takes the full path.
         fast_rule = bundle.manifest.fast_scoring_rule() if encoder_path == "auto" else None
-        self.fast_rule = None if fast_rule is None else dataclasses.replace(
-            fast_rule, borrowed_cooccurrence=borrowed)
+        self.fast_rule = None if fast_rule is None else dataclasses.replace(fast_rule, **new_items)
         self.ranking_stage_default = ranking_stage and bundle.ranker is not None
         if ranking_stage and bundle.ranker is None:
             logger.warning("ranking stage on by default, but model %s has none: its requests are ranked by the first "

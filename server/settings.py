@@ -123,6 +123,10 @@ class ServerSettings(BaseSettings):
         "How much of their nearest trained items' co-occurrence new (upserted) items borrow (llmrec.cooccurrence."
         "Borrowers): 1 = as much as those items would get, 0 = none (new items then have no co-occurrence score, and "
         "applying an upsert searches for no donors)."))
+    new_item_boost: float = Field(0.0, ge=0, description=(
+        "Added to every new (upserted) item's score, on the score's own scale, so that new items compete with "
+        "trained ones that have co-occurrence counts and a learned bias (llmrec.scoring); `make eval-cold` "
+        "chooses it on validation (docs/results.md#cold-items). 0 = none."))
     new_item_share: float = Field(0.0, ge=0, le=1, description=(
         "Share of every list reserved for new (upserted) items when a request does not set new_item_share: "
         "floor(share * k) of the k go to the best-scoring new items if the model ranks fewer there. 0 = none."))

@@ -1,6 +1,6 @@
-"""--new-item-cooccurrence through the real server, on the tiny bundle with a co-occurrence table counted from the
-tiny interactions: new items' donors are searched when the item is applied (upsert and replay) only if they
-borrow."""
+"""--new-item-cooccurrence and --new-item-boost through the real server, on the tiny bundle with a co-occurrence
+table counted from the tiny interactions: new items' donors are searched when the item is applied (upsert and
+replay) only if they borrow; the boost raises every new item's served score by exactly its value."""
 
 from __future__ import annotations
 
@@ -67,6 +67,31 @@ def test_new_items_donors_are_searched_only_when_they_borrow(borrowing, cooccurr
     replayed = serve_bundle(cooccurrence_bundle, state_dir=tmp_path, new_item_cooccurrence=borrowing)
     assert replayed.server.recommender.catalogue.count == len(read_items(cooccurrence_bundle / mf.ITEMS_FILE)) + len(NEW_ITEMS)
     assert sum(donor_searches) == 2 * searched  # the replayed upsert searches again only when borrowing
+
+
+def test_the_new_item_boost_raises_new_items_scores_by_its_value(cooccurrence_bundle, serve_bundle, tmp_path):
+    history = [pb.HistoryItem(item_id=i) for i in ("m1", "m2")]
+    served = {}
+    for boost in (0.0, 0.25, 100.0):
+        server = serve_bundle(cooccurrence_bundle, state_dir=tmp_path / str(boost), new_item_boost=boost)
+        assert server.server.recommender.rule.new_item_boost == boost
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            stub.UpsertItems(pb.UpsertItemsRequest(items=NEW_ITEMS), timeout=30)
+            ranked = stub.Recommend(pb.RecommendRequest(history=history, k=20), timeout=30)
+            if not boost:  # the new items alone, in the model's order: every slot reserved for them
+                new_only = stub.Recommend(pb.RecommendRequest(history=history, k=len(NEW_ITEMS), new_item_share=1.0),
+                                          timeout=30)
+        served[boost] = [(item.item_id, item.score) for item in ranked.items]
+        server.close()
+    unboosted = dict(served[0.0])
+    for item_id, score in served[0.25]:
+        if item_id in unboosted:
+            assert score == pytest.approx(unboosted[item_id] + (0.25 if item_id.startswith("new-") else 0.0), abs=1e-4)
+    assert [item_id for item_id, _ in served[100.0][: len(NEW_ITEMS)]] == [item.item_id for item in new_only.items]
+    assert sum(item_id.startswith("new-") for item_id, _ in served[0.0][: len(NEW_ITEMS)]) < len(NEW_ITEMS)
+    with pytest.raises(ValueError, match="new_item_boost"):
+        serve_bundle(cooccurrence_bundle, state_dir=tmp_path / "negative", new_item_boost=-1.0)
 
 
 def test_a_bundle_with_another_cooccurrence_table_is_a_verified_bundle_of_its_own(tiny_bundle, tmp_path):

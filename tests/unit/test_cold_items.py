@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cold_items import hold_out, validation_bundle
+from experiments.cold_items import boosted_ranks, hold_out, validation_bundle
 from llmrec import manifest as mf
 from llmrec.cooccurrence import CooccurrenceTable
 from llmrec.item_record import read_items
@@ -41,3 +41,29 @@ def test_the_validation_bundle_is_the_served_one_with_the_table_counted_before_v
     assert want and pairs(CooccurrenceTable.load(valid / mf.COOCCURRENCE_FILE), served_ids) == want
     assert validation_bundle(tmp_path, warm, tiny_bundle).parent == valid.parent  # a rerun replaces it
     assert len(list(valid.parent.iterdir())) == 1
+
+
+def test_boosted_ranks_merge_the_served_lists_as_a_server_with_the_boost_would_rank():
+    """From each user's top 50 and top 50 new items, the ranks under a boost are those of the whole catalogue
+    scored with the boost added to every new item."""
+    rng = np.random.default_rng(3)
+    items, users = 400, 60
+    cold = np.zeros(items, dtype=bool)
+    cold[rng.choice(items, 80, replace=False)] = True
+    scores = rng.normal(size=(users, items)) + np.where(cold, -1.0, 0.0)  # new items score lower, as served
+    targets_of = rng.integers(0, items, size=users)
+    lists = []
+    for row in scores:
+        best = np.argsort(-row, kind="stable")
+        lists.append(([(int(i), float(row[i])) for i in best[:50]],
+                      [(int(i), float(row[i])) for i in best[cold[best]][:50]]))
+    for boost in (0.0, 0.5, 1.0, 3.0, 100.0):
+        boosted = scores + boost * cold
+        want = np.full(users, 10)
+        for user, row in enumerate(boosted):
+            top = list(np.argsort(-row, kind="stable")[:10])
+            if targets_of[user] in top:
+                want[user] = top.index(targets_of[user])
+        assert boosted_ranks(lists, cold, targets_of, boost).tolist() == want.tolist()
+    listed = boosted_ranks(lists, cold, targets_of, 100.0) < 10  # a boost past every gap: only new items listed
+    assert not listed[~cold[targets_of]].any()

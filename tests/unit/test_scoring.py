@@ -108,6 +108,47 @@ def test_new_items_borrow_cooccurrence_alike_in_both_views():
     assert np.isin(lent[0], borrowers.items).any() and not np.isin(alone[0], borrowers.items).any()
 
 
+@pytest.mark.parametrize("boost", [0.0, 0.4, 50.0])
+def test_the_new_item_boost_raises_new_items_alike_in_both_views(boost):
+    """new_item_boost is added to every new item's score: the server's top-k view (the list's own new items raised,
+    the best new items beyond it merged in) ranks exactly like the dense view, exclusions holding; a boost larger
+    than any score gap puts the best new items first, in the model's own order among them."""
+    rows, _, users, _, sequence_vectors = catalogue_inputs(11)
+    trained = COUNT - 60
+    rng = np.random.default_rng(11)
+    table = CooccurrenceTable.from_sequences(
+        [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)], trained)
+    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    catalogue = catalogue_of(rows[:trained], table)
+    catalogue._apply(Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
+                             for n in range(trained, COUNT)], rows[trained:]))
+    donors, weights = nearest_donors(rows[trained:, :DIM], rows[:trained, :DIM], table.has_row())
+    borrowers = Borrowers(np.arange(trained, COUNT), donors, weights)
+    rule = dataclasses.replace(RULE, new_item_boost=boost)
+    new_items = np.arange(trained, COUNT)
+    dense = rule.dense_scores(users, rows, histories, table, sequence_vectors, borrowers=borrowers,
+                              new_items=new_items)
+    for user in range(len(users)):
+        query = rule.query(users[user:user + 1], [rows[histories[user], :DIM]], sequence_vectors[user:user + 1])[0]
+        excluded = {f"i{n:03d}" for n in (trained + user, trained + 30 + user)}  # two new items excluded
+        got = catalogue.top_k(rule, query, 10, [f"i{n:03d}" for n in histories[user]], table, exclude_ids=excluded)
+        scores = dense[user].copy()
+        scores[[trained + user, trained + 30 + user]] = -np.inf
+        want = np.argsort(-scores, kind="stable")[:10]
+        assert [item.item_id for item in got] == [f"i{n:03d}" for n in want]
+        assert [item.score for item in got] == pytest.approx(dense[user, want].tolist(), abs=1e-5)
+        if boost == 50.0:
+            assert all(n >= trained for n in want)
+        with_slots = catalogue.top_k(rule, query, 10, [f"i{n:03d}" for n in histories[user]], table,
+                                     exclude_ids=excluded, new_item_slots=10)  # reserved slots: the same scale
+        new_scores = np.where(np.arange(COUNT) >= trained, scores, -np.inf)
+        assert [item.score for item in with_slots] == pytest.approx(np.sort(new_scores)[::-1][:10].tolist(),
+                                                                    abs=1e-5)
+    unboosted = RULE.dense_scores(users, rows, histories, table, sequence_vectors, borrowers=borrowers,
+                                  new_items=new_items)
+    assert np.allclose(dense - unboosted, np.where(np.arange(COUNT) >= trained, boost, 0.0))
+
+
 def test_without_borrowing_no_donors_are_searched_and_the_ranking_is_unchanged(monkeypatch):
     """new_item_cooccurrence 0: applying new items runs no donor search, and every list is the one a catalogue that
     found their donors gives under a rule that borrows nothing (what the server served before it skipped them)."""
