@@ -46,7 +46,7 @@ from llmrec.server.errors import (
 )
 from llmrec.server.models import ModelManager
 from llmrec.server.recommender import Recommender
-from llmrec.server.session import Session, SessionRegistry
+from llmrec.server.session import Session as SessionState, SessionRegistry  # Session is also an RPC here
 from llmrec.server.settings import ServerSettings
 from llmrec.server.validation import (
     Limits, check_batch_size, check_bundle_path, check_item_id, check_list_page_size, check_page_size,
@@ -279,7 +279,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         finally:
             self.sessions.close(session)  # idle timeout, half-close, ForgetSession or cancel: the state goes
 
-    async def _session_step(self, session: Session, recommender: Recommender, request) -> pb.SessionResponse:
+    async def _session_step(self, session: SessionState, recommender: Recommender, request) -> pb.SessionResponse:
         """One event -> one response. A bad event is answered with its status; the stream stays open."""
         response = pb.SessionResponse(event_id=request.event_id, model_version=recommender.model_version,
                                       session_id=session.id)
