@@ -10,7 +10,9 @@ zero-shot encoder, our text model alone (no adjustments), the sequence model ove
 hybrid (SASRec + co-occurrence + history item score, experiments/baselines/no_lm.py), llmrec in PyTorch FP32 with
 exact search, the exported INT8 model with exact search, and INT8 + HNSW through the server's own code path
 (deployed only: the server applies the manifest's history item score). The language model's contribution is ours
-minus the no-LM hybrid, paired over the same test users (experiments/significance.py).
+minus the no-LM hybrid, paired over the same test users (experiments/significance.py). With --ranking-stage-steps,
+each seed also trains the ranking stage (training/ranking_stage.py: its weight chosen on our calibration users),
+exports it in the bundle, and reports its gain and cost on the same test users (experiments/ranking_stage.py).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from llmrec.training.checkpoint import checkpoint_dir
 from llmrec.training.cli_options import FROZEN_LAYERS, HISTORY_DROPOUT, configure_logging
 from llmrec.training.config import TrainConfig
 from llmrec.training.data import Example, Interactions, load_interactions, split_examples, user_text
+from experiments import ranking_stage as ranking_stage_report
 from experiments.report import write_report
 from llmrec.training.model import TextRecommender, pretrained_encoder_path
+from llmrec.training.ranking_stage import RANKER_DIR, RANKER_SETTINGS_FILE, RankerConfig, train_and_choose
 from llmrec.training.sequence_model import SequenceModelConfig
 from llmrec.training.train import EVALUATION_PROTOCOL, finish_run, train
 
@@ -94,9 +98,22 @@ def _train_or_reuse(data, config: TrainConfig, sequence: SequenceModelConfig, ru
     return train(data, config, run_dir, sequence_config=sequence, model_free_baselines=model_free_baselines)
 
 
+def _ranker_or_reuse(data: Interactions, checkpoint: Path, ranking: RankerConfig, validation_users: int) -> dict:
+    """The checkpoint's ranking stage if it was trained with exactly this config and chosen on as many validation
+    users (e.g. by `make ranking-stage`), else one trained and chosen now (training/ranking_stage.py)."""
+    settings = checkpoint / RANKER_DIR / RANKER_SETTINGS_FILE
+    if settings.is_file():
+        chosen = json.loads(settings.read_text())
+        if (chosen["training"]["config"] == _as_json(dataclasses.asdict(ranking))
+                and chosen["validation"]["users"] == validation_users):
+            log.info("reusing the ranking stage in %s", settings.parent)
+            return chosen
+    return train_and_choose(data, checkpoint, ranking, validation_users)
+
+
 def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_dir: Path, seeds: int,
                    config: TrainConfig, sasrec: SASRecConfig,
-                   sequence: SequenceModelConfig = SequenceModelConfig()) -> dict:
+                   sequence: SequenceModelConfig = SequenceModelConfig(), ranking: RankerConfig | None = None) -> dict:
     data = load_interactions(data_path)
     if config.eval_split != "test":
         raise ValueError("make eval reports the test split; tune on 'valid' with `make train`")
@@ -109,7 +126,9 @@ def run_experiment(data_path: Path, run_root: Path, bundle_root: Path, report_di
     seeds_evaluated = [_evaluate_seed(data, dataclasses.replace(config, seed=seed),
                                       dataclasses.replace(sequence, seed=seed), dataclasses.replace(sasrec, seed=seed),
                                       run_root if seed == 0 else run_root.with_name(f"{run_root.name}-seed{seed}"),
-                                      bundle_root / f"seed{seed}", valid, test, tables)
+                                      bundle_root / f"seed{seed}", valid, test, tables,
+                                      None if ranking is None else dataclasses.replace(ranking, seed=seed),
+                                      report_dir / "ranking-stage" / f"seed{seed}")
                        for seed in range(seeds)]
     summary = _summary(data, config, seeds_evaluated, cooccurrence_rows, cooccurrence_weights.as_json(),
                        tables["test"])
@@ -153,16 +172,20 @@ def _summary(data: Interactions, config: TrainConfig, seeds_evaluated: list[dict
         "sequence_model_seconds": [evaluated["run"]["sequence_model"]["seconds"] for evaluated in seeds_evaluated],
         "steps": [len(evaluated["run"]["curve"]) for evaluated in seeds_evaluated],
         "curve": seeds_evaluated[0]["run"]["curve"],
+        "ranking_stage": [evaluated["ranking_stage"] for evaluated in seeds_evaluated if evaluated["ranking_stage"]],
     }
 
 
 def _evaluate_seed(data: Interactions, config: TrainConfig, sequence: SequenceModelConfig, sasrec: SASRecConfig,
                    run_dir: Path, bundle_dir: Path, valid: list[Example], test: list[Example],
-                   tables: dict) -> dict:
+                   tables: dict, ranking: RankerConfig | None = None, ranking_report: Path | None = None) -> dict:
     """One seed's rows by policy (and the model-free rows of seed 0's run), the per-user test ranks of the rows
-    CONTRIBUTIONS compares, each baseline's history item score, and how the seed was trained."""
+    CONTRIBUTIONS compares, each baseline's history item score, how the seed was trained and, with a ranking
+    config, its ranking stage's report (written to ranking_report)."""
     seed = config.seed
     metrics = _train_or_reuse(data, config, sequence, run_dir, model_free_baselines=seed == 0)
+    if ranking is not None:  # before the export, which ships it
+        _ranker_or_reuse(data, checkpoint_dir(run_dir), ranking, len(valid))
     validation = [user_text(data, e, config.use_context) for e in split_examples(data, "valid")[:300]]
     bundle = build_bundle(
         checkpoint_dir(run_dir), list(zip(data.item_ids, data.items)), bundle_dir,
@@ -171,6 +194,8 @@ def _evaluate_seed(data: Interactions, config: TrainConfig, sequence: SequenceMo
         training_info={"dataset": data.name, "seed": seed},
     )
     served = evaluate_bundle(bundle, data, test, config.use_context, config.ks)
+    stage = None if ranking is None else ranking_stage_report.measure(data, checkpoint_dir(run_dir), ranking_report,
+                                                                      len(test), bundle)
     no_lm = evaluate_without_language_model(data, sasrec, valid, test, tables, config.ks)
     policies = {policy: {name: row for name, row in metrics["policies"][policy].items() if name not in MODEL_FREE_ROWS}
                 | no_lm.policies[policy] | served.get(policy, {}) for policy in POLICIES}
@@ -185,7 +210,7 @@ def _evaluate_seed(data: Interactions, config: TrainConfig, sequence: SequenceMo
         row = policies["deployed"][name]
         log.info("seed %d %s: %s", seed, name, " ".join(f"{key}={row[key]:.4f}" for key in logged))
     llmrec_adjustments = {"history_item_score": metrics["adjustments"]["history_item_score"]}
-    return {"policies": policies, "ranks": ranks, "run": metrics,
+    return {"policies": policies, "ranks": ranks, "run": metrics, "ranking_stage": stage,
             "model_free": {policy: {name: metrics["policies"][policy][name] for name in MODEL_FREE_ROWS
                                     if name in metrics["policies"][policy]} for policy in POLICIES},
             "history_scores": metrics["history_scores"] | no_lm.weights | {"llmrec": llmrec_adjustments},
@@ -235,12 +260,16 @@ def main(
     eval_users: int = typer.Option(0, help="evaluate on the first N test users (0 = all)"),
     history_dropout: float = HISTORY_DROPOUT,
     frozen_layers: int = FROZEN_LAYERS,
+    ranking_stage_steps: int = typer.Option(0, min=0, help="train the ranking stage this many steps per seed (1200: "
+                                                           "~32 min on 2 CPU cores) and report its gain and cost; 0: "
+                                                           "no ranking stage"),
 ) -> None:
     configure_logging()
     config = TrainConfig(time_budget_minutes=time_budget_minutes, max_steps=max_steps, eval_users=eval_users,
                          history_dropout=history_dropout, frozen_layers=frozen_layers)
     summary = run_experiment(data, runs, bundles, report, seeds, config, SASRecConfig(max_epochs=sasrec_epochs),
-                             SequenceModelConfig(time_budget_minutes=sequence_minutes))
+                             SequenceModelConfig(time_budget_minutes=sequence_minutes),
+                             RankerConfig(max_steps=ranking_stage_steps) if ranking_stage_steps else None)
     typer.echo((report / "report.md").read_text())
     typer.echo(f"INT8 + HNSW relative NDCG@10 loss: {summary['int8_hnsw_relative_ndcg10_loss']:.2%}")
 

@@ -30,7 +30,7 @@ from llmrec.export.ranking_stage import export_ranker_int8
 from llmrec.ranking_stage import PairScorer
 from llmrec.template import render_item
 from llmrec.training.cli_options import configure_logging
-from llmrec.training.data import load_interactions, split_examples
+from llmrec.training.data import Interactions, load_interactions, split_examples
 from llmrec.training.evaluation import ranking_metrics
 from llmrec.training.progress import phase
 from llmrec.training.ranking_stage import (
@@ -66,7 +66,13 @@ def served_latency(bundle: Path, histories: list[list[str]], k: int, log_dir: Pa
 
 def run(data_path: Path, checkpoint: Path, report: Path, users: int, bundle: Path | None = None,
         latency_users: int = 300) -> dict:
-    data = load_interactions(data_path)
+    return measure(load_interactions(data_path), checkpoint, report, users, bundle, latency_users)
+
+
+def measure(data: Interactions, checkpoint: Path, report: Path, users: int, bundle: Path | None = None,
+            latency_users: int = 300) -> dict:
+    """The report (report.md, report.json in `report`) of the checkpoint's ranking stage on the first `users` test
+    users (0: all)."""
     ranker_dir = Path(checkpoint) / RANKER_DIR
     chosen = json.loads((ranker_dir / RANKER_SETTINGS_FILE).read_text())
     weight, candidates, max_length = chosen["weight"], chosen["candidates"], chosen["max_length"]

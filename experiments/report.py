@@ -62,6 +62,8 @@ def write_report(summary: dict, out: Path) -> Path:
     if summary.get("contribution"):
         sections += ["## Language model contribution", _contribution_note(summary),
                      _contribution_table(summary["contribution"])]
+    if summary.get("ranking_stage"):
+        sections += ["## Ranking stage", _ranking_stage_note(), _ranking_stage_table(summary["ranking_stage"])]
     sections += ["## Beyond accuracy (deployed policy)",
                  _table(policies["deployed"], summary.get("spread", {}).get("deployed", {}), _BEYOND_ACCURACY)]
     sections += _notes(summary)
@@ -133,6 +135,30 @@ def _contribution_table(contribution: list[dict]) -> str:
             lines.append(f"| {entry['system']} | {entry['policy']} | {seeds} | {_difference(ndcg)} | "
                          f"{ndcg['p_value']:.2g} | {ndcg['t_test_p_value']:.2g} | {_difference(recall)} | "
                          f"{recall['p_value']:.2g} | {_ratio(ndcg['ratio'])} |")
+    return "\n".join(lines)
+
+
+def _ranking_stage_note() -> str:
+    return ("Each seed's cross-encoder re-scores its first stage's best candidates (score + weight x logit), the "
+            "weight and candidate count chosen on the validation users our adjustments are chosen on; the test users "
+            "above, deployed policy, exact search. Differences vs the first stage: mean per user, "
+            f"{CONFIDENCE:.0%} paired bootstrap interval. Cost on this machine's CPU: the INT8 stage alone, and "
+            "Recommend through llmrec-server at concurrency 1 with and without it (alternating). Each seed's full "
+            "report: ranking-stage/seed<k>/report.md.")
+
+
+def _ranking_stage_table(seeds: list[dict]) -> str:
+    lines = ["| seed | weight, candidates | first stage N@10 | + stage INT8 N@10 | difference | stage p50 / p99 ms "
+             "| Recommend p50 / p99 added ms |", "|---|---|---:|---:|---:|---:|---:|"]
+    for seed, stage in enumerate(seeds):
+        chosen, rows, served = stage["chosen_on_validation"], stage["rows"], stage.get("served_c1")
+        added = "n/a" if not served else (
+            f"{served['with_ranking_stage_ms']['p50'] - served['first_stage_ms']['p50']:+.1f} / "
+            f"{served['with_ranking_stage_ms']['p99'] - served['first_stage_ms']['p99']:+.1f}")
+        lines.append(f"| {seed} | {chosen['weight']:g}, {chosen['candidates']} | {rows['first_stage']['ndcg@10']:.4f} | "
+                     f"{rows['ranking_stage_int8']['ndcg@10']:.4f} | "
+                     f"{_difference(stage['vs_first_stage']['ranking_stage_int8']['ndcg@10'])} | "
+                     f"{stage['stage_ms']['p50']:.1f} / {stage['stage_ms']['p99']:.1f} | {added} |")
     return "\n".join(lines)
 
 

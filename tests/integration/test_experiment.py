@@ -7,6 +7,7 @@ import pytest
 
 from experiments.baselines.sasrec import SASRecConfig
 from llmrec.training.config import TrainConfig
+from llmrec.training.ranking_stage import CANDIDATES, WEIGHTS, RankerConfig
 from llmrec.training.sequence_model import SequenceModelConfig
 from experiments.experiment import run_experiment
 from llmrec.training.calibration import (
@@ -86,7 +87,22 @@ def test_experiment_reports_every_model_side_by_side(tmp_path):
     for png in ("training_curve.png", "metrics.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "report.json").read_text())["dataset"] == "tiny"
-    # A second run with the same config reuses the trained seed instead of training again.
-    again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 2, config,
-                           sasrec, sequence)
-    assert again["curve"] == summary["curve"] and again["train_devices"] == summary["train_devices"]
+    assert not summary["ranking_stage"] and "## Ranking stage" not in report  # not asked for
+    # A second run with the same config reuses the trained seed instead of training again; asked for the ranking
+    # stage, it trains one (weight chosen on the calibration users), ships it in the bundle and reports it.
+    ranking = RankerConfig(max_steps=2, lists_per_step=1, negatives=3)
+    again = run_experiment(TINY, tmp_path / "runs" / "tiny", tmp_path / "bundles", tmp_path / "report2", 1, config,
+                           sasrec, sequence, ranking)
+    assert again["curve"] == summary["curve"] and again["train_devices"] == summary["train_devices"][:1]
+    [stage] = again["ranking_stage"]
+    assert stage["chosen_on_validation"]["weight"] in WEIGHTS and stage["chosen_on_validation"]["candidates"] in CANDIDATES
+    assert stage["users"] == rows["llmrec"]["examples"]
+    first, int8 = stage["rows"]["first_stage"], stage["rows"]["ranking_stage_int8"]
+    assert stage["vs_first_stage"]["ranking_stage_int8"]["ndcg@10"]["mean"] == pytest.approx(
+        int8["ndcg@10"] - first["ndcg@10"])
+    assert stage["stage_ms"]["p50"] > 0 and stage["served_c1"]["requests_each"] > 0
+    manifest = json.loads(max((tmp_path / "bundles" / "seed0").glob("*/manifest.json"),
+                              key=lambda path: path.parent.name).read_text())
+    assert manifest["ranking_stage"]["weight"] == stage["chosen_on_validation"]["weight"]
+    staged_report = (tmp_path / "report2" / "report.md").read_text()
+    assert "## Ranking stage" in staged_report and (tmp_path / "report2" / "ranking-stage" / "seed0" / "report.md").is_file()
