@@ -80,20 +80,31 @@ def test_the_top_k_view_ranks_like_the_dense_view(rule, with_rejections):
         assert [item.score for item in got] == pytest.approx(dense[user, want].tolist(), abs=1e-5)
 
 
+NEW = 60  # the last NEW of COUNT items are new: upserted after the co-occurrence table was counted
+
+
+def with_new_items(seed: int):
+    """Inputs whose last NEW items are new: (rows, users, sequence vectors, the trained items' count, a table over
+    them, histories of trained items, the upsert of the new items, their borrowers)."""
+    rows, _, users, _, sequence_vectors = catalogue_inputs(seed)
+    trained = COUNT - NEW
+    rng = np.random.default_rng(seed)
+    table = CooccurrenceTable.from_sequences(
+        [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)], trained)
+    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    upsert = Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
+                     for n in range(trained, COUNT)], rows[trained:])
+    donors, weights = nearest_donors(rows[trained:, :DIM], rows[:trained, :DIM], table.has_row())
+    return rows, users, sequence_vectors, trained, table, histories, upsert, Borrowers(np.arange(trained, COUNT),
+                                                                                        donors, weights)
+
+
 def test_new_items_borrow_cooccurrence_alike_in_both_views():
     """Items upserted after the table was counted (no row of their own) borrow their nearest trained items'
     co-occurrence, in the server's top-k view exactly as in the dense view."""
-    rows, _, users, _, sequence_vectors = catalogue_inputs(7)
-    trained = COUNT - 60
-    rng = np.random.default_rng(7)
-    sequences = [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)]
-    table = CooccurrenceTable.from_sequences(sequences, trained)
-    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    rows, users, sequence_vectors, trained, table, histories, upsert, borrowers = with_new_items(7)
     catalogue = catalogue_of(rows[:trained], table)
-    catalogue._apply(Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
-                             for n in range(trained, COUNT)], rows[trained:]))
-    donors, weights = nearest_donors(rows[trained:, :DIM], rows[:trained, :DIM], table.has_row())
-    borrowers = Borrowers(np.arange(trained, COUNT), donors, weights)
+    catalogue._apply(upsert)
     for rule in (RULE, dataclasses.replace(RULE, borrowed_cooccurrence=0.0)):
         dense = rule.dense_scores(users, rows, histories, table, sequence_vectors, borrowers=borrowers)
         for user in range(len(users)):
@@ -113,17 +124,9 @@ def test_the_new_item_boost_raises_new_items_alike_in_both_views(boost):
     """new_item_boost is added to every new item's score: the server's top-k view (the list's own new items raised,
     the best new items beyond it merged in) ranks exactly like the dense view, exclusions holding; a boost larger
     than any score gap puts the best new items first, in the model's own order among them."""
-    rows, _, users, _, sequence_vectors = catalogue_inputs(11)
-    trained = COUNT - 60
-    rng = np.random.default_rng(11)
-    table = CooccurrenceTable.from_sequences(
-        [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)], trained)
-    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    rows, users, sequence_vectors, trained, table, histories, upsert, borrowers = with_new_items(11)
     catalogue = catalogue_of(rows[:trained], table)
-    catalogue._apply(Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
-                             for n in range(trained, COUNT)], rows[trained:]))
-    donors, weights = nearest_donors(rows[trained:, :DIM], rows[:trained, :DIM], table.has_row())
-    borrowers = Borrowers(np.arange(trained, COUNT), donors, weights)
+    catalogue._apply(upsert)
     rule = dataclasses.replace(RULE, new_item_boost=boost)
     new_items = np.arange(trained, COUNT)
     dense = rule.dense_scores(users, rows, histories, table, sequence_vectors, borrowers=borrowers,
@@ -152,17 +155,10 @@ def test_the_new_item_boost_raises_new_items_alike_in_both_views(boost):
 def test_without_borrowing_no_donors_are_searched_and_the_ranking_is_unchanged(monkeypatch):
     """new_item_cooccurrence 0: applying new items runs no donor search, and every list is the one a catalogue that
     found their donors gives under a rule that borrows nothing (what the server served before it skipped them)."""
-    rows, _, users, _, sequence_vectors = catalogue_inputs(9)
-    trained = COUNT - 60
-    rng = np.random.default_rng(9)
-    table = CooccurrenceTable.from_sequences(
-        [rng.integers(0, trained, size=rng.integers(2, 12)).tolist() for _ in range(400)], trained)
-    histories = [rng.choice(trained, size=rng.integers(1, 9), replace=False) for _ in range(len(users))]
+    rows, users, sequence_vectors, trained, table, histories, new_items, _ = with_new_items(9)
     searches = []
     monkeypatch.setattr(catalogue_module, "nearest_donors",
                         lambda *args, **kwargs: searches.append(args) or nearest_donors(*args, **kwargs))
-    new_items = Upsert([CatalogueItem(f"i{n:03d}", ItemFields(f"i{n:03d}"), upserted=True)
-                        for n in range(trained, COUNT)], rows[trained:])
     borrowing, without = catalogue_of(rows[:trained], table), catalogue_of(rows[:trained], table, 0.0)
     borrowing._apply(new_items)
     assert len(searches) == 1  # the table has rows: with borrowing on, the new items' donors are searched
