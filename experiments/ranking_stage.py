@@ -42,15 +42,17 @@ KS = (10, 50)
 
 
 def served_latency(bundle: Path, histories: list[list[str]], k: int, log_dir: Path) -> dict:
-    """Recommend's c=1 latency (ms) through `llmrec-server --bundle`, each history asked with and without the
-    ranking stage in alternating order (the first 10 are warm-up and not counted)."""
+    """Recommend's c=1 latency (ms) through `llmrec-server --bundle`, each history (its most recent items, as many
+    as the server takes) asked with and without the ranking stage in alternating order (the first 10 are warm-up
+    and not counted)."""
     from bench.bench import start_llmrec  # a repo-level module: experiments run from the checkout
 
     server = start_llmrec(bundle, log_dir / "ranking-stage-server.log")
     times: dict[bool, list[float]] = {False: [], True: []}
     try:
         with RecommenderClient(server.target, timeout_s=30.0) as client:
-            for n, history in enumerate(histories):
+            limit = client.model_info().max_history_items
+            for n, history in enumerate(history[-limit:] for history in histories):
                 for flag in (False, True) if n % 2 == 0 else (True, False):
                     started = time.perf_counter()
                     client.recommend(history, k=k, ranking_stage=flag)
