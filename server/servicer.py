@@ -347,6 +347,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             ranking_stage_candidates=manifest.ranking_stage.candidates if bundle.ranker is not None else 0,
             ranking_stage_weight=manifest.ranking_stage.weight if bundle.ranker is not None else 0.0,
             ranking_stage_default=recommender.ranking_stage_default,
+            new_item_boost=recommender.rule.new_item_boost,
+            new_item_cooccurrence=recommender.rule.borrowed_cooccurrence,
+            new_item_share=recommender.new_item_share,
         )
 
     @_unary

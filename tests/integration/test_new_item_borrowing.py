@@ -77,6 +77,8 @@ def test_the_new_item_boost_raises_new_items_scores_by_its_value(cooccurrence_bu
         assert server.server.recommender.rule.new_item_boost == boost
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.RecommenderStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            assert (info.new_item_boost, info.new_item_cooccurrence, info.new_item_share) == (boost, 1.0, 0.0)
             stub.UpsertItems(pb.UpsertItemsRequest(items=NEW_ITEMS), timeout=30)
             ranked = stub.Recommend(pb.RecommendRequest(history=history, k=20), timeout=30)
             if not boost:  # the new items alone, in the model's order: every slot reserved for them
