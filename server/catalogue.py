@@ -370,8 +370,9 @@ class Catalogue:
         """The top k once every eligible new item's score has the rule's new_item_boost: the list's own new
         items raised, the best new items beyond it merged in (hold the read lock)."""
         labels, scores = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
-        scores = scores + rule.new_item_boost * np.isin(labels, np.fromiter(new, np.int64, len(new)))
-        outside = new - set(labels.tolist())
+        listed = labels.tolist()
+        scores = scores + rule.new_item_boost * np.array([label in new for label in listed], dtype=bool)
+        outside = new.difference(listed)
         if not outside:
             order = np.argsort(-scores, kind="stable")
             return labels[order], scores[order]
